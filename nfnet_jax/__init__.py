@@ -1,0 +1,1 @@
+"""nfnet_jax: NFNets in JAX/Haiku."""
