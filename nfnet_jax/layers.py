@@ -1,0 +1,238 @@
+"""Layers shared by every normalizer-free family (NFNet, NF-ResNet, NF-RegNet).
+
+Everything here is the part of "Characterizing signal propagation to close the
+performance gap in unnormalized ResNets" (Brock et al. 2021a, arXiv 2101.08692)
+that the NFNet paper (arXiv 2102.06171) builds on: scaled weight standardization,
+gamma-scaled activations, squeeze-excite and stochastic depth.
+"""
+import contextlib
+from typing import Callable, Optional, Sequence, Union
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Gamma-scaled activations.
+#
+# gamma = 1 / std(f(z)) for z ~ N(0, 1), so that f(z) * gamma keeps unit
+# variance at initialisation (2101.08692, section 4.2). These exact constants
+# are the ones the released weights were trained with; tests re-derive them by
+# numerical integration.
+# ---------------------------------------------------------------------------
+_ACTIVATIONS = {
+    # The authors' code calls jax.nn.gelu with its default, the tanh approximation.
+    'gelu': (lambda x: jax.nn.gelu(x, approximate=True), 1.7015043497085571),
+    'relu': (jax.nn.relu, 1.7139588594436646),
+    'silu': (jax.nn.silu, 1.7881293296813965),
+    'elu': (jax.nn.elu, 1.2716004848480225),
+    'celu': (jax.nn.celu, 1.270926833152771),
+    'leaky_relu': (jax.nn.leaky_relu, 1.70590341091156),
+    'relu6': (jax.nn.relu6, 1.7131484746932983),
+    'selu': (jax.nn.selu, 1.0008515119552612),
+    'sigmoid': (jax.nn.sigmoid, 4.803835391998291),
+    'softplus': (jax.nn.softplus, 1.9203323125839233),
+    'tanh': (jnp.tanh, 1.5939117670059204),
+    'soft_sign': (jax.nn.soft_sign, 2.338853120803833),
+    'log_sigmoid': (jax.nn.log_sigmoid, 1.9193484783172607),
+    'glu': (jax.nn.glu, 1.8484294414520264),
+    'log_softmax': (jax.nn.log_softmax, 1.0002083778381348),
+    'identity': (lambda x: x, 1.0),
+}
+ACTIVATION_GAMMAS = {name: gamma for name, (_, gamma) in _ACTIVATIONS.items()}
+ACTIVATIONS = tuple(_ACTIVATIONS)
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The unscaled activation `f` (e.g. for the squeeze-excite's plain ReLU)."""
+  if name not in _ACTIVATIONS:
+    raise ValueError(f'Unknown activation {name!r}; valid: {", ".join(ACTIVATIONS)}.')
+  return _ACTIVATIONS[name][0]
+
+
+def scaled_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """`x -> f(x) * gamma_f`, the variance-preserving activation."""
+  fn = activation_fn(name)
+  gamma = _ACTIVATIONS[name][1]
+  # gamma is cast to x's dtype so bf16 activations stay bf16.
+  return lambda x: fn(x) * jnp.asarray(gamma, x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# How convolutions are lowered.
+#
+# XLA's CPU backend lowers feature_group_count convolutions (and above all their
+# gradients) to slow generic loops, and runs 1x1 convolutions well below the
+# speed of the equivalent matrix product. The 'dense' lowering computes exactly
+# the same function from the same parameters: a grouped conv becomes `groups`
+# dense convs on channel slices, a 1x1 stride-1 conv a dot product over
+# channels. On GPU/TPU the native lowering is fast, so 'auto' picks by backend.
+# docs/benchmarks.md has the measurements behind this choice.
+# ---------------------------------------------------------------------------
+CONV_IMPLS = ('auto', 'native', 'dense')
+_conv_impl = 'auto'
+
+
+@contextlib.contextmanager
+def conv_impl(impl: str):
+  """Choose how convolutions are lowered while tracing inside this context."""
+  global _conv_impl
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'Unknown conv impl {impl!r}; valid: {", ".join(CONV_IMPLS)}.')
+  previous, _conv_impl = _conv_impl, impl
+  try:
+    yield
+  finally:
+    _conv_impl = previous
+
+
+def resolved_conv_impl() -> str:
+  if _conv_impl != 'auto':
+    return _conv_impl
+  return 'dense' if jax.default_backend() == 'cpu' else 'native'
+
+
+def conv2d(x: jax.Array, w: jax.Array, stride: int, padding: str,
+           groups: int = 1) -> jax.Array:
+  """NHWC x HWIO convolution; grouped when groups > 1."""
+  def conv(lhs, rhs, g):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides=(stride, stride), padding=padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=g)
+
+  if resolved_conv_impl() == 'native':
+    return conv(x, w, groups)
+  if w.shape[:2] == (1, 1) and stride == 1 and groups == 1:
+    return jnp.einsum('nhwc,co->nhwo', x, w[0, 0])
+  if groups == 1:
+    return conv(x, w, 1)
+  # feature_group_count=g maps input channel block i to output block i.
+  xs = jnp.split(x, groups, axis=-1)
+  ws = jnp.split(w, groups, axis=-1)
+  return jnp.concatenate([conv(xi, wi, 1) for xi, wi in zip(xs, ws)], axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# Scaled weight standardization (2101.08692, eq. 2 / 2102.06171 section 3).
+# ---------------------------------------------------------------------------
+def standardize_weight(w: jax.Array, gain: jax.Array,
+                       eps: float = 1e-4) -> jax.Array:
+  """W_hat = (W - mean) * gain / sqrt(max(var * fan_in, eps)), per output unit.
+
+  The mean and variance run over all axes but the last (HWIO: H, W, I), and
+  fan_in = kh * kw * in_channels_per_group. Computed in float32 whatever the
+  compute dtype, because the variance of a few hundred bf16 numbers is coarse.
+  """
+  compute_dtype = w.dtype
+  w32 = w.astype(jnp.float32)
+  axes = tuple(range(w.ndim - 1))
+  fan_in = np.prod(w.shape[:-1])
+  mean = jnp.mean(w32, axis=axes, keepdims=True)
+  var = jnp.var(w32, axis=axes, keepdims=True)
+  scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain.astype(jnp.float32)
+  return ((w32 - mean) * scale).astype(compute_dtype)
+
+
+class WSConv2D(hk.Module):
+  """2D convolution with scaled weight standardization, a learnable gain and a bias.
+
+  Parameters (names fixed by the released checkpoints): `w` (HWIO), `gain`
+  (per output channel, init 1) and `bias` (per output channel, init 0).
+  """
+
+  def __init__(self, output_channels: int,
+               kernel_shape: Union[int, Sequence[int]] = 3, stride: int = 1,
+               padding: str = 'SAME', feature_group_count: int = 1,
+               w_init: Optional[hk.initializers.Initializer] = None,
+               eps: float = 1e-4, name: Optional[str] = None):
+    super().__init__(name=name)
+    self.output_channels = output_channels
+    if isinstance(kernel_shape, int):
+      kernel_shape = (kernel_shape, kernel_shape)
+    self.kernel_shape = tuple(kernel_shape)
+    self.stride = stride
+    self.padding = padding
+    self.groups = feature_group_count
+    self.w_init = w_init or hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal')
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_ch = x.shape[-1]
+    if in_ch % self.groups or self.output_channels % self.groups:
+      raise ValueError(
+          f'{self.module_name}: {in_ch} input / {self.output_channels} output channels '
+          f'are not divisible into {self.groups} groups.')
+    w_shape = (*self.kernel_shape, in_ch // self.groups, self.output_channels)
+    w = hk.get_parameter('w', w_shape, x.dtype, init=self.w_init)
+    gain = hk.get_parameter('gain', (self.output_channels,), x.dtype, init=jnp.ones)
+    bias = hk.get_parameter('bias', (self.output_channels,), x.dtype, init=jnp.zeros)
+    w_hat = standardize_weight(w, gain, self.eps)
+    return conv2d(x, w_hat, self.stride, self.padding, self.groups) + bias
+
+
+class SqueezeExcite(hk.Module):
+  """Squeeze-and-excite (Hu et al. 2018) gate, as the NF families use it.
+
+  The hidden nonlinearity is a plain, unscaled ReLU: the released weights were
+  trained that way (it sits off the residual path's variance bookkeeping).
+  """
+
+  def __init__(self, in_ch: int, out_ch: int, se_ratio: float = 0.5,
+               hidden_ch: Optional[int] = None, name: Optional[str] = None):
+    super().__init__(name=name)
+    hidden_ch = hidden_ch or max(1, int(in_ch * se_ratio))
+    # Created here, not in __call__, so the parameter paths are
+    # `squeeze_excite/~/linear` and `squeeze_excite/~/linear_1` as released.
+    self.fc0 = hk.Linear(hidden_ch, with_bias=True)
+    self.fc1 = hk.Linear(out_ch, with_bias=True)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jnp.mean(x, axis=(1, 2))                       # squeeze: [B, C]
+    h = jax.nn.relu(self.fc0(h))
+    h = jax.nn.sigmoid(self.fc1(h))
+    return h[:, None, None, :]                         # excite: broadcast over H, W
+
+
+def stochastic_depth(x: jax.Array, drop_rate: float, is_training: bool) -> jax.Array:
+  """Drops the residual branch per example (Huang et al. 2016).
+
+  One Bernoulli draw per example (mask [B, 1, 1, 1]) and, unlike dropout, no
+  1 / keep_prob rescaling: the released weights were trained without it.
+  """
+  if not is_training or not drop_rate:
+    return x
+  keep = jax.random.bernoulli(hk.next_rng_key(), 1.0 - drop_rate,
+                              (x.shape[0],) + (1,) * (x.ndim - 1))
+  return x * keep.astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
+  if not is_training or not rate:
+    return x
+  return hk.dropout(hk.next_rng_key(), rate, x)
+
+
+def signal_stats(x: jax.Array) -> dict:
+  """Signal-propagation statistics of an NHWC activation (2101.08692, fig. 1).
+
+  avg_sq_mean: average over channels of the squared channel mean;
+  avg_var: average over channels of the channel variance.
+  """
+  x = x.astype(jnp.float32)
+  return {'avg_sq_mean': jnp.mean(jnp.mean(x, axis=(0, 1, 2)) ** 2),
+          'avg_var': jnp.mean(jnp.var(x, axis=(0, 1, 2)))}
+
+
+def check_image_batch(x, module_name: str) -> None:
+  """Fail early with the fix, instead of deep inside a convolution."""
+  shape = getattr(x, 'shape', None)
+  dtype = getattr(x, 'dtype', None)
+  if shape is None or len(shape) != 4:
+    raise ValueError(
+        f'{module_name} expects a batch of NHWC images of rank 4 [batch, height, width, '
+        f'channels]; got shape {shape}. Add a batch axis (x[None]) for a single image.')
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f'{module_name} expects normalised floating-point images; got dtype {dtype}. '
+        'Convert with (x.astype(np.float32) - mean) / std (the data pipeline does this).')
