@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint>=0.12.8,<0.13",
     "scikit-learn>=1.8,<1.10",
     "tqdm>=4.66,<5",
+    "tensorboard>=2.20,<2.21",
     "pillow>=11,<14",
 ]
 

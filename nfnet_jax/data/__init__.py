@@ -12,6 +12,7 @@ from nfnet_jax.data.pipeline import dataset_info
 from nfnet_jax.data.pipeline import default_data_config
 from nfnet_jax.data.pipeline import eval_iterator
 from nfnet_jax.data.pipeline import eval_steps
+from nfnet_jax.data.pipeline import get_source
 from nfnet_jax.data.pipeline import known_datasets
 from nfnet_jax.data.pipeline import MEAN_RGB
 from nfnet_jax.data.pipeline import STDDEV_RGB

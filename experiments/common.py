@@ -1,0 +1,45 @@
+"""The fields every experiment config has, with the published ImageNet recipe's values.
+
+Each experiment file starts from `base_config()` and changes what differs, so
+that a field that exists in one config exists in all (and a typo in an override
+is an error everywhere).
+"""
+import ml_collections
+
+from nfnet_jax import data
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.dtype = 'bfloat16'            # compute dtype; params/optimizer stay float32
+  config.num_devices = 0               # 0: every local device
+  config.label_smoothing = 0.1
+  config.ema_max_decay = 0.99999       # EMA decay = min(this, (1 + step) / (10 + step))
+
+  config.model = ml_collections.ConfigDict(dict(name='NFNet', kwargs=dict(
+      variant='F0', width=1.0, se_ratio=0.5, alpha=0.2, stochdepth_rate=0.25,
+      drop_rate=0.2, activation='gelu', final_conv_mult=2, use_two_convs=True,
+      group_size=128)))
+
+  config.data = data.default_data_config()
+
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=4096,                 # global, over every device of every host
+      num_epochs=360.0,
+      num_steps=0,                     # > 0 overrides num_epochs
+      log_every_steps=100,
+      eval_every_steps=5000))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd_agc',
+      base_lr=0.1,                     # per 256 examples: peak lr = 0.1 x batch / 256
+      scale_by_batch=True,
+      warmup_epochs=5.0,
+      momentum=0.9, nesterov=True,
+      weight_decay=2e-5,               # coupled; not on gains, biases, skip_gain
+      clipping=0.01, eps=1e-3))        # AGC; 0 disables it
+
+  config.eval = ml_collections.ConfigDict(dict(split='test', batch_size=1000))
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3))
+  return config

@@ -1,0 +1,347 @@
+"""Metric logging for the training loop: JSONL, TensorBoard and a console bar.
+
+``MetricsLogger`` writes every ``write(step, metrics)`` call as
+
+* one JSON object per line appended to ``<workdir>/metrics.jsonl``, with
+  ``"step"`` (int) first and then the metrics in the order given, e.g.::
+
+      {"step": 1000, "train/loss": 2.31, "train/top1": 0.42, "img/s": 5120.5}
+
+* the same scalars to TensorBoard under ``<workdir>/tensorboard``
+  (view with ``tensorboard --logdir <workdir>/tensorboard``; the viewer is the
+  separate ``tensorboard`` package, which writing does not need).
+
+``progress(step, **postfix)`` drives a tqdm bar over ``total_steps`` that shows
+the elapsed time, the ETA and the given postfix (loss, top-1, img/s, ...).
+
+Conventions:
+
+* **Non-finite values** are written to ``metrics.jsonl`` as the JSON *strings*
+  ``"nan"``, ``"inf"`` and ``"-inf"`` (JSON has no NaN/Infinity literals), so
+  every line stays parseable by ``json.loads`` and ``float(value)`` turns them
+  back into floats. :func:`read_metrics` does that conversion for you.
+  TensorBoard receives the real float values.
+* Integers (numpy/jax integer scalars included) stay ints, other numeric
+  scalars (numpy/jax/0-d or size-1 arrays) become Python floats, bools stay
+  bools. Anything else (strings, non-scalar arrays) raises ``TypeError`` /
+  ``ValueError``.
+* **Resumed runs** append to the existing ``metrics.jsonl``; it is never
+  truncated. A trailing incomplete line left by a crash is dropped on start-up
+  so the file stays valid JSONL. Steps between the last checkpoint and the crash
+  are logged again after a resume: readers should keep the *last* record of a
+  step.
+* Only the main process (default: ``jax.process_index() == 0``) does anything;
+  on the other processes every method is a no-op and no file is created.
+* ``tensorflow`` is imported lazily (only when TensorBoard logging or a remote
+  workdir needs it) and is hidden from GPUs so it cannot take accelerator
+  memory from JAX.
+* Local workdirs are appended to and flushed on every ``write``. Remote
+  workdirs (``gs://...``), which do not support appending, are rewritten
+  (tmp file + rename) at most every ``flush_secs`` and on ``close``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ['MetricsLogger', 'read_metrics', 'METRICS_FILENAME',
+           'TENSORBOARD_SUBDIR']
+
+METRICS_FILENAME = 'metrics.jsonl'
+TENSORBOARD_SUBDIR = 'tensorboard'
+_NON_FINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
+
+
+def _import_tensorflow():
+  """Imports TF and hides the GPUs from it (JAX owns the accelerators)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except (RuntimeError, ValueError):
+    pass  # TF already initialised its devices elsewhere; nothing we can do.
+  return tf
+
+
+def _scalar_summary_metadata():
+  """Metadata that makes TensorBoard's Scalars dashboard show a summary.
+
+  `tf.summary.scalar` needs the `tensorboard` package (not a dependency of
+  tensorflow-cpu); `tf.summary.write` with this metadata writes the same
+  records (float32 scalar tensor, plugin "scalars") with core TF only.
+  """
+  from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+  return summary_pb2.SummaryMetadata(
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'),
+      data_class=summary_pb2.DATA_CLASS_SCALAR).SerializeToString()
+
+
+def _is_remote(path: str) -> bool:
+  return '://' in path
+
+
+def _to_python(key: str, value: Any) -> bool | int | float:
+  """Numpy/jax/python scalar -> python bool/int/float (may be non-finite)."""
+  if isinstance(value, bool):
+    return value
+  if isinstance(value, int):
+    return int(value)
+  if isinstance(value, float):
+    return value
+  if isinstance(value, (str, bytes)):
+    raise TypeError(f'Metric {key!r} must be numeric, got {value!r}.')
+  try:
+    arr = np.asarray(value)  # also fetches jax arrays from the device
+  except Exception as e:  # pylint: disable=broad-except
+    raise TypeError(
+        f'Metric {key!r} has unsupported type {type(value).__name__}.') from e
+  if arr.size != 1:
+    raise ValueError(
+        f'Metric {key!r} must be a scalar, got an array of shape {arr.shape}.')
+  kind = arr.dtype.kind
+  item = arr.reshape(()).item()
+  if kind == 'b':
+    return bool(item)
+  if kind in 'iu':
+    return int(item)
+  if kind == 'f':
+    return float(item)
+  raise TypeError(f'Metric {key!r} must be numeric, got dtype {arr.dtype}.')
+
+
+def _to_json(value: bool | int | float) -> bool | int | float | str:
+  if isinstance(value, float) and not math.isfinite(value):
+    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
+  return value
+
+
+def read_metrics(workdir_or_file: str) -> list[dict[str, Any]]:
+  """Parses ``metrics.jsonl``; ``"nan"``/``"inf"``/``"-inf"`` become floats."""
+  path = workdir_or_file
+  if not path.endswith('.jsonl'):
+    path = os.path.join(path, METRICS_FILENAME)
+  if _is_remote(path):
+    text = _import_tensorflow().io.gfile.GFile(path, 'r').read()
+  else:
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+  records = []
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    record = json.loads(line)
+    records.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v
+                    for k, v in record.items()})
+  return records
+
+
+class MetricsLogger:
+  """Writes scalar metrics to JSONL + TensorBoard and shows a progress bar.
+
+  Args:
+    workdir: run directory (local or ``gs://``); files go directly inside it.
+    total_steps: length of the run, for the progress bar and its ETA.
+    is_main_process: whether this process logs; defaults to
+      ``jax.process_index() == 0``. Other processes do nothing.
+    tensorboard: also write TensorBoard summaries.
+    progress_bar: show a tqdm bar on stderr when ``progress`` is called.
+    flush_secs: how often TensorBoard (and a remote ``metrics.jsonl``) are
+      flushed; everything is flushed on ``close``.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int,
+               is_main_process: bool | None = None, tensorboard: bool = True,
+               progress_bar: bool = True, flush_secs: float = 30.0):
+    if is_main_process is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      is_main_process = jax.process_index() == 0
+    self._active = bool(is_main_process)
+    self._workdir = str(workdir)
+    self._total_steps = int(total_steps)
+    self._use_progress_bar = progress_bar
+    self._flush_secs = float(flush_secs)
+    self._closed = False
+    self._bar = None
+    self._tf = None
+    self._tb_writer = None
+    self._scalar_metadata = None
+    self._file = None
+    self._remote_lines: list[str] | None = None
+    self._remote_dirty = False
+    self._last_flush = time.monotonic()
+    self.metrics_path = os.path.join(self._workdir, METRICS_FILENAME)
+    self.tensorboard_dir = os.path.join(self._workdir, TENSORBOARD_SUBDIR)
+    if not self._active:
+      return
+
+    if _is_remote(self._workdir):
+      self._tf = _import_tensorflow()
+      gfile = self._tf.io.gfile
+      gfile.makedirs(self._workdir)
+      self._remote_lines = []
+      if gfile.exists(self.metrics_path):
+        text = gfile.GFile(self.metrics_path, 'r').read()
+        self._remote_lines = [l for l in text.split('\n')[:-1] if l.strip()]
+    else:
+      os.makedirs(self._workdir, exist_ok=True)
+      self._drop_incomplete_last_line(self.metrics_path)
+      self._file = open(self.metrics_path, 'a', encoding='utf-8')
+
+    if tensorboard:
+      if self._tf is None:
+        self._tf = _import_tensorflow()
+      self._tb_writer = self._tf.summary.create_file_writer(
+          self.tensorboard_dir, flush_millis=int(self._flush_secs * 1000))
+      self._scalar_metadata = _scalar_summary_metadata()
+
+  @staticmethod
+  def _drop_incomplete_last_line(path: str) -> None:
+    """Removes a partial trailing line (crash mid-write); keeps the rest."""
+    if not os.path.exists(path):
+      return
+    with open(path, 'rb+') as f:
+      f.seek(0, os.SEEK_END)
+      size = f.tell()
+      if size == 0:
+        return
+      f.seek(size - 1)
+      if f.read(1) == b'\n':
+        return
+      # Find the last newline; everything after it is an incomplete record.
+      chunk = min(size, 1 << 16)
+      pos = size
+      keep = 0
+      while pos > 0:
+        start = max(0, pos - chunk)
+        f.seek(start)
+        data = f.read(pos - start)
+        idx = data.rfind(b'\n')
+        if idx >= 0:
+          keep = start + idx + 1
+          break
+        pos = start
+      f.truncate(keep)
+    print(f'MetricsLogger: dropped an incomplete last line of {path} '
+          f'({size - keep} bytes).', file=sys.stderr)
+
+  @property
+  def is_main_process(self) -> bool:
+    return self._active
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Logs scalar `metrics` at `step` (JSONL line + TensorBoard scalars)."""
+    if not self._active:
+      return
+    if self._closed:
+      raise RuntimeError('MetricsLogger.write() called after close().')
+    step = int(step)
+    values = collections.OrderedDict()
+    for key, value in metrics.items():
+      key = str(key)
+      if key == 'step':
+        continue  # `step` is always the argument, written first.
+      values[key] = _to_python(key, value)
+
+    record = {'step': step}
+    record.update((k, _to_json(v)) for k, v in values.items())
+    line = json.dumps(record, allow_nan=False)
+    if self._file is not None:
+      self._file.write(line + '\n')
+      self._file.flush()
+    else:
+      self._remote_lines.append(line)
+      self._remote_dirty = True
+
+    if self._tb_writer is not None:
+      tf = self._tf
+      with self._tb_writer.as_default(step=step):
+        for key, value in values.items():
+          tf.summary.write(key, tf.constant(float(value), tf.float32),
+                           metadata=self._scalar_metadata)
+
+    if time.monotonic() - self._last_flush >= self._flush_secs:
+      self.flush()
+
+  def flush(self) -> None:
+    """Pushes everything written so far to disk."""
+    if not self._active or self._closed:
+      return
+    self._last_flush = time.monotonic()
+    if self._file is not None:
+      self._file.flush()
+    if self._remote_lines is not None and self._remote_dirty:
+      gfile = self._tf.io.gfile
+      tmp = self.metrics_path + f'.tmp-{os.getpid()}'
+      with gfile.GFile(tmp, 'w') as f:
+        f.write(''.join(l + '\n' for l in self._remote_lines))
+      gfile.rename(tmp, self.metrics_path, overwrite=True)
+      self._remote_dirty = False
+    if self._tb_writer is not None:
+      self._tb_writer.flush()
+
+  def progress(self, step: int, **postfix: Any) -> None:
+    """Moves the console bar to `step` of `total_steps`, showing `postfix`.
+
+    Keys that are not identifiers can be passed by unpacking a dict, e.g.
+    ``logger.progress(step, loss=l, top1=a, **{'img/s': ips})``. Resumed runs
+    start the bar at the resumed step, so the rate and ETA are not skewed.
+    """
+    if not self._active or not self._use_progress_bar or self._closed:
+      return
+    step = int(step)
+    if self._bar is None:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      interactive = getattr(sys.stderr, 'isatty', lambda: False)()
+      self._bar = tqdm(
+          total=self._total_steps, initial=step, unit='step',
+          dynamic_ncols=True, smoothing=0.1, file=sys.stderr,
+          # In log files (no tty) refresh rarely instead of flooding them.
+          mininterval=0.5 if interactive else 30.0)
+    if postfix:
+      self._bar.set_postfix(
+          collections.OrderedDict(
+              (k, self._format(v)) for k, v in postfix.items()),
+          refresh=False)
+    delta = step - self._bar.n
+    if delta > 0:
+      self._bar.update(delta)
+    elif delta < 0:
+      self._bar.n = step
+      self._bar.refresh()
+
+  @staticmethod
+  def _format(value: Any) -> str:
+    try:
+      v = _to_python('', value)
+    except (TypeError, ValueError):
+      return str(value)
+    if isinstance(v, float):
+      return f'{v:.4g}'
+    return str(v)
+
+  def close(self) -> None:
+    """Flushes and closes everything; further writes raise. Idempotent."""
+    if not self._active or self._closed:
+      return
+    self.flush()
+    self._closed = True
+    if self._bar is not None:
+      self._bar.close()
+    if self._file is not None:
+      self._file.close()
+    if self._tb_writer is not None:
+      self._tb_writer.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+    return False

@@ -1,0 +1,67 @@
+"""Building a model from a config: the families by name, and mixed precision."""
+from typing import Any, Callable
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import jmp
+import ml_collections
+
+from nfnet_jax import nfnet
+
+# One entry per model family; the config's `model.name` picks it.
+MODEL_FAMILIES: dict[str, type] = {'NFNet': nfnet.NFNet}
+
+DTYPES = ('float32', 'bfloat16')
+
+
+def _family(name: str) -> type:
+  if name not in MODEL_FAMILIES:
+    raise ValueError(f'Unknown model family {name!r}; valid: {", ".join(MODEL_FAMILIES)}.')
+  return MODEL_FAMILIES[name]
+
+
+def mixed_precision_policy(dtype: str) -> jmp.Policy:
+  """float32 master params; compute in `dtype`; float32 outputs (logits for the loss)."""
+  if dtype not in DTYPES:
+    raise ValueError(f'Unknown dtype {dtype!r}; valid: {", ".join(DTYPES)}.')
+  return jmp.get_policy(f'params=float32,compute={dtype},output=float32')
+
+
+def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
+                dtype: str = 'float32') -> hk.Transformed:
+  """A pure (init, apply) pair: apply(params, rng, images, is_training, ...) -> dict.
+
+  With dtype='bfloat16', haiku casts the float32 parameters and the inputs to
+  bfloat16 inside the model and its output back to float32 (the paper's
+  mixed-precision recipe); gradients then flow back to float32 parameters.
+  """
+  family = _family(model_config.name)
+  kwargs = dict(model_config.kwargs)
+  policy = mixed_precision_policy(dtype)
+
+  def forward(images, is_training: bool, return_metrics: bool = False):
+    with hk.mixed_precision.push_policy(family, policy):
+      model = family(num_classes, **kwargs)
+      return model(images, is_training, return_metrics=return_metrics)
+
+  return hk.transform(forward)
+
+
+def model_signature(model_config: ml_collections.ConfigDict, num_classes: int) -> dict:
+  """What identifies a parameter tree: a checkpoint of another signature won't fit."""
+  return {'family': model_config.name, 'num_classes': int(num_classes),
+          **{k: v for k, v in dict(model_config.kwargs).items()}}
+
+
+def count_params(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def param_shapes(model: hk.Transformed, image_size: int) -> Any:
+  """The parameter tree's shapes without allocating it."""
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                        jnp.zeros((1, image_size, image_size, 3), jnp.float32), False)
+
+
+ForwardFn = Callable[..., dict]

@@ -1,0 +1,58 @@
+"""Mapping the per-device steps over devices, and what a host needs to know about them.
+
+The per-device steps in train.py are pure functions that reduce across the
+`AXIS` named axis. Here they are mapped over the local devices with `jax.pmap`.
+The train state is replicated but passed *un-stacked* (`in_axes=None`,
+`out_axes=None`): under the current pmap (built on jit + shard_map), stacking
+copies and reading `x[0]` would gather every replica to one device each step.
+Since NFNets have no batch-norm, nothing but the gradient (and the metrics)
+crosses devices.
+"""
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+AXIS = 'batch'   # name of the data-parallel axis used by lax.pmean / psum
+
+
+def local_devices(num_devices: Optional[int] = None) -> list:
+  devices = jax.local_devices()
+  if num_devices:
+    if num_devices > len(devices):
+      raise ValueError(f'Asked for {num_devices} devices but this process has '
+                       f'{len(devices)}: {devices}.')
+    devices = devices[:num_devices]
+  return devices
+
+
+def map_train_step(step_fn: Callable, devices: Sequence) -> Callable:
+  """(state, batch) -> (state, metrics): state replicated, batch split on axis 0.
+
+  The state buffers are donated: the update happens in place on each device.
+  """
+  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
+                  donate_argnums=(0,), devices=devices)
+
+
+def map_eval_step(step_fn: Callable, devices: Sequence) -> Callable:
+  """(params, ema_params, batch) -> summed metrics, identical on every device."""
+  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, None, 0), out_axes=None,
+                  devices=devices)
+
+
+def per_device_batch_size(global_batch: int, num_local_devices: int) -> int:
+  """Splits the global batch over every device of every process, or says why not."""
+  total_devices = num_local_devices * jax.process_count()
+  if global_batch % total_devices:
+    raise ValueError(
+        f'The global batch size {global_batch} does not divide over {total_devices} '
+        f'devices ({jax.process_count()} processes x {num_local_devices} local). '
+        f'Use a multiple of {total_devices}, e.g. --config.train.batch_size='
+        f'{max(1, global_batch // total_devices) * total_devices}.')
+  return global_batch // total_devices
+
+
+def to_host(tree):
+  """Fetches device values (replicated or not) as NumPy, for logging."""
+  return jax.tree.map(np.asarray, jax.device_get(tree))

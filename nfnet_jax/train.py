@@ -1,0 +1,352 @@
+"""Training and evaluation: the per-device steps and the loop.
+
+    python -m nfnet_jax.train --config experiments/digits.py --workdir /tmp/digits
+    python -m nfnet_jax.train --config experiments/nfnet.py:F0 --workdir gs://b/f0 \
+        --config.train.batch_size=4096
+    python -m nfnet_jax.train --config experiments/digits.py --workdir /tmp/digits --mode eval
+
+The loop runs in clearly separated stages: build data, build model and
+optimizer, restore, loop (train step, log, evaluate, save), final evaluation and
+save. The per-device steps are pure functions; parallel.py maps them over devices.
+"""
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from nfnet_jax import checkpoint as checkpoint_lib
+from nfnet_jax import data
+from nfnet_jax import losses
+from nfnet_jax import metrics as metrics_lib
+from nfnet_jax import models
+from nfnet_jax import optim
+from nfnet_jax import parallel
+
+AXIS = parallel.AXIS
+TrainState = dict  # {'step', 'params', 'opt_state', 'ema_params', 'rng'}
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/Inf loss, gradient or parameter."""
+
+
+# ---------------------------------------------------------------------------
+# Durations and the optimizer.
+# ---------------------------------------------------------------------------
+def total_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+  """`train.num_steps` if set, else `train.num_epochs` of the training split.
+
+  Partial last steps are dropped, as in the paper (360 ImageNet epochs at batch
+  4096 = 112,602 steps).
+  """
+  if config.train.get('num_steps'):
+    return int(config.train.num_steps)
+  return max(1, int(config.train.num_epochs * num_train_examples
+                    // config.train.batch_size))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
+                   steps_per_epoch: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  opt = config.optimizer
+  if opt.name != 'sgd_agc':
+    raise ValueError(f'Unknown optimizer {opt.name!r}; valid: sgd_agc.')
+  warmup_steps = min(int(round(opt.warmup_epochs * steps_per_epoch)), total_steps - 1)
+  schedule = optim.warmup_cosine_schedule(
+      opt.base_lr, config.train.batch_size, total_steps, warmup_steps,
+      scale_by_batch=opt.scale_by_batch)
+  tx = optim.sgd_agc(schedule, momentum=opt.momentum, nesterov=opt.nesterov,
+                     weight_decay=opt.weight_decay, clipping=opt.clipping, eps=opt.eps)
+  return tx, schedule
+
+
+def init_state(rng: jax.Array, model, optimizer, image_size: int) -> TrainState:
+  params_rng, state_rng = jax.random.split(rng)
+
+  @jax.jit
+  def _init(params_rng):
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    params = model.init(params_rng, dummy, is_training=True)
+    return params, optimizer.init(params)
+
+  params, opt_state = _init(params_rng)
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': opt_state,
+          'ema_params': jax.tree.map(jnp.copy, params), 'rng': state_rng}
+
+
+# ---------------------------------------------------------------------------
+# The per-device steps: pure functions, reduced over the AXIS device axis.
+# ---------------------------------------------------------------------------
+def make_train_step(model, optimizer, schedule, config: ml_collections.ConfigDict,
+                    num_classes: int):
+  clipping = config.optimizer.clipping
+
+  def loss_fn(params, images, labels, rng):
+    outputs = model.apply(params, rng, images, is_training=True)
+    logits = outputs['logits'].astype(jnp.float32)     # the loss runs in float32
+    loss = jnp.mean(losses.softmax_cross_entropy(
+        logits, labels, num_classes, config.label_smoothing))
+    return loss, logits
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    step, params = state['step'], state['params']
+    # Same key on every device, then a different stream per device (and step),
+    # for stochastic depth and dropout.
+    rng = jax.random.fold_in(jax.random.fold_in(state['rng'], step),
+                             jax.lax.axis_index(AXIS))
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch['images'], batch['labels'], rng)
+    # Gradients are averaged across devices in float32; AGC then sees the
+    # global-batch gradient, as in the paper. No batch-norm: nothing else syncs.
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    grads = jax.lax.pmean(grads, AXIS)
+    updates, opt_state = optimizer.update(grads, state['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    ema_params = optim.ema_update(state['ema_params'], new_params, step,
+                                  config.ema_max_decay)
+    metrics = {
+        'loss': jax.lax.pmean(loss, AXIS),
+        'top1': jax.lax.pmean(jnp.mean(losses.topk_correct(logits, batch['labels'], 1)), AXIS),
+        'learning_rate': schedule(step),
+        'grad_norm': optim.global_norm(grads),
+        'param_norm': optim.global_norm(new_params),
+        'update_norm': optim.global_norm(updates),
+    }
+    if clipping:
+      metrics['agc_clip_fraction'] = optim.agc_clip_fraction(
+          grads, params, clipping, config.optimizer.eps, mask=optim.agc_mask)
+    new_state = {'step': step + 1, 'params': new_params, 'opt_state': opt_state,
+                 'ema_params': ema_params, 'rng': state['rng']}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, num_classes: int):
+  """Sums (not means) of loss/top-1/top-5 over real examples, for raw and EMA params."""
+
+  def eval_step(params, ema_params, batch):
+    mask = batch['mask']
+    sums = {'count': jnp.sum(mask)}
+    for prefix, p in (('', params), ('ema_', ema_params)):
+      logits = model.apply(p, None, batch['images'], is_training=False)['logits']
+      labels = batch['labels']
+      sums[prefix + 'loss'] = jnp.sum(
+          losses.softmax_cross_entropy(logits, labels, num_classes) * mask)
+      sums[prefix + 'top1'] = jnp.sum(losses.topk_correct(logits, labels, 1) * mask)
+      sums[prefix + 'top5'] = jnp.sum(
+          losses.topk_correct(logits, labels, min(5, num_classes)) * mask)
+    return jax.lax.psum(sums, AXIS)
+
+  return eval_step
+
+
+# ---------------------------------------------------------------------------
+# Evaluation over a whole split.
+# ---------------------------------------------------------------------------
+def evaluate_split(p_eval_step, state: TrainState, config: ml_collections.ConfigDict,
+                   split: str, num_devices: int) -> dict[str, float]:
+  per_device = parallel.per_device_batch_size(config.eval.batch_size, num_devices)
+  totals = None
+  for batch in data.eval_iterator(
+      config.data, split=split, per_device_batch=per_device, local_devices=num_devices,
+      process_index=jax.process_index(), process_count=jax.process_count()):
+    sums = p_eval_step(state['params'], state['ema_params'], batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = parallel.to_host(totals)
+  count = float(totals.pop('count'))
+  results = {f'eval_{k}': float(v) / count for k, v in totals.items()}
+  results['eval_count'] = int(count)
+  return results
+
+
+# ---------------------------------------------------------------------------
+# Setup shared by training and evaluation.
+# ---------------------------------------------------------------------------
+def _setup(config: ml_collections.ConfigDict, workdir: str):
+  info = data.dataset_info(config.data)
+  devices = parallel.local_devices(config.get('num_devices'))
+  model = models.build_model(config.model, info.num_classes, config.dtype)
+  num_train = info.num_examples[data.get_source(config.data.name).train_split]
+  total_steps = total_train_steps(config, num_train)
+  steps_per_epoch = num_train / config.train.batch_size
+  optimizer, schedule = make_optimizer(config, total_steps, steps_per_epoch)
+  ckpt = checkpoint_lib.Checkpointer(
+      workdir, model_signature=models.model_signature(config.model, info.num_classes),
+      max_to_keep=config.checkpoint.max_to_keep,
+      save_interval_steps=config.checkpoint.every_steps)
+  state = init_state(jax.random.PRNGKey(config.seed), model, optimizer,
+                     config.data.image_size)
+  return info, devices, model, optimizer, schedule, total_steps, ckpt, state
+
+
+def _check_finite(metrics: dict, step: int, ckpt: checkpoint_lib.Checkpointer,
+                  workdir: str) -> None:
+  bad = {k: v for k, v in metrics.items() if not np.all(np.isfinite(v))}
+  if bad:
+    last = ckpt.latest_step()
+    kept = (f'The last good checkpoint (step {last}) in {workdir}/checkpoints is kept '
+            'and nothing after it was saved.' if last is not None
+            else 'No checkpoint had been saved yet.')
+    raise NonFiniteLossError(
+        f'Training diverged at step {step}: non-finite {bad}. {kept} Lower the '
+        'learning rate (--config.optimizer.base_lr), keep AGC on '
+        '(--config.optimizer.clipping), or check the input data.')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Catches config mistakes before anything expensive (or irreversible) runs."""
+  models.mixed_precision_policy(config.dtype)
+  if config.train.batch_size < 1 or config.eval.batch_size < 1:
+    raise ValueError('train.batch_size and eval.batch_size must be positive.')
+  if not config.train.get('num_steps') and not config.train.get('num_epochs'):
+    raise ValueError('Set train.num_epochs or train.num_steps.')
+  for key in ('log_every_steps', 'eval_every_steps'):
+    if config.train[key] < 1:
+      raise ValueError(f'train.{key} must be >= 1, got {config.train[key]}.')
+
+
+# ---------------------------------------------------------------------------
+# The training loop.
+# ---------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       progress_bar: bool = True) -> dict[str, float]:
+  """Trains (resuming from the newest checkpoint in `workdir`) and evaluates.
+
+  Returns the final evaluation metrics.
+  """
+  validate_config(config)
+  # 1. Data, model, optimizer, checkpoints.
+  info, devices, model, optimizer, schedule, total_steps, ckpt, state = _setup(
+      config, workdir)
+  num_devices = len(devices)
+  per_device = parallel.per_device_batch_size(config.train.batch_size, num_devices)
+
+  # 2. Restore: a restarted run continues from its newest checkpoint.
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+  start_step = int(state['step'])
+
+  # A resumed run draws a fresh shuffle rather than replaying the first batches.
+  train_iter = data.train_iterator(
+      config.data, per_device_batch=per_device, local_devices=num_devices,
+      seed=config.seed + start_step, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  p_train_step = parallel.map_train_step(
+      make_train_step(model, optimizer, schedule, config, info.num_classes), devices)
+  p_eval_step = parallel.map_eval_step(make_eval_step(model, info.num_classes), devices)
+  logger = metrics_lib.MetricsLogger(workdir, total_steps=total_steps,
+                                     progress_bar=progress_bar)
+  if start_step == 0:
+    logger.write(0, {'num_params': models.count_params(state['params']),
+                     'num_devices': num_devices * jax.process_count(),
+                     'total_steps': total_steps})
+
+  # 3. The loop.
+  eval_metrics = {}
+  shown = {}
+  try:
+    timer_step, timer_start = start_step, time.perf_counter()
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(train_iter)
+      state, metrics = p_train_step(state, batch)
+
+      is_last = step == total_steps
+      saving = step % config.checkpoint.every_steps == 0 or is_last
+      if step % config.train.log_every_steps == 0 or saving or step == start_step + 1:
+        metrics = parallel.to_host(metrics)
+        # Never save a diverged state: check before the checkpoint below.
+        _check_finite(metrics, step, ckpt, workdir)
+        now = time.perf_counter()
+        images_per_sec = ((step - timer_step) * config.train.batch_size
+                          / max(now - timer_start, 1e-9))
+        timer_step, timer_start = step, now
+        scalars = {k: float(v) for k, v in metrics.items()}
+        if step > start_step + 1:    # the first step's time is compilation
+          scalars['images_per_sec'] = images_per_sec
+        logger.write(step, scalars)
+        shown = {'loss': scalars['loss'], 'top1': scalars['top1']}
+        if 'images_per_sec' in scalars:
+          shown['img/s'] = images_per_sec
+      logger.progress(step, **shown)
+
+      if step % config.train.eval_every_steps == 0 or is_last:
+        eval_metrics = evaluate_split(p_eval_step, state, config,
+                                      config.eval.split, num_devices)
+        logger.write(step, eval_metrics)
+        timer_step, timer_start = step, time.perf_counter()
+
+      # Every process calls save (orbax coordinates the hosts).
+      ckpt.save(step, state, force=is_last)
+
+    if not eval_metrics:   # resumed at the very end: evaluate the final state
+      eval_metrics = evaluate_split(p_eval_step, state, config,
+                                    config.eval.split, num_devices)
+      logger.write(int(state['step']), eval_metrics)
+  finally:
+    ckpt.wait_until_finished()
+    ckpt.close()
+    logger.close()
+  return eval_metrics
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             split: Optional[str] = None) -> dict[str, float]:
+  """Evaluates the newest checkpoint in `workdir` (raw and EMA parameters)."""
+  validate_config(config)
+  info, devices, model, _, _, total_steps, ckpt, state = _setup(config, workdir)
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(
+          f'No checkpoint in {workdir}/checkpoints to evaluate. Train first '
+          f'(python -m nfnet_jax.train --config ... --workdir {workdir}) or point '
+          '--workdir at a training run.')
+    state = ckpt.restore(state)
+    p_eval_step = parallel.map_eval_step(make_eval_step(model, info.num_classes), devices)
+    results = evaluate_split(p_eval_step, state, config, split or config.eval.split,
+                             len(devices))
+  finally:
+    ckpt.close()
+  with metrics_lib.MetricsLogger(workdir, total_steps=total_steps,
+                                 progress_bar=False) as logger:
+    logger.write(int(state['step']), results)
+  return results
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  del argv
+  flags_ = flags.FLAGS
+  config = flags_.config
+  if flags_.mode == 'train':
+    results = train_and_evaluate(config, flags_.workdir)
+  else:
+    results = evaluate(config, flags_.workdir)
+  if jax.process_index() == 0:
+    print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                   for k, v in sorted(results.items())))
+
+
+def run_main():
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config file, e.g. experiments/digits.py or '
+      'experiments/nfnet.py:F0; override fields with --config.train.batch_size=...',
+      lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs '
+                      '(local, or gs://... shared by all hosts).')
+  flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                    'train (resumes automatically) or eval (newest checkpoint).')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run_main()
