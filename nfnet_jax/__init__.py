@@ -4,9 +4,22 @@ The public API; each name lives in the module that implements that part of the p
 """
 from nfnet_jax.flops import count_flops
 from nfnet_jax.layers import SqueezeExcite, WSConv2D, scaled_activation
+from nfnet_jax.losses import softmax_cross_entropy
 from nfnet_jax.nfnet import NFNET_VARIANTS, NFBlock, NFNet
+from nfnet_jax.optim import (adaptive_grad_clip, agc_mask, ema_update, sgd_agc,
+                             warmup_cosine_schedule, weight_decay_mask)
 
 __all__ = [
     'NFNet', 'NFBlock', 'NFNET_VARIANTS', 'WSConv2D', 'SqueezeExcite',
-    'scaled_activation', 'count_flops',
+    'scaled_activation', 'count_flops', 'adaptive_grad_clip', 'agc_mask',
+    'weight_decay_mask', 'sgd_agc', 'warmup_cosine_schedule', 'ema_update',
+    'softmax_cross_entropy', 'train_and_evaluate', 'evaluate',
 ]
+
+
+def __getattr__(name):
+  # The training loop pulls in TensorFlow and Orbax: import it only when asked.
+  if name in ('train_and_evaluate', 'evaluate'):
+    from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+    return getattr(train, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

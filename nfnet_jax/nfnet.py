@@ -59,8 +59,8 @@ def block_specs(variant: str = 'F0', width: float = 1.0, alpha: float = 0.2,
   stem_ch = widths[0] // 2
   num_blocks = sum(params['depth'])
   specs, in_ch, index = [], stem_ch, 0
+  expected_std = 1.0
   for stage_width, stage_depth, stage_stride in zip(widths, params['depth'], [1, 2, 2, 2]):
-    expected_std = 1.0
     for block_index in range(stage_depth):
       # "Big width": the bottleneck is sized from the block's output channels,
       # rounded down to whole groups of `group_size` channels.

@@ -319,10 +319,31 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 # ---------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+  """Joins a multi-process job; must run on every host before any other JAX call.
+
+  On Cloud TPU VMs the arguments are discovered automatically. Elsewhere (and
+  to rehearse a pod on one machine with CPU processes) pass all three.
+  """
+  kwargs = {}
+  if coordinator_address:
+    kwargs = dict(coordinator_address=coordinator_address,
+                  num_processes=num_processes, process_id=process_id)
+  jax.distributed.initialize(**kwargs)
+
+
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
   del argv
   flags_ = flags.FLAGS
+  # Orbax narrates every save at INFO; keep the console for the progress bar.
+  if flags_['verbosity'].using_default_value:
+    logging.set_verbosity(logging.WARNING)
+  if flags_.distributed or flags_.coordinator_address:
+    initialize_distributed(flags_.coordinator_address, flags_.num_processes,
+                           flags_.process_id)
   config = flags_.config
   if flags_.mode == 'train':
     results = train_and_evaluate(config, flags_.workdir)
@@ -344,6 +365,13 @@ def run_main():
                       '(local, or gs://... shared by all hosts).')
   flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                     'train (resumes automatically) or eval (newest checkpoint).')
+  flags.DEFINE_bool('distributed', False, 'Multi-host job (e.g. a TPU pod slice): call '
+                    'jax.distributed.initialize() first. Start the same command on '
+                    'every host.')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for '
+                      'multi-process jobs outside Cloud TPU (implies --distributed).')
+  flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
+  flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)
 

@@ -268,45 +268,59 @@ def test_np_conv_reference_sanity():
 
 
 def _wsconv(out_ch, k, stride, groups, name=None):
-  return hk.transform(lambda x: layers.WSConv2D(
-      out_ch, k, stride=stride, feature_group_count=groups, name=name)(x))
+  return hk.without_apply_rng(hk.transform(lambda x: layers.WSConv2D(
+      out_ch, k, stride=stride, feature_group_count=groups, name=name)(x)))
 
 
-def _randomize(params, rng):
-  """Replace gain/bias (init 1/0) by random values so that their use is tested."""
-  return jax.tree_util.tree_map(
-      lambda p: jnp.asarray(rng.uniform(0.5, 1.5, p.shape) * np.sign(rng.standard_normal(p.shape))
-                            if p.ndim == 1 else p, p.dtype), params)
+def _random_params(f, x, rng):
+  """Parameters with f.init's tree structure (from eval_shape), filled by NumPy.
+
+  Weights ~ N(0, 1); vectors (gain, bias, b) random, half negative, so that a
+  forgotten gain or bias shows. Avoids jax.random (slow to compile on CPU).
+  """
+  shapes = jax.eval_shape(f.init, jax.random.PRNGKey(0), x)
+  def fill(s):
+    if len(s.shape) == 1:
+      v = rng.uniform(0.5, 1.5, s.shape) * rng.choice([-1.0, 1.0], s.shape)
+    else:
+      v = rng.standard_normal(s.shape)
+    return jnp.asarray(v, s.dtype)
+  return jax.tree_util.tree_map(fill, shapes)
+
+
+# A typed 'rbg' key: haiku's initializers then compile much faster on CPU than
+# with the default threefry keys, and the distribution is the same.
+def _init_key(seed=0):
+  return jax.random.key(seed, impl='rbg')
 
 
 @pytest.mark.parametrize('k,stride,groups,hw', [
-    (3, 1, 1, (7, 6)), (3, 2, 2, (7, 8)), (1, 1, 2, (5, 5)), (1, 2, 1, (5, 6)),
+    (3, 1, 1, (7, 6)), (3, 2, 1, (7, 6)), (3, 1, 2, (6, 6)), (3, 2, 2, (7, 8)),
+    (1, 1, 2, (5, 5)), (1, 2, 1, (5, 6)),
 ])
 def test_wsconv_matches_loop_conv(k, stride, groups, hw):
   rng = np.random.default_rng(k * 100 + stride * 10 + groups)
   cin, cout = 4, 6
   x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
   f = _wsconv(cout, k, stride, groups)
-  params = f.init(jax.random.PRNGKey(1), x)
+  params = _random_params(f, x, rng)
   mod = params['ws_conv2_d']
   assert set(mod) == {'w', 'gain', 'bias'}
   assert mod['w'].shape == (k, k, cin // groups, cout)
   assert mod['gain'].shape == (cout,) and mod['bias'].shape == (cout,)
-  np.testing.assert_array_equal(mod['gain'], 1.0)
-  np.testing.assert_array_equal(mod['bias'], 0.0)
-  params = _randomize(params, rng)
-  mod = params['ws_conv2_d']
-  got = np.asarray(f.apply(params, None, x))
+  got = np.asarray(jax.jit(f.apply)(params, x))
   w_hat = np_standardize(mod['w'], mod['gain'])
   want = np_conv_same(x, w_hat, stride, groups) + np.asarray(mod['bias'], np.float64)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_wsconv_weight_init_is_fan_in_scaled():
+def test_wsconv_init():
   x = np.zeros((1, 1, 1, 64), np.float32)
-  params = jax.jit(_wsconv(64, 3, 1, 1).init)(jax.random.PRNGKey(0), x)
-  w = np.asarray(params['ws_conv2_d']['w'])
+  params = jax.jit(_wsconv(64, 3, 1, 1).init)(_init_key(), x)['ws_conv2_d']
+  np.testing.assert_array_equal(params['gain'], np.ones(64))
+  np.testing.assert_array_equal(params['bias'], np.zeros(64))
+  w = np.asarray(params['w'])
   # variance scaling 1.0, fan_in = 3 * 3 * 64 = 576: std 1/24, mean 0. With
   # 36864 samples the sampling error of the std is ~0.4%, of the mean ~2e-4.
   assert w.std() == pytest.approx(1 / 24, rel=0.03)
@@ -315,7 +329,8 @@ def test_wsconv_weight_init_is_fan_in_scaled():
 
 def test_wsconv_rejects_indivisible_groups():
   with pytest.raises(ValueError):
-    _wsconv(6, 3, 1, 4).init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 6), np.float32))
+    jax.eval_shape(_wsconv(6, 3, 1, 4).init, jax.random.PRNGKey(0),
+                   np.zeros((1, 4, 4, 6), np.float32))
 
 
 # ---------------------------------------------------------------------------
@@ -348,27 +363,31 @@ def test_dense_and_native_lowering_agree_with_grads(k, stride, groups):
   rng = np.random.default_rng(7 + k + stride + groups)
   x = jnp.asarray(rng.standard_normal((2, 7, 6, 8)), jnp.float32)
   f = _wsconv(12, k, stride, groups)
-  params = _randomize(f.init(jax.random.PRNGKey(2), x), rng)
-  cot = jnp.asarray(rng.standard_normal(np.shape(f.apply(params, None, x))), jnp.float32)
+  params = _random_params(f, x, rng)
+  out_shape = jax.eval_shape(f.apply, params, x).shape
+  cot = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
 
   def loss(p, xx):
-    return jnp.sum(f.apply(p, None, xx) * cot)
+    out = f.apply(p, xx)
+    return jnp.sum(out * cot), out
 
   results = {}
   for impl in ('native', 'dense'):
-    with layers.conv_impl(impl):   # no jit: the choice is read while tracing
-      out = f.apply(params, None, x)
-      grads = jax.grad(loss, argnums=(0, 1))(params, x)
+    with layers.conv_impl(impl):
+      # A fresh jit per impl: the lowering is chosen while tracing.
+      fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+      (_, out), grads = fn(params, x)
     results[impl] = (out, grads)
   (o_n, (gp_n, gx_n)), (o_d, (gp_d, gx_d)) = results['native'], results['dense']
   _rel_close(o_d, o_n)
   _rel_close(gx_d, gx_n)
   for name in ('w', 'gain', 'bias'):
     _rel_close(gp_d['ws_conv2_d'][name], gp_n['ws_conv2_d'][name])
-  # And the native lowering is itself the loop reference (a check on the check).
+  # Both equal the loop reference (so neither can be wrong in the same way).
   mod = params['ws_conv2_d']
   want = np_conv_same(x, np_standardize(mod['w'], mod['gain']), stride, groups) + mod['bias']
   _rel_close(o_n, want, rtol=1e-4)
+  _rel_close(o_d, want, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------
@@ -379,8 +398,9 @@ def test_dense_and_native_lowering_agree_with_grads(k, stride, groups):
 def test_squeeze_excite_matches_numpy(ch, ratio, hidden):
   rng = np.random.default_rng(ch)
   x = rng.standard_normal((3, 4, 5, ch)).astype(np.float32)
-  f = hk.transform(lambda x: layers.SqueezeExcite(ch, ch, se_ratio=ratio)(x))
-  params = f.init(jax.random.PRNGKey(0), x)
+  f = hk.without_apply_rng(hk.transform(
+      lambda x: layers.SqueezeExcite(ch, ch, se_ratio=ratio)(x)))
+  params = _random_params(f, x, rng)
   assert set(params) == {'squeeze_excite/~/linear', 'squeeze_excite/~/linear_1'}
   assert params['squeeze_excite/~/linear']['w'].shape == (ch, hidden)
   assert params['squeeze_excite/~/linear']['b'].shape == (hidden,)
@@ -390,7 +410,7 @@ def test_squeeze_excite_matches_numpy(ch, ratio, hidden):
   params = jax.tree_util.tree_map(
       lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype) if p.ndim == 1 else p,
       params)
-  got = np.asarray(f.apply(params, None, x))
+  got = np.asarray(jax.jit(f.apply)(params, x))
   p0, p1 = params['squeeze_excite/~/linear'], params['squeeze_excite/~/linear_1']
   h = x.astype(np.float64).mean(axis=(1, 2))
   h = np.maximum(h @ np.asarray(p0['w'], np.float64) + p0['b'], 0.0)   # plain ReLU
@@ -410,7 +430,7 @@ def _stochdepth(rate, training):
 def test_stochastic_depth_per_example_no_rescale(rate):
   b = 20000
   x = jnp.asarray(np.random.default_rng(0).uniform(1, 2, (b, 2, 3, 4)), jnp.float32)
-  y = np.asarray(_stochdepth(rate, True).apply({}, jax.random.PRNGKey(3), x))
+  y = np.asarray(jax.jit(_stochdepth(rate, True).apply)({}, _init_key(3), x))
   flat, xf = y.reshape(b, -1), np.asarray(x).reshape(b, -1)
   kept = np.all(flat == xf, axis=1)           # kept unscaled: exactly x
   dropped = np.all(flat == 0, axis=1)         # dropped entirely
@@ -430,8 +450,8 @@ def test_stochastic_depth_identity_when_not_training():
 def test_stochastic_depth_differs_with_key():
   x = jnp.ones((256, 1, 1, 1))
   f = _stochdepth(0.5, True)
-  a = f.apply({}, jax.random.PRNGKey(0), x)
-  b = f.apply({}, jax.random.PRNGKey(1), x)
+  a = f.apply({}, _init_key(0), x)
+  b = f.apply({}, _init_key(1), x)
   assert not np.array_equal(a, b)
 
 
@@ -439,7 +459,7 @@ def test_dropout_rescales_and_is_identity_in_eval():
   x = jnp.ones((100, 50))
   f = hk.transform(lambda x, t: layers.dropout(x, 0.2, t))
   np.testing.assert_array_equal(f.apply({}, None, x, False), x)
-  y = np.asarray(f.apply({}, jax.random.PRNGKey(0), x, True))
+  y = np.asarray(f.apply({}, _init_key(0), x, True))
   assert set(np.unique(y)) <= {0.0, np.float32(1 / 0.8)}
   assert (y == 0).mean() == pytest.approx(0.2, abs=0.03)
 

@@ -1,0 +1,264 @@
+"""The data-parallel train/eval steps and the training loop (8 simulated CPU devices)."""
+import json
+import os
+import subprocess
+import sys
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import digits as digits_config
+from experiments import nfnet as nfnet_config
+from nfnet_jax import checkpoint as checkpoint_lib
+from nfnet_jax import data
+from nfnet_jax import metrics as metrics_lib
+from nfnet_jax import models
+from nfnet_jax import parallel
+from nfnet_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**train_overrides):
+  config = digits_config.get_config()
+  config.model.kwargs.update(width=0.0625, group_size=8, stochdepth_rate=0.0,
+                             drop_rate=0.0)
+  config.data.image_size = 16
+  config.train.update(batch_size=16, num_steps=4, log_every_steps=1,
+                      eval_every_steps=1000)
+  config.train.update(**train_overrides)
+  config.eval.batch_size = 56                 # 360 test digits = 6 x 56 + 24: padding
+  config.checkpoint.every_steps = 2
+  return config
+
+
+def _model_and_steps(config, num_classes=10):
+  model = models.build_model(config.model, num_classes, config.dtype)
+  optimizer, schedule = train.make_optimizer(config, total_steps=10, steps_per_epoch=5)
+  return model, optimizer, schedule
+
+
+def test_devices_are_simulated():
+  assert jax.local_device_count() == 8, 'tests/conftest.py should give 8 CPU devices'
+
+
+def test_data_parallel_step_equals_single_device_step():
+  """8 devices x 2 images == 1 device x 16 images: the property the design rests on."""
+  config = tiny_config()
+  config.optimizer.warmup_epochs = 0.0     # a non-zero learning rate at the first step
+  model, optimizer, schedule = _model_and_steps(config)
+  state = train.init_state(jax.random.PRNGKey(0), model, optimizer, 16)
+  # Non-zero skip gains, so that every parameter gets a gradient.
+  state['params'] = jax.tree_util.tree_map_with_path(
+      lambda path, p: p + 0.5 if 'skip_gain' in str(path) else p, state['params'])
+  assert float(schedule(0)) > 0
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(16, 16, 16, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, size=(16,)).astype(np.int32)
+  step_fn = train.make_train_step(model, optimizer, schedule, config, 10)
+
+  copy = lambda tree: jax.tree.map(jnp.array, tree)   # the steps donate their input
+  eight = parallel.map_train_step(step_fn, jax.local_devices()[:8])
+  state8, metrics8 = eight(copy(state), {'images': images.reshape(8, 2, 16, 16, 3),
+                                         'labels': labels.reshape(8, 2)})
+  one = parallel.map_train_step(step_fn, jax.local_devices()[:1])
+  state1, metrics1 = one(copy(state), {'images': images[None], 'labels': labels[None]})
+
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                       state1['params'], state['params'])
+  assert max(jax.tree.leaves(moved)) > 1e-4, 'the step should change the params'
+  for name in ('params', 'ema_params', 'opt_state'):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 state8[name], state1[name])
+  for key in ('loss', 'top1', 'grad_norm', 'param_norm', 'agc_clip_fraction'):
+    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=1e-5)
+  assert int(state8['step']) == 1
+
+
+def test_eval_counts_every_example_once_and_matches_direct_computation():
+  config = tiny_config()
+  model, optimizer, _ = _model_and_steps(config)
+  state = train.init_state(jax.random.PRNGKey(1), model, optimizer, 16)
+  # A trained-looking classifier so that top-1 is not trivially 10%.
+  state['params'] = jax.tree.map(lambda p: p, state['params'])
+  state['params']['NFNet/~/linear']['w'] = jax.random.normal(
+      jax.random.PRNGKey(2), state['params']['NFNet/~/linear']['w'].shape)
+  state['params']['NFNet/~/nf_block_3']['skip_gain'] = jnp.asarray(1.0)
+  state['ema_params'] = jax.tree.map(lambda p: p * 0.5, state['params'])
+  p_eval = parallel.map_eval_step(train.make_eval_step(model, 10), jax.local_devices())
+  results = train.evaluate_split(p_eval, state, config, 'test', 8)
+
+  # Independent: the whole split in one batch through model.apply, no padding.
+  batches = list(data.eval_iterator(config.data, split='test', per_device_batch=360,
+                                    local_devices=1))
+  assert len(batches) == 1 and batches[0]['mask'].sum() == 360
+  images, labels = batches[0]['images'][0], batches[0]['labels'][0]
+  for prefix, params in (('', state['params']), ('ema_', state['ema_params'])):
+    logits = np.asarray(model.apply(params, None, images, is_training=False)['logits'])
+    top1 = np.mean(np.argmax(logits, -1) == labels)
+    top5 = np.mean([l in np.argsort(-row)[:5] for row, l in zip(logits, labels)])
+    log_probs = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)),
+                                       -1, keepdims=True)) - logits.max(-1, keepdims=True)
+    loss = -np.mean(log_probs[np.arange(360), labels])
+    assert results[f'eval_{prefix}top1'] == pytest.approx(top1, abs=1e-6)
+    assert results[f'eval_{prefix}top5'] == pytest.approx(top5, abs=1e-6)
+    assert results[f'eval_{prefix}loss'] == pytest.approx(loss, rel=1e-4)
+  assert results['eval_count'] == 360
+  assert 0.15 < results['eval_top1'] < 0.99 or results['eval_top1'] != results['eval_ema_top1']
+
+
+def test_mixed_precision_computes_in_bfloat16_with_float32_params():
+  config = tiny_config()
+  config.dtype = 'bfloat16'
+  model, optimizer, schedule = _model_and_steps(config)
+  state = train.init_state(jax.random.PRNGKey(0), model, optimizer, 16)
+  dtypes = {x.dtype for x in jax.tree.leaves(state['params'])}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  images = jnp.ones((2, 16, 16, 3), jnp.float32)
+  jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, None, images, False))(state['params']))
+  assert 'conv_general_dilated' in jaxpr or 'dot_general' in jaxpr
+  assert 'bf16' in jaxpr
+  out = model.apply(state['params'], None, images, False)
+  assert out['logits'].dtype == jnp.float32
+  step = parallel.map_train_step(train.make_train_step(model, optimizer, schedule, config, 10),
+                                 jax.local_devices()[:2])
+  new_state, metrics = step(state, {'images': np.ones((2, 1, 16, 16, 3), np.float32),
+                                    'labels': np.zeros((2, 1), np.int32)})
+  assert {x.dtype for x in jax.tree.leaves(new_state['params'])} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(new_state['opt_state'])} <= {
+      jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
+  assert np.isfinite(metrics['loss'])
+
+
+def test_train_resumes_and_refuses_a_different_model(tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(num_steps=4)
+  first = train.train_and_evaluate(config, workdir, progress_bar=False)
+  assert first['eval_count'] == 360
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  assert sorted(os.listdir(ckpt_dir)) == ['2', '4']
+
+  config = tiny_config(num_steps=6)
+  train.train_and_evaluate(config, workdir, progress_bar=False)
+  records = metrics_lib.read_metrics(workdir)
+  train_steps = [r['step'] for r in records if 'loss' in r]
+  assert train_steps == [1, 2, 3, 4, 5, 6], 'steps 1-4 once, then resumed at 5'
+  assert sum('num_params' in r for r in records) == 1
+
+  before = {name: open(os.path.join(workdir, name), 'rb').read()
+            for name in ('metrics.jsonl', 'model_signature.json')}
+  listing = sorted(os.listdir(ckpt_dir))
+  other = tiny_config(num_steps=8)
+  other.model.kwargs.width = 0.125
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match='width'):
+    train.train_and_evaluate(other, workdir, progress_bar=False)
+  assert sorted(os.listdir(ckpt_dir)) == listing
+  for name, content in before.items():
+    assert open(os.path.join(workdir, name), 'rb').read() == content
+
+  evaluated = train.evaluate(tiny_config(num_steps=6), workdir)
+  assert evaluated['eval_count'] == 360
+  assert metrics_lib.read_metrics(workdir)[-1]['step'] == 6
+
+
+def test_eval_mode_without_checkpoint_says_what_to_do(tmp_path):
+  with pytest.raises(FileNotFoundError, match='Train first'):
+    train.evaluate(tiny_config(), str(tmp_path / 'empty'))
+
+
+def test_divergence_stops_training_and_keeps_a_finite_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'diverge')
+  config = tiny_config(num_steps=12)
+  config.optimizer.update(base_lr=1e12, clipping=0.0, warmup_epochs=0.0)
+  config.checkpoint.every_steps = 1
+  with pytest.raises(train.NonFiniteLossError, match='diverged at step'):
+    train.train_and_evaluate(config, workdir, progress_bar=False)
+  records = metrics_lib.read_metrics(workdir)
+  last_step = records[-1]['step']
+  assert last_step < 12
+  ckpt = checkpoint_lib.Checkpointer(workdir, model_signature=models.model_signature(
+      config.model, 10))
+  saved = ckpt.latest_step()
+  assert saved is not None and saved < last_step
+  model, optimizer, _ = _model_and_steps(config)
+  state = ckpt.restore(train.init_state(jax.random.PRNGKey(0), model, optimizer, 16))
+  ckpt.close()
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
+
+
+def test_global_batch_must_divide_over_devices():
+  with pytest.raises(ValueError, match='multiple of 8'):
+    parallel.per_device_batch_size(12, 8)
+
+
+def _parse_config_flags(argv):
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'test', flag_values=values,
+                                  lock_config=True)
+  values(['prog'] + argv)
+  return values.config
+
+
+def test_config_overrides_and_typos():
+  path = os.path.join(REPO, 'experiments', 'digits.py')
+  config = _parse_config_flags([f'--config={path}', '--config.train.batch_size=32',
+                                '--config.model.kwargs.width=0.25'])
+  assert config.train.batch_size == 32 and config.model.kwargs.width == 0.25
+  with pytest.raises(Exception, match='batch_sise'):
+    _parse_config_flags([f'--config={path}', '--config.train.batch_sise=32'])
+  nfnet_path = os.path.join(REPO, 'experiments', 'nfnet.py')
+  config = _parse_config_flags([f'--config={nfnet_path}:F1'])
+  assert config.model.kwargs.variant == 'F1'
+
+
+@pytest.mark.parametrize('variant', ['F0', 'F1', 'F3', 'F5', 'F7', 'F0+', 'F6+'])
+def test_nfnet_configs_reproduce_the_published_recipe(variant):
+  config = nfnet_config.get_config(variant)
+  train.validate_config(config)
+  spec = {'F0': (192, 256, 5, 0.2), 'F1': (224, 320, 10, 0.3), 'F3': (320, 416, 15, 0.4),
+          'F5': (416, 544, 15, 0.5), 'F7': (480, 608, 15, 0.5), 'F0+': (192, 256, 5, 0.2),
+          'F6+': (448, 576, 15, 0.5)}[variant]
+  assert (config.data.image_size, config.data.eval_image_size,
+          config.data.randaug_magnitude, config.model.kwargs.drop_rate) == spec
+  assert config.data.randaug_layers == 4
+  assert config.train.batch_size == 4096
+  assert train.total_train_steps(config, nfnet_config.IMAGENET_TRAIN_EXAMPLES) == 112_602
+  assert config.model.kwargs.stochdepth_rate == 0.25
+  assert config.label_smoothing == 0.1 and config.ema_max_decay == 0.99999
+  opt = config.optimizer
+  assert (opt.momentum, opt.nesterov, opt.weight_decay, opt.clipping, opt.eps) == (
+      0.9, True, 2e-5, 0.01, 1e-3)
+  _, schedule = train.make_optimizer(config, 112_602, 1_281_167 / 4096)
+  warmup = round(5 * 1_281_167 / 4096)
+  assert float(schedule(warmup)) == pytest.approx(1.6)
+  assert float(schedule(112_602)) == pytest.approx(0.0, abs=1e-9)
+  assert config.dtype == 'bfloat16'
+
+
+def test_unknown_variant_in_config_lists_valid_ones():
+  with pytest.raises(ValueError, match='F0, F0\\+, F1'):
+    nfnet_config.get_config('F8')
+
+
+@pytest.mark.slow
+def test_quickstart_command_trains_digits(tmp_path):
+  """The README's main command, shortened: real CLI, real recipe, real digits."""
+  workdir = str(tmp_path / 'digits')
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  cmd = [sys.executable, '-m', 'nfnet_jax.train', '--config',
+         os.path.join(REPO, 'experiments', 'digits.py'), '--workdir', workdir,
+         '--config.train.num_epochs=8', '--config.train.eval_every_steps=1000']
+  proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'eval_ema_top1=' in proc.stdout
+  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  final = [r for r in records if 'eval_ema_top1' in r][-1]
+  assert final['eval_count'] == 360
+  assert final['eval_top1'] >= 0.9, final
+  assert any(r.get('agc_clip_fraction', 0) > 0 for r in records), 'AGC should clip sometimes'
+  assert os.path.isdir(os.path.join(workdir, 'tensorboard'))
