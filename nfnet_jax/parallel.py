@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = 'batch'   # name of the data-parallel axis used by lax.pmean / psum
 
@@ -26,19 +27,47 @@ def local_devices(num_devices: Optional[int] = None) -> list:
   return devices
 
 
+def _pmap_devices(devices: Sequence) -> Optional[Sequence]:
+  # With several processes, pmap must span every device of every process:
+  # given only this process's devices, lax.pmean/psum would silently reduce
+  # within the host and the hosts' replicas would drift apart.
+  if jax.process_count() > 1:
+    if len(devices) != jax.local_device_count():
+      raise ValueError('Multi-process runs use every local device; unset num_devices.')
+    return None
+  return devices
+
+
 def map_train_step(step_fn: Callable, devices: Sequence) -> Callable:
   """(state, batch) -> (state, metrics): state replicated, batch split on axis 0.
 
-  The state buffers are donated: the update happens in place on each device.
+  Pass a state placed by `replicate` (as the step returns it): the buffers are
+  donated, so the update happens in place on each device.
   """
   return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
-                  donate_argnums=(0,), devices=devices)
+                  donate_argnums=(0,), devices=_pmap_devices(devices))
 
 
 def map_eval_step(step_fn: Callable, devices: Sequence) -> Callable:
   """(params, ema_params, batch) -> summed metrics, identical on every device."""
   return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, None, 0), out_axes=None,
-                  devices=devices)
+                  devices=_pmap_devices(devices))
+
+
+def replicated_sharding(devices: Sequence) -> NamedSharding:
+  """One full copy on each device the steps run on (every process's, in a pod)."""
+  all_devices = jax.devices() if jax.process_count() > 1 else list(devices)
+  return NamedSharding(Mesh(np.asarray(all_devices), (AXIS,)), PartitionSpec())
+
+
+def replicate(tree, devices: Sequence):
+  """Places identical per-process values on every device, as the steps return them.
+
+  The mapped steps return their state in exactly this layout, so a replicated
+  state is donated in place and the step compiles once (a state on a single
+  device would be copied each call, and the second call would recompile).
+  """
+  return jax.device_put(tree, replicated_sharding(devices))
 
 
 def per_device_batch_size(global_batch: int, num_local_devices: int) -> int:

@@ -180,6 +180,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str):
       save_interval_steps=config.checkpoint.every_steps)
   state = init_state(jax.random.PRNGKey(config.seed), model, optimizer,
                      config.data.image_size)
+  # Restore keeps this layout, so restored and fresh states are laid out alike.
+  state = parallel.replicate(state, devices)
   return info, devices, model, optimizer, schedule, total_steps, ckpt, state
 
 
@@ -227,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # 2. Restore: a restarted run continues from its newest checkpoint.
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
+    state = parallel.replicate(ckpt.restore(state), devices)
   start_step = int(state['step'])
 
   # A resumed run draws a fresh shuffle rather than replaying the first batches.
@@ -304,7 +306,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
           f'No checkpoint in {workdir}/checkpoints to evaluate. Train first '
           f'(python -m nfnet_jax.train --config ... --workdir {workdir}) or point '
           '--workdir at a training run.')
-    state = ckpt.restore(state)
+    state = parallel.replicate(ckpt.restore(state), devices)
     p_eval_step = parallel.map_eval_step(make_eval_step(model, info.num_classes), devices)
     results = evaluate_split(p_eval_step, state, config, split or config.eval.split,
                              len(devices))
@@ -339,7 +341,7 @@ def main(argv):
   del argv
   flags_ = flags.FLAGS
   # Orbax narrates every save at INFO; keep the console for the progress bar.
-  if flags_['verbosity'].using_default_value:
+  if not flags_['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   if flags_.distributed or flags_.coordinator_address:
     initialize_distributed(flags_.coordinator_address, flags_.num_processes,
