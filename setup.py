@@ -40,6 +40,7 @@ setuptools.setup(
         "console_scripts": [
             "nfnet-train=nfnet_jax.train:run_main",
             "nfnet-benchmark=nfnet_jax.benchmark:run_main",
+            "nfnet-convert=nfnet_jax.convert:main",
         ],
     },
 )

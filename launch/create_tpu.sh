@@ -3,6 +3,8 @@
 set -euo pipefail
 
 PROG=launch/create_tpu.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
   cat <<EOF
@@ -31,29 +33,12 @@ Example:
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Run '$PROG --help' for usage." >&2
-  exit 2
-}
 
-run() {
-  printf '+'
-  printf ' %q' "$@"
-  printf '\n'
-  if [[ "$DRY_RUN" != 1 ]]; then
-    "$@"
-  fi
-}
 
-TPU_NAME=${TPU_NAME:-nfnet-tpu}
-PROJECT=${PROJECT:-}
-ZONE=${ZONE:-}
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v4-32}
 TPU_VERSION=${TPU_VERSION:-tpu-ubuntu2204-base}
 SPOT=${SPOT:-0}
 QUEUED=${QUEUED:-0}
-DRY_RUN=${DRY_RUN:-0}
 
 while [[ $# -gt 0 ]]; do
   if [[ "$1" == --*=* ]]; then          # --opt=value -> --opt value

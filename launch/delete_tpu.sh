@@ -3,6 +3,8 @@
 set -euo pipefail
 
 PROG=launch/delete_tpu.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
   cat <<EOF
@@ -23,26 +25,9 @@ Options (each can also be set by the environment variable on the right):
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Run '$PROG --help' for usage." >&2
-  exit 2
-}
 
-run() {
-  printf '+'
-  printf ' %q' "$@"
-  printf '\n'
-  if [[ "$DRY_RUN" != 1 ]]; then
-    "$@"
-  fi
-}
 
-TPU_NAME=${TPU_NAME:-nfnet-tpu}
-PROJECT=${PROJECT:-}
-ZONE=${ZONE:-}
 QUEUED=${QUEUED:-0}
-DRY_RUN=${DRY_RUN:-0}
 YES=0
 
 while [[ $# -gt 0 ]]; do

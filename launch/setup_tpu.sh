@@ -7,6 +7,8 @@
 set -euo pipefail
 
 PROG=launch/setup_tpu.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 JAX_VERSION_DEFAULT=0.10.2   # the version setup.py's pins were tested with
 LIBTPU_RELEASES=https://storage.googleapis.com/jax-releases/libtpu_releases.html
 
@@ -39,30 +41,13 @@ Example:
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Run '$PROG --help' for usage." >&2
-  exit 2
-}
 
-run() {
-  printf '+'
-  printf ' %q' "$@"
-  printf '\n'
-  if [[ "$DRY_RUN" != 1 ]]; then
-    "$@"
-  fi
-}
 
-TPU_NAME=${TPU_NAME:-nfnet-tpu}
-PROJECT=${PROJECT:-}
-ZONE=${ZONE:-}
 JAX_VERSION=${JAX_VERSION:-$JAX_VERSION_DEFAULT}
 REMOTE_PYTHON=${REMOTE_PYTHON:-python3.11}
 REMOTE_DIR=${REMOTE_DIR:-nfnet_jax}
 REMOTE_VENV=${REMOTE_VENV:-nfnet_venv}
 FRESH_VENV=${FRESH_VENV:-0}
-DRY_RUN=${DRY_RUN:-0}
 
 while [[ $# -gt 0 ]]; do
   if [[ "$1" == --*=* ]]; then          # --opt=value -> --opt value

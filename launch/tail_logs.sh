@@ -3,6 +3,8 @@
 set -euo pipefail
 
 PROG=launch/tail_logs.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
   cat <<EOF
@@ -29,29 +31,11 @@ The metrics themselves are in the workdir: gcloud storage cat gs://BUCKET/RUN/me
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Run '$PROG --help' for usage." >&2
-  exit 2
-}
 
-run() {                              # runs, or with DRY_RUN=1 prints, a command
-  if [[ "$DRY_RUN" == 1 ]]; then
-    printf '+'
-    printf ' %q' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
 
-TPU_NAME=${TPU_NAME:-nfnet-tpu}
-PROJECT=${PROJECT:-}
-ZONE=${ZONE:-}
 WORKER=${WORKER:-0}
 TAIL_LINES=${TAIL_LINES:-40}
 REMOTE_LOGS=${REMOTE_LOGS:-nfnet_logs}
-DRY_RUN=${DRY_RUN:-0}
 FOLLOW=0
 
 while [[ $# -gt 0 ]]; do
@@ -91,10 +75,10 @@ if [[ "$FOLLOW" == 1 ]]; then
   [[ "$WORKER" != all ]] || die "--follow works on one worker at a time (e.g. --worker 0)."
   # A terminal (-t) so that Ctrl-C also ends the remote tail; the progress bar
   # redraws in place.
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker="$WORKER" --project "$PROJECT" \
+  run_quiet gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker="$WORKER" --project "$PROJECT" \
     --zone "$ZONE" --command "if [ -e $log ]; then exec tail -n $TAIL_LINES -F $log; else $missing; fi" -- -t
 else
   # The progress bar rewrites its line with \r: one line per update here.
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker="$WORKER" --project "$PROJECT" \
+  run_quiet gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker="$WORKER" --project "$PROJECT" \
     --zone "$ZONE" --command "if [ -e $log ]; then tr '\\r' '\\n' < $log | tail -n $TAIL_LINES | sed \"s/^/[\$(hostname)] /\"; else $missing; fi"
 fi

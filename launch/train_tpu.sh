@@ -11,6 +11,8 @@
 set -euo pipefail
 
 PROG=launch/train_tpu.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 TRAIN_PATTERN='python.* -m nfnet_jax[.]train'   # pgrep/pkill -f pattern of a run
 
 usage() {
@@ -51,25 +53,8 @@ Example:
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Run '$PROG --help' for usage." >&2
-  exit 2
-}
 
-run() {                              # runs, or with DRY_RUN=1 prints, a command
-  if [[ "$DRY_RUN" == 1 ]]; then
-    printf '+'
-    printf ' %q' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
 
-TPU_NAME=${TPU_NAME:-nfnet-tpu}
-PROJECT=${PROJECT:-}
-ZONE=${ZONE:-}
 WORKDIR=${WORKDIR:-}
 CONFIG=${CONFIG:-experiments/nfnet.py:F0}
 TFDS_DATA_DIR=${TFDS_DATA_DIR:-}
@@ -77,7 +62,6 @@ REMOTE_DIR=${REMOTE_DIR:-nfnet_jax}
 REMOTE_VENV=${REMOTE_VENV:-nfnet_venv}
 REMOTE_LOGS=${REMOTE_LOGS:-nfnet_logs}
 CHECK_AFTER_SECS=${CHECK_AFTER_SECS:-90}
-DRY_RUN=${DRY_RUN:-0}
 STOP=0
 EXTRA=()
 
@@ -123,7 +107,7 @@ GCLOUD_SSH=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all --project "$
 if [[ "$STOP" == 1 ]]; then
   # SIGTERM, up to 60 s to exit (the TPU is free only then), then SIGKILL.
   stop_body="if pkill -f '$TRAIN_PATTERN'; then for i in \$(seq 60); do pgrep -f '$TRAIN_PATTERN' >/dev/null || break; sleep 1; done; pkill -9 -f '$TRAIN_PATTERN' && echo \"[\$(hostname)] killed: it did not exit within 60 s\"; echo \"[\$(hostname)] stopped\"; else echo \"[\$(hostname)] no run\"; fi"
-  run "${GCLOUD_SSH[@]}" --command "$stop_body"
+  run_quiet "${GCLOUD_SSH[@]}" --command "$stop_body"
   exit 0
 fi
 
@@ -178,7 +162,7 @@ echo "Starting on every worker of $TPU_NAME:"
 printf '  python -m nfnet_jax.train'
 printf ' %q' "${TRAIN_ARGS[@]}"
 printf '\n'
-if ! run "${GCLOUD_SSH[@]}" --command "$remote"; then
+if ! run_quiet "${GCLOUD_SSH[@]}" --command "$remote"; then
   cat >&2 <<EOF
 
 $PROG: error: starting failed on at least one worker (see above). The workers that

@@ -5,12 +5,15 @@ The public API; each name lives in the module that implements that part of the p
 from nfnet_jax.flops import count_flops
 from nfnet_jax.layers import SqueezeExcite, WSConv2D, scaled_activation
 from nfnet_jax.losses import softmax_cross_entropy
+from nfnet_jax.nf_regnet import NF_REGNET_VARIANTS, NFRegNet
+from nfnet_jax.nf_resnet import NF_RESNET_VARIANTS, NFResNet
 from nfnet_jax.nfnet import NFNET_VARIANTS, NFBlock, NFNet
 from nfnet_jax.optim import (adaptive_grad_clip, agc_mask, ema_update, sgd_agc,
                              warmup_cosine_schedule, weight_decay_mask)
 
 __all__ = [
-    'NFNet', 'NFBlock', 'NFNET_VARIANTS', 'WSConv2D', 'SqueezeExcite',
+    'NFNet', 'NFBlock', 'NFNET_VARIANTS', 'NFResNet', 'NF_RESNET_VARIANTS', 'NFRegNet',
+    'NF_REGNET_VARIANTS', 'WSConv2D', 'SqueezeExcite',
     'scaled_activation', 'count_flops', 'adaptive_grad_clip', 'agc_mask',
     'weight_decay_mask', 'sgd_agc', 'warmup_cosine_schedule', 'ema_update',
     'softmax_cross_entropy', 'train_and_evaluate', 'evaluate',

@@ -213,6 +213,29 @@ def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
   return hk.dropout(hk.next_rng_key(), rate, x)
 
 
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 average pool, stride 2, SAME padding, padding excluded from the average.
+
+  The same function as `hk.avg_pool(x, (1, 2, 2, 1), (1, 2, 2, 1), 'SAME')`,
+  written as a reshape and a sum. XLA's CPU backend (jaxlib 0.10.2) miscomputes
+  the padded `reduce_window` behind hk.avg_pool inside larger fusions when a
+  side is odd (e.g. a 1x1 map): a batch of 360 got 4x the value a batch of 16
+  got. The reshape form has no padding window to get wrong, and is cheaper.
+  """
+  b, h, w, c = x.shape
+  ph, pw = h % 2, w % 2                    # SAME pads odd sides at the end only
+  if ph or pw:
+    x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+  oh, ow = (h + ph) // 2, (w + pw) // 2
+  summed = x.reshape(b, oh, 2, ow, 2, c).sum(axis=(2, 4))
+  counts = np.full((oh, ow), 4.0, np.float32)
+  if ph:
+    counts[-1, :] /= 2
+  if pw:
+    counts[:, -1] /= 2
+  return summed / jnp.asarray(counts[None, :, :, None], x.dtype)
+
+
 def signal_stats(x: jax.Array) -> dict:
   """Signal-propagation statistics of an NHWC activation (2101.08692, fig. 1).
 

@@ -7,10 +7,16 @@ import jax.numpy as jnp
 import jmp
 import ml_collections
 
+from nfnet_jax import nf_regnet
+from nfnet_jax import nf_resnet
 from nfnet_jax import nfnet
 
 # One entry per model family; the config's `model.name` picks it.
-MODEL_FAMILIES: dict[str, type] = {'NFNet': nfnet.NFNet}
+MODEL_FAMILIES: dict[str, type] = {
+    'NFNet': nfnet.NFNet,
+    'NFResNet': nf_resnet.NFResNet,
+    'NFRegNet': nf_regnet.NFRegNet,
+}
 
 DTYPES = ('float32', 'bfloat16')
 

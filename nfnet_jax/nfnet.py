@@ -109,8 +109,7 @@ class NFBlock(hk.Module):
     # beta = 1 / expected std of x: the branch sees a unit-variance input.
     out = act(x) * self.beta
     if self.stride > 1:
-      shortcut = hk.avg_pool(out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1),
-                             padding='SAME')
+      shortcut = layers.avg_pool_2x2(out)
       shortcut = self.conv_shortcut(shortcut)
     elif self.use_projection:
       shortcut = self.conv_shortcut(out)

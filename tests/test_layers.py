@@ -487,3 +487,24 @@ def test_check_image_batch():
     layers.check_image_batch(np.zeros((4, 4, 3), np.float32), 'M')
   with pytest.raises(TypeError, match='uint8'):
     layers.check_image_batch(np.zeros((1, 4, 4, 3), np.uint8), 'M')
+
+
+def _np_avg_pool_2x2_same(x):
+  """NumPy reference: 2x2 windows, stride 2, SAME (pad at the end), padding not counted."""
+  b, h, w, c = x.shape
+  out = np.zeros((b, -(-h // 2), -(-w // 2), c))
+  for i in range(out.shape[1]):
+    for j in range(out.shape[2]):
+      out[:, i, j, :] = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2, :].mean(axis=(1, 2))
+  return out
+
+
+@settings(max_examples=15, deadline=None)
+@given(h=st.integers(1, 7), w=st.integers(1, 7), batch=st.integers(1, 3))
+def test_avg_pool_2x2_matches_numpy_and_haiku(h, w, batch):
+  x = np.random.default_rng(h * 10 + w).normal(size=(batch, h, w, 5)).astype(np.float32)
+  got = np.asarray(layers.avg_pool_2x2(jnp.asarray(x)))
+  np.testing.assert_allclose(got, _np_avg_pool_2x2_same(x.astype(np.float64)), rtol=1e-6,
+                             atol=1e-6)
+  haiku_pool = hk.avg_pool(x, (1, 2, 2, 1), (1, 2, 2, 1), 'SAME')
+  np.testing.assert_allclose(got, np.asarray(haiku_pool), rtol=1e-6, atol=1e-6)

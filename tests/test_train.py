@@ -99,17 +99,23 @@ def test_eval_counts_every_example_once_and_matches_direct_computation():
   assert len(batches) == 1 and batches[0]['mask'].sum() == 360
   images, labels = batches[0]['images'][0], batches[0]['labels'][0]
   for prefix, params in (('', state['params']), ('ema_', state['ema_params'])):
-    logits = np.asarray(model.apply(params, None, images, is_training=False)['logits'])
-    top1 = np.mean(np.argmax(logits, -1) == labels)
-    top5 = np.mean([l in np.argsort(-row)[:5] for row, l in zip(logits, labels)])
-    log_probs = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)),
-                                       -1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logits = np.asarray(model.apply(params, None, images, is_training=False)['logits'],
+                        np.float64)
+    order = np.argsort(-logits, axis=-1)
+    top1 = np.mean(order[:, 0] == labels)
+    top5 = np.mean([l in row[:5] for row, l in zip(order, labels)])
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.sum(np.exp(shifted), -1, keepdims=True))
     loss = -np.mean(log_probs[np.arange(360), labels])
-    assert results[f'eval_{prefix}top1'] == pytest.approx(top1, abs=1e-6)
-    assert results[f'eval_{prefix}top5'] == pytest.approx(top5, abs=1e-6)
+    # The batched (padded, 8-device) and this unbatched forward differ by float
+    # rounding, which can flip a near-tie: allow exactly those examples to differ.
+    sorted_logits = np.take_along_axis(logits, order, -1)
+    near_ties_1 = np.sum(sorted_logits[:, 0] - sorted_logits[:, 1] < 1e-4)
+    near_ties_5 = np.sum(sorted_logits[:, 4] - sorted_logits[:, 5] < 1e-4)
+    assert abs(results[f'eval_{prefix}top1'] - top1) <= near_ties_1 / 360 + 1e-9
+    assert abs(results[f'eval_{prefix}top5'] - top5) <= near_ties_5 / 360 + 1e-9
     assert results[f'eval_{prefix}loss'] == pytest.approx(loss, rel=1e-4)
   assert results['eval_count'] == 360
-  assert 0.15 < results['eval_top1'] < 0.99 or results['eval_top1'] != results['eval_ema_top1']
 
 
 def test_mixed_precision_computes_in_bfloat16_with_float32_params():
@@ -176,15 +182,16 @@ def test_divergence_stops_training_and_keeps_a_finite_checkpoint(tmp_path):
   config = tiny_config(num_steps=12)
   config.optimizer.update(base_lr=1e12, clipping=0.0, warmup_epochs=0.0)
   config.checkpoint.every_steps = 1
-  with pytest.raises(train.NonFiniteLossError, match='diverged at step'):
+  with pytest.raises(train.NonFiniteLossError, match='diverged at step') as error:
     train.train_and_evaluate(config, workdir, progress_bar=False)
+  assert 'last good checkpoint' in str(error.value)
   records = metrics_lib.read_metrics(workdir)
-  last_step = records[-1]['step']
-  assert last_step < 12
+  last_logged = records[-1]['step']          # the last step whose metrics were finite
+  assert last_logged < 12
   ckpt = checkpoint_lib.Checkpointer(workdir, model_signature=models.model_signature(
       config.model, 10))
   saved = ckpt.latest_step()
-  assert saved is not None and saved < last_step
+  assert saved is not None and saved <= last_logged
   model, optimizer, _ = _model_and_steps(config)
   state = ckpt.restore(train.init_state(jax.random.PRNGKey(0), model, optimizer, 16))
   ckpt.close()
@@ -198,8 +205,9 @@ def test_global_batch_must_divide_over_devices():
 
 def _parse_config_flags(argv):
   values = flags.FlagValues()
+  # config_flags finds the --config.x overrides in sys_argv (sys.argv by default).
   config_flags.DEFINE_config_file('config', None, 'test', flag_values=values,
-                                  lock_config=True)
+                                  lock_config=True, sys_argv=['prog'] + argv)
   values(['prog'] + argv)
   return values.config
 

@@ -1,0 +1,223 @@
+"""NF-RegNet-B0..B8: normalizer-free RegNets (Brock, De, Smith 2021, arXiv 2101.08692),
+as specified in shared/reference/nfnet-spec.md section 2.
+
+Module and parameter names (Haiku's defaults for the classes below):
+
+  NF_RegNet/~/initial_conv                       3x3 stride-2 WS conv (w, gain, bias)
+  NF_RegNet/~/nf_reg_net_block                   first block (no `_0`): `skip_gain`
+  NF_RegNet/~/nf_reg_net_block_{k}/~/conv0       1x1 to the bottleneck width
+  NF_RegNet/~/nf_reg_net_block_{k}/~/conv1       grouped 3x3, carries the stride
+  NF_RegNet/~/nf_reg_net_block_{k}/~/squeeze_excite/~/linear, .../~/linear_1
+  NF_RegNet/~/nf_reg_net_block_{k}/~/conv2       1x1 to the block's output channels
+  NF_RegNet/~/nf_reg_net_block_{k}/~/conv_shortcut          projection blocks only
+  NF_RegNet/~/final_conv                         1x1 to int(1280 * ch / 440)
+  NF_RegNet/~/linear                             classifier (w, b), w init zeros
+
+These follow the NFNet naming pattern (class name -> snake case); they are NOT
+verified against DeepMind's released NF-RegNet checkpoints.
+
+Shapes that fix the parameter count (NF-RegNet-B0, 1000 classes: 8,595,372):
+stage widths int(w * 0.75) ([36, 78, 156, 330] for B0), stem int(w0 * 0.75) = 36;
+bottleneck = int(in_ch * expansion) rounded DOWN to a whole number of groups of 8
+(the very first block, expansion 1: 36 -> 32); the SE hidden width is
+int(bottleneck * se_ratio); every block whose stride is 2 or whose channels
+change has a `conv_shortcut`, the very first block (36 -> 36, stride 2) included;
+final conv 1280 * 330 // 440 = 960 channels.
+"""
+import math
+from typing import Any, Callable, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nfnet_jax import flops, layers
+from nfnet_jax.nfnet import BlockSpec
+
+# Spec section 2: widths (before x width), depths, train/test sizes, dropout.
+_B_WIDTHS = {
+    'B0': [48, 104, 208, 440], 'B1': [48, 104, 208, 440], 'B2': [56, 112, 232, 488],
+    'B3': [56, 128, 248, 528], 'B4': [64, 144, 288, 616], 'B5': [80, 168, 336, 704],
+    'B6': [88, 184, 376, 792], 'B7': [96, 208, 416, 880], 'B8': [104, 232, 456, 968],
+}
+_B_DEPTHS = {
+    'B0': [1, 3, 6, 6], 'B1': [2, 4, 7, 7], 'B2': [2, 4, 8, 8], 'B3': [2, 5, 9, 9],
+    'B4': [2, 6, 11, 11], 'B5': [3, 7, 14, 14], 'B6': [3, 8, 16, 16],
+    'B7': [4, 10, 19, 19], 'B8': [4, 11, 22, 22],
+}
+_B_SIZES = {  # variant: (train size, test size, dropout)
+    'B0': (192, 224, 0.2), 'B1': (224, 256, 0.2), 'B2': (240, 272, 0.3),
+    'B3': (288, 320, 0.3), 'B4': (320, 384, 0.4), 'B5': (384, 456, 0.4),
+    'B6': (448, 528, 0.5), 'B7': (512, 600, 0.5), 'B8': (600, 672, 0.5),
+}
+NF_REGNET_VARIANTS = {
+    name: dict(width=_B_WIDTHS[name], depth=_B_DEPTHS[name], train_imsize=train,
+               test_imsize=test, drop_rate=drop)
+    for name, (train, test, drop) in _B_SIZES.items()}
+
+
+def variant_params(variant: str) -> dict:
+  if variant not in NF_REGNET_VARIANTS:
+    raise ValueError(f'Unknown NF-RegNet variant {variant!r}; valid variants: '
+                     f'{", ".join(NF_REGNET_VARIANTS)}.')
+  return NF_REGNET_VARIANTS[variant]
+
+
+def block_specs(variant: str = 'B0', width: float = 0.75, expansion: float = 2.25,
+                group_size: int = 8, alpha: float = 0.2,
+                stochdepth_rate: float = 0.1) -> tuple[int, list[BlockSpec]]:
+  """Returns (stem output channels, one BlockSpec per block)."""
+  params = variant_params(variant)
+  widths = [int(w * width) for w in params['width']]
+  num_blocks = sum(params['depth'])
+  stem_ch = widths[0]
+  specs, in_ch, index, expected_std = [], stem_ch, 0, 1.0
+  for stage_width, stage_depth in zip(widths, params['depth']):
+    for block_index in range(stage_depth):
+      # The bottleneck is sized from the block's INPUT channels (inverted
+      # bottleneck, as EfficientNet/RegNet), the very first block unexpanded,
+      # then rounded down to whole groups.
+      mid = int(in_ch * (1.0 if index == 0 else expansion))
+      groups = max(1, mid // group_size)
+      specs.append(BlockSpec(
+          in_ch=in_ch, out_ch=stage_width,
+          stride=2 if block_index == 0 else 1,
+          bottleneck_ch=groups * group_size, groups=groups,
+          beta=1.0 / expected_std,
+          stochdepth_rate=stochdepth_rate * index / num_blocks))
+      if block_index == 0:
+        expected_std = 1.0
+      expected_std = math.sqrt(expected_std ** 2 + alpha ** 2)
+      in_ch, index = stage_width, index + 1
+  return stem_ch, specs
+
+
+def final_conv_channels(last_ch: int) -> int:
+  """EfficientNet-B0's 1280-channel head, scaled with the last stage's width."""
+  return 1280 * last_ch // 440
+
+
+class NFRegNetBlock(hk.Module):
+  """Normalizer-free inverted bottleneck: 1x1, grouped 3x3, SE, 1x1."""
+
+  def __init__(self, in_ch: int, out_ch: int, bottleneck_ch: int, groups: int,
+               stride: int = 1, beta: float = 1.0, alpha: float = 0.2,
+               se_ratio: float = 0.5, stochdepth_rate: float = 0.0,
+               activation: Callable = layers.scaled_activation('silu'),
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.stride, self.beta, self.alpha = stride, beta, alpha
+    self.activation = activation
+    self.stochdepth_rate = stochdepth_rate
+    self.use_projection = stride > 1 or in_ch != out_ch
+    self.conv0 = layers.WSConv2D(bottleneck_ch, 1, name='conv0')
+    self.conv1 = layers.WSConv2D(bottleneck_ch, 3, stride=stride,
+                                 feature_group_count=groups, name='conv1')
+    # Created between conv1 and conv2 so the module order reads as the data flow.
+    self.se = (layers.SqueezeExcite(bottleneck_ch, bottleneck_ch, se_ratio=se_ratio)
+               if se_ratio and se_ratio > 0 else None)
+    self.conv2 = layers.WSConv2D(out_ch, 1, name='conv2')
+    self.conv_shortcut = (layers.WSConv2D(out_ch, 1, name='conv_shortcut')
+                          if self.use_projection else None)
+
+  def __call__(self, x: jax.Array, is_training: bool):
+    act = self.activation
+    out = act(x) * self.beta
+    # Downsampling shortcut as NFNet's NFBlock: 2x2 average pool, then the 1x1
+    # projection. (The spec is silent here; shapes and counts do not depend on it.)
+    if self.stride > 1:
+      shortcut = layers.avg_pool_2x2(out)
+      shortcut = self.conv_shortcut(shortcut)
+    elif self.use_projection:
+      shortcut = self.conv_shortcut(out)
+    else:
+      shortcut = x
+    out = self.conv0(out)
+    out = self.conv1(act(out))
+    if self.se is not None:
+      out = 2 * self.se(out) * out
+    out = self.conv2(act(out))
+    out = layers.stochastic_depth(out, self.stochdepth_rate, is_training)
+    branch = out
+    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=jnp.zeros)
+    return out * skip_gain * self.alpha + shortcut, branch
+
+
+class NFRegNet(hk.Module):
+  """Normalizer-free RegNet, B-series.
+
+  Call as `model(x, is_training)` with NHWC float images; returns a dict with
+  `logits` [B, num_classes] and `pool` [B, C]; with `return_metrics=True` also
+  `block_{i}`: `avg_sq_mean`, `avg_var` (block output) and `res_avg_var`
+  (residual branch before skip_gain and alpha), as NFNet.
+  """
+
+  def __init__(self, num_classes: int, variant: str = 'B0', width: float = 0.75,
+               expansion: float = 2.25, group_size: int = 8, se_ratio: float = 0.5,
+               alpha: float = 0.2, stochdepth_rate: float = 0.1,
+               drop_rate: Optional[float] = None, activation: str = 'silu',
+               fc_init: Optional[hk.initializers.Initializer] = None,
+               name: str = 'NF_RegNet'):
+    super().__init__(name=name)
+    self.num_classes = num_classes
+    self.variant = variant
+    params = variant_params(variant)
+    self.drop_rate = params['drop_rate'] if drop_rate is None else drop_rate
+    self.activation = layers.scaled_activation(activation)
+    stem_ch, self.specs = block_specs(variant, width, expansion, group_size, alpha,
+                                      stochdepth_rate)
+    self.initial_conv = layers.WSConv2D(stem_ch, 3, stride=2, name='initial_conv')
+    self.blocks = [
+        NFRegNetBlock(spec.in_ch, spec.out_ch, spec.bottleneck_ch, spec.groups,
+                      stride=spec.stride, beta=spec.beta, alpha=alpha,
+                      se_ratio=se_ratio, stochdepth_rate=spec.stochdepth_rate,
+                      activation=self.activation)
+        for spec in self.specs]
+    self.final_conv = layers.WSConv2D(final_conv_channels(self.specs[-1].out_ch), 1,
+                                      name='final_conv')
+    self.fc = hk.Linear(num_classes, with_bias=True, w_init=fc_init or jnp.zeros)
+
+  def __call__(self, x: jax.Array, is_training: bool,
+               return_metrics: bool = False) -> dict[str, Any]:
+    layers.check_image_batch(x, 'NF_RegNet')
+    outputs = {}
+    # No activation after the stem: the first block applies it, scaled by beta.
+    out = self.initial_conv(x)
+    for i, block in enumerate(self.blocks):
+      out, branch = block(out, is_training)
+      if return_metrics:
+        outputs[f'block_{i}'] = dict(
+            **layers.signal_stats(out),
+            res_avg_var=layers.signal_stats(branch)['avg_var'])
+    out = self.activation(self.final_conv(out))
+    pool = jnp.mean(out, axis=(1, 2))
+    outputs['pool'] = pool
+    outputs['logits'] = self.fc(layers.dropout(pool, self.drop_rate, is_training))
+    return outputs
+
+
+def count_flops(variant: str = 'B0', image_size: Optional[int] = None,
+                num_classes: int = 1000, width: float = 0.75, expansion: float = 2.25,
+                group_size: int = 8, se_ratio: float = 0.5) -> flops.Cost:
+  """Parameters and multiply-accumulates of one image's forward pass at
+  `image_size` (default: the variant's test size), from the same BlockSpecs that
+  build the model (conventions of `nfnet_jax.flops`)."""
+  size = image_size or variant_params(variant)['test_imsize']
+  stem_ch, specs = block_specs(variant, width, expansion, group_size)
+  total, size = flops.conv_cost(size, 3, stem_ch, 3, 2)
+  for spec in specs:
+    mid = spec.bottleneck_ch
+    total += flops.conv_cost(size, spec.in_ch, mid, 1)[0]                   # conv0
+    cost, out_size = flops.conv_cost(size, mid, mid, 3, spec.stride, spec.groups)
+    total += cost                                                           # conv1
+    if se_ratio and se_ratio > 0:
+      hidden = max(1, int(mid * se_ratio))
+      total += flops.linear_cost(mid, hidden) + flops.linear_cost(hidden, mid)
+    total += flops.conv_cost(out_size, mid, spec.out_ch, 1)[0]              # conv2
+    if spec.stride > 1 or spec.in_ch != spec.out_ch:                        # conv_shortcut
+      total += flops.conv_cost(out_size, spec.in_ch, spec.out_ch, 1)[0]
+    total += flops.Cost(params=1, macs=0)                                   # skip_gain
+    size = out_size
+  final_ch = final_conv_channels(specs[-1].out_ch)
+  total += flops.conv_cost(size, specs[-1].out_ch, final_ch, 1)[0]
+  return total + flops.linear_cost(final_ch, num_classes)

@@ -1,0 +1,202 @@
+"""NF-ResNet-50..600: normalizer-free pre-activation ResNets (Brock, De, Smith 2021,
+arXiv 2101.08692), as specified in shared/reference/nfnet-spec.md section 2.
+
+Module and parameter names (Haiku's defaults for the classes below):
+
+  NF_ResNet/~/initial_conv                       7x7 stride-2 WS conv (w, gain, bias)
+  NF_ResNet/~/nf_res_net_block                   first block (no `_0`): `skip_gain`
+  NF_ResNet/~/nf_res_net_block_{k}/~/conv0       1x1
+  NF_ResNet/~/nf_res_net_block_{k}/~/conv1       3x3, carries the stride
+  NF_ResNet/~/nf_res_net_block_{k}/~/conv2       1x1 to the block's output channels
+  NF_ResNet/~/nf_res_net_block_{k}/~/conv_shortcut          projection blocks only
+  NF_ResNet/~/nf_res_net_block_{k}/~/squeeze_excite/~/linear, .../~/linear_1
+                                                 only with se_ratio > 0
+  NF_ResNet/~/linear                             classifier (w, b)
+
+These follow the NFNet naming pattern (class name -> snake case); they are NOT
+verified against DeepMind's released NF-ResNet checkpoints.
+
+Parameter count: NF-ResNet-50 at 1000 classes with the defaults (width 4, no SE)
+has 25,557,048 parameters: a BN ResNet-50's 25,557,032 (each WS conv's gain and
+bias take the place of a BatchNorm's scale and offset) plus one `skip_gain` per
+block (16).
+"""
+import math
+from typing import Any, Callable, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nfnet_jax import flops, layers
+from nfnet_jax.nfnet import BlockSpec
+
+# Spec section 2: blocks per stage. Stage output channels are
+# [64, 128, 256, 512] x width; the bottleneck is a quarter of that.
+NF_RESNET_VARIANTS = {
+    'ResNet50': dict(depth=[3, 4, 6, 3]),
+    'ResNet101': dict(depth=[3, 4, 23, 3]),
+    'ResNet152': dict(depth=[3, 8, 36, 3]),
+    'ResNet200': dict(depth=[3, 24, 36, 3]),
+    'ResNet288': dict(depth=[24] * 4),
+    'ResNet600': dict(depth=[50] * 4),
+}
+_BASE_WIDTHS = [64, 128, 256, 512]
+_STRIDES = [1, 2, 2, 2]          # the stem's max-pool already halved the input
+BOTTLENECK_RATIO = 0.25
+
+
+def variant_params(variant: str) -> dict:
+  if variant not in NF_RESNET_VARIANTS:
+    raise ValueError(f'Unknown NF-ResNet variant {variant!r}; valid variants: '
+                     f'{", ".join(NF_RESNET_VARIANTS)}.')
+  return NF_RESNET_VARIANTS[variant]
+
+
+def block_specs(variant: str = 'ResNet50', width: float = 4, alpha: float = 0.2,
+                stochdepth_rate: float = 0.1) -> tuple[int, list[BlockSpec]]:
+  """Returns (stem output channels, one BlockSpec per block); groups are always 1.
+
+  The stem has 16 x width channels (64 at the default width 4), a quarter of the
+  first stage's, so narrow test models shrink it too.
+  """
+  depths = variant_params(variant)['depth']
+  widths = [int(w * width) for w in _BASE_WIDTHS]
+  stem_ch = int(16 * width)
+  num_blocks = sum(depths)
+  specs, in_ch, index, expected_std = [], stem_ch, 0, 1.0
+  for stage_width, stage_depth, stage_stride in zip(widths, depths, _STRIDES):
+    for block_index in range(stage_depth):
+      specs.append(BlockSpec(
+          in_ch=in_ch, out_ch=stage_width,
+          stride=stage_stride if block_index == 0 else 1,
+          bottleneck_ch=max(1, int(stage_width * BOTTLENECK_RATIO)), groups=1,
+          beta=1.0 / expected_std,
+          stochdepth_rate=stochdepth_rate * index / num_blocks))
+      # Same bookkeeping as NFNet: a transition block's shortcut restarts the
+      # variance at 1; every block adds alpha^2.
+      if block_index == 0:
+        expected_std = 1.0
+      expected_std = math.sqrt(expected_std ** 2 + alpha ** 2)
+      in_ch, index = stage_width, index + 1
+  return stem_ch, specs
+
+
+class NFResNetBlock(hk.Module):
+  """Normalizer-free pre-activation bottleneck block (1x1, strided 3x3, 1x1)."""
+
+  def __init__(self, in_ch: int, out_ch: int, bottleneck_ch: int, stride: int = 1,
+               beta: float = 1.0, alpha: float = 0.2, se_ratio: float = 0.0,
+               stochdepth_rate: float = 0.0,
+               activation: Callable = layers.scaled_activation('relu'),
+               skipinit_gain: hk.initializers.Initializer = jnp.zeros,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.stride, self.beta, self.alpha = stride, beta, alpha
+    self.activation = activation
+    self.stochdepth_rate = stochdepth_rate
+    self.skipinit_gain = skipinit_gain
+    self.conv0 = layers.WSConv2D(bottleneck_ch, 1, name='conv0')
+    self.conv1 = layers.WSConv2D(bottleneck_ch, 3, stride=stride, name='conv1')
+    self.conv2 = layers.WSConv2D(out_ch, 1, name='conv2')
+    self.conv_shortcut = (layers.WSConv2D(out_ch, 1, stride=stride, name='conv_shortcut')
+                          if stride > 1 or in_ch != out_ch else None)
+    self.se = (layers.SqueezeExcite(out_ch, out_ch, se_ratio=se_ratio)
+               if se_ratio and se_ratio > 0 else None)
+
+  def __call__(self, x: jax.Array, is_training: bool):
+    act = self.activation
+    out = act(x) * self.beta
+    # The projection is a strided 1x1 conv of the pre-activated input (no
+    # average pool, unlike NFNet).
+    shortcut = x if self.conv_shortcut is None else self.conv_shortcut(out)
+    out = self.conv0(out)
+    out = self.conv1(act(out))
+    out = self.conv2(act(out))
+    if self.se is not None:
+      out = 2 * self.se(out) * out
+    out = layers.stochastic_depth(out, self.stochdepth_rate, is_training)
+    branch = out
+    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=self.skipinit_gain)
+    return out * skip_gain * self.alpha + shortcut, branch
+
+
+class NFResNet(hk.Module):
+  """Normalizer-free pre-activation ResNet.
+
+  Call as `model(x, is_training)` with NHWC float images; returns a dict with
+  `logits` [B, num_classes] and `pool` [B, C]; with `return_metrics=True` also
+  `block_{i}`: `avg_sq_mean`, `avg_var` (block output) and `res_avg_var`
+  (residual branch before skip_gain and alpha), as NFNet.
+
+  `se_ratio` > 0 adds squeeze-excite to every block (the spec's optional SE uses
+  0.25); the default 0 leaves it out. `drop_rate=None` means no dropout: the spec
+  gives NF-ResNets no per-variant dropout rate.
+  """
+
+  def __init__(self, num_classes: int, variant: str = 'ResNet50', width: float = 4,
+               se_ratio: float = 0.0, alpha: float = 0.2,
+               stochdepth_rate: float = 0.1, drop_rate: Optional[float] = None,
+               activation: str = 'relu',
+               fc_init: Optional[hk.initializers.Initializer] = None,
+               skipinit_gain: hk.initializers.Initializer = jnp.zeros,
+               name: str = 'NF_ResNet'):
+    super().__init__(name=name)
+    self.num_classes = num_classes
+    self.variant = variant
+    self.drop_rate = 0.0 if drop_rate is None else drop_rate
+    self.activation = layers.scaled_activation(activation)
+    stem_ch, self.specs = block_specs(variant, width, alpha, stochdepth_rate)
+    self.initial_conv = layers.WSConv2D(stem_ch, 7, stride=2, name='initial_conv')
+    self.blocks = [
+        NFResNetBlock(spec.in_ch, spec.out_ch, spec.bottleneck_ch, stride=spec.stride,
+                      beta=spec.beta, alpha=alpha, se_ratio=se_ratio,
+                      stochdepth_rate=spec.stochdepth_rate, activation=self.activation,
+                      skipinit_gain=skipinit_gain)
+        for spec in self.specs]
+    self.fc = hk.Linear(num_classes, with_bias=True,
+                        w_init=fc_init or hk.initializers.RandomNormal(0.01))
+
+  def __call__(self, x: jax.Array, is_training: bool,
+               return_metrics: bool = False) -> dict[str, Any]:
+    layers.check_image_batch(x, 'NF_ResNet')
+    outputs = {}
+    # No activation in the stem: the first block applies it (pre-activation).
+    out = self.initial_conv(x)
+    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
+                      padding='SAME')
+    for i, block in enumerate(self.blocks):
+      out, branch = block(out, is_training)
+      if return_metrics:
+        outputs[f'block_{i}'] = dict(
+            **layers.signal_stats(out),
+            res_avg_var=layers.signal_stats(branch)['avg_var'])
+    pool = jnp.mean(self.activation(out), axis=(1, 2))
+    outputs['pool'] = pool
+    outputs['logits'] = self.fc(layers.dropout(pool, self.drop_rate, is_training))
+    return outputs
+
+
+def count_flops(variant: str = 'ResNet50', image_size: int = 224,
+                num_classes: int = 1000, width: float = 4,
+                se_ratio: float = 0.0) -> flops.Cost:
+  """Parameters and multiply-accumulates of one image's forward pass, from the
+  same BlockSpecs that build the model (conventions of `nfnet_jax.flops`)."""
+  stem_ch, specs = block_specs(variant, width)
+  total, size = flops.conv_cost(image_size, 3, stem_ch, 7, 2)
+  size = math.ceil(size / 2)                                       # max-pool
+  for spec in specs:
+    mid = spec.bottleneck_ch
+    total += flops.conv_cost(size, spec.in_ch, mid, 1)[0]          # conv0
+    cost, out_size = flops.conv_cost(size, mid, mid, 3, spec.stride)
+    total += cost                                                  # conv1
+    total += flops.conv_cost(out_size, mid, spec.out_ch, 1)[0]     # conv2
+    if spec.stride > 1 or spec.in_ch != spec.out_ch:               # conv_shortcut
+      total += flops.conv_cost(size, spec.in_ch, spec.out_ch, 1, spec.stride)[0]
+    if se_ratio and se_ratio > 0:
+      hidden = max(1, int(spec.out_ch * se_ratio))
+      total += flops.linear_cost(spec.out_ch, hidden)
+      total += flops.linear_cost(hidden, spec.out_ch)
+    total += flops.Cost(params=1, macs=0)                          # skip_gain
+    size = out_size
+  return total + flops.linear_cost(specs[-1].out_ch, num_classes)
