@@ -8,6 +8,7 @@ from nfnet_jax.losses import softmax_cross_entropy
 from nfnet_jax.nf_regnet import NF_REGNET_VARIANTS, NFRegNet
 from nfnet_jax.nf_resnet import NF_RESNET_VARIANTS, NFResNet
 from nfnet_jax.nfnet import NFNET_VARIANTS, NFBlock, NFNet
+from nfnet_jax.pretrained import load_pretrained
 from nfnet_jax.optim import (adaptive_grad_clip, agc_mask, ema_update, sgd_agc,
                              warmup_cosine_schedule, weight_decay_mask)
 
@@ -16,7 +17,7 @@ __all__ = [
     'NF_REGNET_VARIANTS', 'WSConv2D', 'SqueezeExcite',
     'scaled_activation', 'count_flops', 'adaptive_grad_clip', 'agc_mask',
     'weight_decay_mask', 'sgd_agc', 'warmup_cosine_schedule', 'ema_update',
-    'softmax_cross_entropy', 'train_and_evaluate', 'evaluate',
+    'softmax_cross_entropy', 'load_pretrained', 'train_and_evaluate', 'evaluate',
 ]
 
 

@@ -236,6 +236,36 @@ def avg_pool_2x2(x: jax.Array) -> jax.Array:
   return summed / jnp.asarray(counts[None, :, :, None], x.dtype)
 
 
+def pooled_shortcut(x: jax.Array, out: jax.Array, stride: int,
+                    conv_shortcut: Optional[Callable]) -> jax.Array:
+  """The NFNet/NF-RegNet block shortcut.
+
+  Strided blocks: 2x2 average pool of the pre-activated input `out`, then the
+  1x1 projection; blocks that only change channels: the projection of `out`;
+  otherwise the raw input `x` (the variance bookkeeping relies on it).
+  """
+  if stride > 1:
+    return conv_shortcut(avg_pool_2x2(out))
+  if conv_shortcut is not None:
+    return conv_shortcut(out)
+  return x
+
+
+def residual_merge(branch: jax.Array, shortcut: jax.Array, alpha: float,
+                   stochdepth_rate: float, is_training: bool,
+                   skip_init: Callable = jnp.zeros) -> tuple[jax.Array, jax.Array]:
+  """`stochastic_depth(branch) * skip_gain * alpha + shortcut`, and the dropped branch.
+
+  Call inside a block's `__call__`: `skip_gain` becomes that block's parameter.
+  SkipInit (De & Smith 2020): the learnable scalar starts at 0, so every
+  residual branch starts switched off; alpha sets the variance each branch
+  adds (2101.08692 section 4).
+  """
+  branch = stochastic_depth(branch, stochdepth_rate, is_training)
+  skip_gain = hk.get_parameter('skip_gain', (), branch.dtype, init=skip_init)
+  return branch * skip_gain * alpha + shortcut, branch
+
+
 def signal_stats(x: jax.Array) -> dict:
   """Signal-propagation statistics of an NHWC activation (2101.08692, fig. 1).
 

@@ -125,22 +125,14 @@ class NFRegNetBlock(hk.Module):
     out = act(x) * self.beta
     # Downsampling shortcut as NFNet's NFBlock: 2x2 average pool, then the 1x1
     # projection. (The spec is silent here; shapes and counts do not depend on it.)
-    if self.stride > 1:
-      shortcut = layers.avg_pool_2x2(out)
-      shortcut = self.conv_shortcut(shortcut)
-    elif self.use_projection:
-      shortcut = self.conv_shortcut(out)
-    else:
-      shortcut = x
+    shortcut = layers.pooled_shortcut(x, out, self.stride, self.conv_shortcut)
     out = self.conv0(out)
     out = self.conv1(act(out))
     if self.se is not None:
       out = 2 * self.se(out) * out
     out = self.conv2(act(out))
-    out = layers.stochastic_depth(out, self.stochdepth_rate, is_training)
-    branch = out
-    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=jnp.zeros)
-    return out * skip_gain * self.alpha + shortcut, branch
+    return layers.residual_merge(out, shortcut, self.alpha, self.stochdepth_rate,
+                                 is_training)
 
 
 class NFRegNet(hk.Module):

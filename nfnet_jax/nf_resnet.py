@@ -115,10 +115,8 @@ class NFResNetBlock(hk.Module):
     out = self.conv2(act(out))
     if self.se is not None:
       out = 2 * self.se(out) * out
-    out = layers.stochastic_depth(out, self.stochdepth_rate, is_training)
-    branch = out
-    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=self.skipinit_gain)
-    return out * skip_gain * self.alpha + shortcut, branch
+    return layers.residual_merge(out, shortcut, self.alpha, self.stochdepth_rate,
+                                 is_training, skip_init=self.skipinit_gain)
 
 
 class NFResNet(hk.Module):

@@ -108,13 +108,7 @@ class NFBlock(hk.Module):
     act = self.activation
     # beta = 1 / expected std of x: the branch sees a unit-variance input.
     out = act(x) * self.beta
-    if self.stride > 1:
-      shortcut = layers.avg_pool_2x2(out)
-      shortcut = self.conv_shortcut(shortcut)
-    elif self.use_projection:
-      shortcut = self.conv_shortcut(out)
-    else:
-      shortcut = x
+    shortcut = layers.pooled_shortcut(x, out, self.stride, self.conv_shortcut)
     out = self.conv0(out)
     out = self.conv1(act(out))
     if self.conv1b is not None:
@@ -122,11 +116,8 @@ class NFBlock(hk.Module):
     out = self.conv2(act(out))
     # x2 keeps the variance of the gated branch at init (sigmoid(0) = 1/2).
     out = 2 * self.se(out) * out
-    out = layers.stochastic_depth(out, self.stochdepth_rate, is_training)
-    branch = out
-    # SkipInit (De & Smith 2020): the branch starts switched off.
-    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=jnp.zeros)
-    return out * skip_gain * self.alpha + shortcut, branch
+    return layers.residual_merge(out, shortcut, self.alpha, self.stochdepth_rate,
+                                 is_training)
 
 
 class NFNet(hk.Module):
