@@ -10,12 +10,12 @@ Command:
 Expected result (2 CPU cores, see the README's table): eval_ema_top1 >= 0.97
 (about 0.98-0.99) on the 360 test digits, in a few minutes.
 """
-from experiments import common
+from nfnet_jax import config as config_lib
 
 
 def get_config(arg=None):
   del arg
-  config = common.base_config()
+  config = config_lib.base_config()
   config.dtype = 'float32'             # bfloat16 is emulated, hence slow, on CPU
   config.model.kwargs.update(width=0.125, group_size=16, drop_rate=0.2)
   config.data.image_size = 32

@@ -18,7 +18,7 @@ variant's train size and evaluate at its test size.
 Needs the ImageNet input pipeline (TFDS imagenet2012); until that lands, the
 config loads and validates but training stops at the data stage.
 """
-from experiments import common
+from nfnet_jax import config as config_lib
 from nfnet_jax import nfnet
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
@@ -27,7 +27,7 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 def get_config(arg='F0'):
   variant = arg or 'F0'
   params = nfnet.variant_params(variant)        # unknown variant -> lists the valid ones
-  config = common.base_config()
+  config = config_lib.base_config()
   config.model.kwargs.update(variant=variant, stochdepth_rate=0.25,
                              drop_rate=params['drop_rate'])
   config.data.update(

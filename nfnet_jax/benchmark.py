@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from experiments import nfnet as nfnet_config
+from nfnet_jax import config as config_lib
 from nfnet_jax import layers
 from nfnet_jax import models
 from nfnet_jax import parallel
@@ -30,7 +30,7 @@ def benchmark(variant: str = 'F0', mode: str = 'train', batch_per_device: int = 
               image_size: int = 0, dtype: str = 'bfloat16', conv_impl: str = 'auto',
               steps: int = 20, warmup: int = 3, num_devices: int = 0,
               num_classes: int = 1000, width: float = 1.0) -> dict:
-  config = nfnet_config.get_config(variant)
+  config = config_lib.load_experiment('nfnet', variant)
   config.dtype = dtype
   config.model.kwargs.width = width
   size = image_size or (config.data.image_size if mode == 'train'

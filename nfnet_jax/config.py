@@ -1,9 +1,13 @@
 """The fields every experiment config has, with the published ImageNet recipe's values.
 
-Each experiment file starts from `base_config()` and changes what differs, so
-that a field that exists in one config exists in all (and a typo in an override
-is an error everywhere).
+Each experiments/*.py file starts from `base_config()` and changes what differs,
+so that a field that exists in one config exists in all (and a typo in an
+override is an error everywhere). It lives in the library so that config files
+import nothing but the installed package, whichever directory they are run from.
 """
+import importlib.util
+import os
+
 import ml_collections
 
 from nfnet_jax import data
@@ -43,3 +47,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(dict(split='test', batch_size=1000))
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3))
   return config
+
+
+def load_experiment(name: str, arg=None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of experiments/<name>.py in this checkout (for scripts and tests)."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'experiments', f'{name}.py')
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{path} not found: experiments/ ships with the source checkout; install it '
+        'with `pip install -e .` from the repository, or pass --config PATH.')
+  spec = importlib.util.spec_from_file_location(f'nfnet_jax_experiment_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
