@@ -277,6 +277,32 @@ def signal_stats(x: jax.Array) -> dict:
           'avg_var': jnp.mean(jnp.var(x, axis=(0, 1, 2)))}
 
 
+def apply_blocks(blocks: Sequence[Callable], x: jax.Array, is_training: bool,
+                 outputs: Optional[dict] = None) -> jax.Array:
+  """Runs residual blocks in order; with `outputs`, records their signal statistics.
+
+  Each block returns (output, residual branch). `outputs['block_{i}']` gets the
+  output's avg_sq_mean and avg_var and the branch's variance (`res_avg_var`,
+  before skip_gain and alpha): the quantities of 2101.08692's signal
+  propagation plots.
+  """
+  for i, block in enumerate(blocks):
+    x, branch = block(x, is_training)
+    if outputs is not None:
+      outputs[f'block_{i}'] = dict(**signal_stats(x),
+                                   res_avg_var=signal_stats(branch)['avg_var'])
+  return x
+
+
+def classifier_head(features: jax.Array, fc: Callable, drop_rate: float,
+                    is_training: bool, outputs: dict) -> dict:
+  """Global average pool -> dropout (training only) -> linear classifier."""
+  pool = jnp.mean(features, axis=(1, 2))
+  outputs['pool'] = pool
+  outputs['logits'] = fc(dropout(pool, drop_rate, is_training))
+  return outputs
+
+
 def check_image_batch(x, module_name: str) -> None:
   """Fail early with the fix, instead of deep inside a convolution."""
   shape = getattr(x, 'shape', None)

@@ -175,17 +175,10 @@ class NFRegNet(hk.Module):
     outputs = {}
     # No activation after the stem: the first block applies it, scaled by beta.
     out = self.initial_conv(x)
-    for i, block in enumerate(self.blocks):
-      out, branch = block(out, is_training)
-      if return_metrics:
-        outputs[f'block_{i}'] = dict(
-            **layers.signal_stats(out),
-            res_avg_var=layers.signal_stats(branch)['avg_var'])
+    out = layers.apply_blocks(self.blocks, out, is_training,
+                              outputs if return_metrics else None)
     out = self.activation(self.final_conv(out))
-    pool = jnp.mean(out, axis=(1, 2))
-    outputs['pool'] = pool
-    outputs['logits'] = self.fc(layers.dropout(pool, self.drop_rate, is_training))
-    return outputs
+    return layers.classifier_head(out, self.fc, self.drop_rate, is_training, outputs)
 
 
 def count_flops(variant: str = 'B0', image_size: Optional[int] = None,

@@ -163,16 +163,10 @@ class NFResNet(hk.Module):
     out = self.initial_conv(x)
     out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                       padding='SAME')
-    for i, block in enumerate(self.blocks):
-      out, branch = block(out, is_training)
-      if return_metrics:
-        outputs[f'block_{i}'] = dict(
-            **layers.signal_stats(out),
-            res_avg_var=layers.signal_stats(branch)['avg_var'])
-    pool = jnp.mean(self.activation(out), axis=(1, 2))
-    outputs['pool'] = pool
-    outputs['logits'] = self.fc(layers.dropout(pool, self.drop_rate, is_training))
-    return outputs
+    out = layers.apply_blocks(self.blocks, out, is_training,
+                              outputs if return_metrics else None)
+    return layers.classifier_head(self.activation(out), self.fc, self.drop_rate,
+                                  is_training, outputs)
 
 
 def count_flops(variant: str = 'ResNet50', image_size: int = 224,

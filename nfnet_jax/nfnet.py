@@ -9,7 +9,6 @@ from typing import Any, Callable, Optional
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
 from nfnet_jax import layers
 
@@ -170,14 +169,7 @@ class NFNet(hk.Module):
       out = conv(out)
       if i < len(self.stem) - 1:
         out = self.activation(out)
-    for i, block in enumerate(self.blocks):
-      out, branch = block(out, is_training)
-      if return_metrics:
-        outputs[f'block_{i}'] = dict(
-            **layers.signal_stats(out),
-            res_avg_var=layers.signal_stats(branch)['avg_var'])
+    out = layers.apply_blocks(self.blocks, out, is_training,
+                              outputs if return_metrics else None)
     out = self.activation(self.final_conv(out))
-    pool = jnp.mean(out, axis=(1, 2))
-    outputs['pool'] = pool
-    outputs['logits'] = self.fc(layers.dropout(pool, self.drop_rate, is_training))
-    return outputs
+    return layers.classifier_head(out, self.fc, self.drop_rate, is_training, outputs)

@@ -8,7 +8,6 @@ dill's helpers and numpy's `_reconstruct` exactly as the released files do, with
 importing (or faking in sys.modules) haiku's or dill's modules.
 """
 import hashlib
-import os
 import pickle
 import sys
 import warnings
