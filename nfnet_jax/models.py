@@ -1,9 +1,8 @@
 """Building a model from a config: the families by name, and mixed precision."""
-from typing import Any, Callable
+from typing import Any
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 import jmp
 import ml_collections
 
@@ -63,11 +62,3 @@ def model_signature(model_config: ml_collections.ConfigDict, num_classes: int) -
 def count_params(params: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
 
-
-def param_shapes(model: hk.Transformed, image_size: int) -> Any:
-  """The parameter tree's shapes without allocating it."""
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                        jnp.zeros((1, image_size, image_size, 3), jnp.float32), False)
-
-
-ForwardFn = Callable[..., dict]

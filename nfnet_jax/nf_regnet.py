@@ -31,7 +31,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnet_jax import flops, layers
+from nfnet_jax import flops, layers, nfnet
 from nfnet_jax.nfnet import BlockSpec
 
 # Spec section 2: widths (before x width), depths, train/test sizes, dropout.
@@ -57,10 +57,7 @@ NF_REGNET_VARIANTS = {
 
 
 def variant_params(variant: str) -> dict:
-  if variant not in NF_REGNET_VARIANTS:
-    raise ValueError(f'Unknown NF-RegNet variant {variant!r}; valid variants: '
-                     f'{", ".join(NF_REGNET_VARIANTS)}.')
-  return NF_REGNET_VARIANTS[variant]
+  return nfnet.lookup_variant(NF_REGNET_VARIANTS, 'NF-RegNet', variant)
 
 
 def block_specs(variant: str = 'B0', width: float = 0.75, expansion: float = 2.25,

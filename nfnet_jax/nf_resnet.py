@@ -28,7 +28,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnet_jax import flops, layers
+from nfnet_jax import flops, layers, nfnet
 from nfnet_jax.nfnet import BlockSpec
 
 # Spec section 2: blocks per stage. Stage output channels are
@@ -47,10 +47,7 @@ BOTTLENECK_RATIO = 0.25
 
 
 def variant_params(variant: str) -> dict:
-  if variant not in NF_RESNET_VARIANTS:
-    raise ValueError(f'Unknown NF-ResNet variant {variant!r}; valid variants: '
-                     f'{", ".join(NF_RESNET_VARIANTS)}.')
-  return NF_RESNET_VARIANTS[variant]
+  return nfnet.lookup_variant(NF_RESNET_VARIANTS, 'NF-ResNet', variant)
 
 
 def block_specs(variant: str = 'ResNet50', width: float = 4, alpha: float = 0.2,

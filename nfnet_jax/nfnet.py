@@ -30,11 +30,16 @@ for _name, (_train, _test, _ra_mag, _drop) in _F_SIZES.items():
         randaug_layers=4, randaug_magnitude=_ra_mag, drop_rate=_drop)
 
 
+def lookup_variant(table: dict, family: str, variant: str) -> dict:
+  """`table[variant]`, or an error that lists the valid variants (every family's table)."""
+  if variant not in table:
+    raise ValueError(f'Unknown {family} variant {variant!r}; valid variants: '
+                     f'{", ".join(table)}.')
+  return table[variant]
+
+
 def variant_params(variant: str) -> dict:
-  if variant not in NFNET_VARIANTS:
-    raise ValueError(f'Unknown NFNet variant {variant!r}; valid variants: '
-                     f'{", ".join(NFNET_VARIANTS)}.')
-  return NFNET_VARIANTS[variant]
+  return lookup_variant(NFNET_VARIANTS, 'NFNet', variant)
 
 
 @dataclasses.dataclass(frozen=True)
