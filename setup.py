@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<2.5",
     "tensorflow-cpu>=2.21.0,<2.22",
     "tensorflow-datasets>=4.9.10,<4.10",
+    # tfds imports it to locate dataset builders defined in packages but does not declare it.
+    "importlib-resources>=6.4,<7",
     "orbax-checkpoint>=0.12.8,<0.13",
     "scikit-learn>=1.8,<1.10",
     "tqdm>=4.66,<5",

@@ -15,8 +15,10 @@ stochastic depth 0.25, dropout per variant, EMA of the params, bf16 compute,
 MixUp/CutMix + RandAugment(4 layers, per-variant magnitude), train at the
 variant's train size and evaluate at its test size.
 
-Needs the ImageNet input pipeline (TFDS imagenet2012); until that lands, the
-config loads and validates but training stops at the data stage.
+Data: TFDS imagenet2012 5.x prepared in data_dir (docs/imagenet.md says how). The
+paper trains on all of train and reports validation; for model selection without
+touching validation, train on train_minus_minival and evaluate minival:
+  --config.data.train_split=train_minus_minival --config.eval.split=minival
 """
 from nfnet_jax import config as config_lib
 from nfnet_jax import nfnet
@@ -32,17 +34,18 @@ def get_config(arg='F0'):
                              drop_rate=params['drop_rate'])
   config.data.update(
       name='imagenet2012',
+      data_dir='',                   # TFDS data_dir (local or gs://); '' = TFDS default
+      train_split='train',           # 'train_minus_minival' to select models on minival
       image_size=params['train_imsize'],
+      eval_image_size=params['test_imsize'],
+      eval_preprocess='resize_crop_32',
+      augment=True,
+      mixup_alpha=0.2,               # MixUp on half of each device batch...
+      cutmix=True,                   # ...CutMix on the other half
+      randaug_layers=params['randaug_layers'],
+      randaug_magnitude=float(params['randaug_magnitude']),
       shuffle_buffer=10_000,
-      augment=True)
-  # Fields for the ImageNet pipeline, fixed by the recipe.
-  config.data.eval_image_size = params['test_imsize']
-  config.data.eval_preprocess = 'resize_crop_32'
-  config.data.randaug_layers = params['randaug_layers']
-  config.data.randaug_magnitude = params['randaug_magnitude']
-  config.data.mixup_alpha = 0.2
-  config.data.cutmix = True
-  config.data.data_dir = ''                      # TFDS data_dir; '' = TFDS default
+      cache=False)                   # 150 GB: never cache ImageNet in host RAM
   config.train.update(batch_size=4096, num_epochs=360.0, log_every_steps=100,
                       eval_every_steps=5000)
   config.optimizer.update(base_lr=0.1, warmup_epochs=5.0, weight_decay=2e-5,

@@ -8,7 +8,8 @@ copies and reading `x[0]` would gather every replica to one device each step.
 Since NFNets have no batch-norm, nothing but the gradient (and the metrics)
 crosses devices.
 """
-from typing import Callable, Optional, Sequence
+import collections
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -68,6 +69,36 @@ def replicate(tree, devices: Sequence):
   device would be copied each call, and the second call would recompile).
   """
   return jax.device_put(tree, replicated_sharding(devices))
+
+
+def batch_sharding(devices: Sequence) -> NamedSharding:
+  """Leading axis split over the devices the steps run on (every process's, in a pod)."""
+  all_devices = jax.devices() if jax.process_count() > 1 else list(devices)
+  return NamedSharding(Mesh(np.asarray(all_devices), (AXIS,)), PartitionSpec(AXIS))
+
+
+def prefetch_to_devices(batches: Iterable, devices: Sequence, size: int = 2) -> Iterator:
+  """Yields the batches already on the devices, with up to `size` of them there at once.
+
+  `jax.device_put` is asynchronous, so the next batches' host-to-device copies run
+  while the current step computes. Each process passes its local
+  [local_devices, per_device, ...] batch; in a pod the pieces form one global array
+  over every device (`make_array_from_process_local_data`), which the pmapped steps
+  take without another copy.
+  """
+  sharding = batch_sharding(devices)
+  if jax.process_count() > 1:
+    put = lambda batch: jax.tree.map(  # noqa: E731
+        lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  else:
+    put = lambda batch: jax.device_put(batch, sharding)  # noqa: E731
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(put(batch))
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def per_device_batch_size(global_batch: int, num_local_devices: int) -> int:

@@ -10,7 +10,7 @@ optimizer, restore, loop (train step, log, evaluate, save), final evaluation and
 save. The per-device steps are pure functions; parallel.py maps them over devices.
 """
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -148,12 +148,13 @@ def make_eval_step(model, num_classes: int):
 # Evaluation over a whole split.
 # ---------------------------------------------------------------------------
 def evaluate_split(p_eval_step, state: TrainState, config: ml_collections.ConfigDict,
-                   split: str, num_devices: int) -> dict[str, float]:
+                   split: str, devices: Sequence) -> dict[str, float]:
+  num_devices = len(devices)
   per_device = parallel.per_device_batch_size(config.eval.batch_size, num_devices)
   totals = None
-  for batch in data.eval_iterator(
+  for batch in parallel.prefetch_to_devices(data.eval_iterator(
       config.data, split=split, per_device_batch=per_device, local_devices=num_devices,
-      process_index=jax.process_index(), process_count=jax.process_count()):
+      process_index=jax.process_index(), process_count=jax.process_count()), devices):
     sums = p_eval_step(state['params'], state['ema_params'], batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = parallel.to_host(totals)
@@ -166,11 +167,14 @@ def evaluate_split(p_eval_step, state: TrainState, config: ml_collections.Config
 # ---------------------------------------------------------------------------
 # Setup shared by training and evaluation.
 # ---------------------------------------------------------------------------
-def _setup(config: ml_collections.ConfigDict, workdir: str):
+def _setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool):
   info = data.dataset_info(config.data)
+  # Before anything is written: a workdir trained on other classes is refused untouched.
+  data.check_and_write_class_index(info, workdir,
+                                   write=training and jax.process_index() == 0)
   devices = parallel.local_devices(config.get('num_devices'))
   model = models.build_model(config.model, info.num_classes, config.dtype)
-  num_train = info.num_examples[data.get_source(config.data.name).train_split]
+  num_train = data.split_size(config.data, data.train_split(config.data))
   total_steps = total_train_steps(config, num_train)
   steps_per_epoch = num_train / config.train.batch_size
   optimizer, schedule = make_optimizer(config, total_steps, steps_per_epoch)
@@ -223,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validate_config(config)
   # 1. Data, model, optimizer, checkpoints.
   info, devices, model, optimizer, schedule, total_steps, ckpt, state = _setup(
-      config, workdir)
+      config, workdir, training=True)
   num_devices = len(devices)
   per_device = parallel.per_device_batch_size(config.train.batch_size, num_devices)
 
@@ -233,10 +237,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_step = int(state['step'])
 
   # A resumed run draws a fresh shuffle rather than replaying the first batches.
-  train_iter = data.train_iterator(
+  train_iter = parallel.prefetch_to_devices(data.train_iterator(
       config.data, per_device_batch=per_device, local_devices=num_devices,
       seed=config.seed + start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count()), devices)
   p_train_step = parallel.map_train_step(
       make_train_step(model, optimizer, schedule, config, info.num_classes), devices)
   p_eval_step = parallel.map_eval_step(make_eval_step(model, info.num_classes), devices)
@@ -277,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
       if step % config.train.eval_every_steps == 0 or is_last:
         eval_metrics = evaluate_split(p_eval_step, state, config,
-                                      config.eval.split, num_devices)
+                                      config.eval.split, devices)
         logger.write(step, eval_metrics)
         timer_step, timer_start = step, time.perf_counter()
 
@@ -286,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     if not eval_metrics:   # resumed at the very end: evaluate the final state
       eval_metrics = evaluate_split(p_eval_step, state, config,
-                                    config.eval.split, num_devices)
+                                    config.eval.split, devices)
       logger.write(int(state['step']), eval_metrics)
   finally:
     ckpt.wait_until_finished()
@@ -299,7 +303,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
              split: Optional[str] = None) -> dict[str, float]:
   """Evaluates the newest checkpoint in `workdir` (raw and EMA parameters)."""
   validate_config(config)
-  info, devices, model, _, _, total_steps, ckpt, state = _setup(config, workdir)
+  info, devices, model, _, _, total_steps, ckpt, state = _setup(config, workdir, training=False)
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(
@@ -309,7 +313,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = parallel.replicate(ckpt.restore(state), devices)
     p_eval_step = parallel.map_eval_step(make_eval_step(model, info.num_classes), devices)
     results = evaluate_split(p_eval_step, state, config, split or config.eval.split,
-                             len(devices))
+                             devices)
   finally:
     ckpt.close()
   with metrics_lib.MetricsLogger(workdir, total_steps=total_steps,

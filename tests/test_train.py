@@ -90,7 +90,7 @@ def test_eval_counts_every_example_once_and_matches_direct_computation():
   state['params']['NFNet/~/nf_block_3']['skip_gain'] = jnp.asarray(1.0)
   state['ema_params'] = jax.tree.map(lambda p: p * 0.5, state['params'])
   p_eval = parallel.map_eval_step(train.make_eval_step(model, 10), jax.local_devices())
-  results = train.evaluate_split(p_eval, state, config, 'test', 8)
+  results = train.evaluate_split(p_eval, state, config, 'test', jax.local_devices())
 
   # Independent: the whole split in one batch through model.apply, no padding.
   batches = list(data.eval_iterator(config.data, split='test', per_device_batch=360,

@@ -11,9 +11,10 @@ over the classes in proportion to their sizes (largest remainder, ties to the lo
 No random number generator is involved. Both splits keep load_digits' order.
 
 Preprocessing (inside tf.data): 0..16 -> 0..255 (x 255/16) grayscale -> bilinear resize
-to image_size x image_size -> 3 identical RGB channels -> [train with augment: zero-pad
-round(max_shift * S) px per side and random-crop back to S x S, i.e. a random translation;
-no flips] -> ImageNet mean/std normalisation (``pipeline.normalize_image``).
+to S x S (image_size for training, eval_image_size for evaluation) -> [train with augment:
+zero-pad round(max_shift * S) px per side and random-crop back to S x S, i.e. a random
+translation; no flips] -> 3 identical RGB channels. The pipeline then normalises with the
+ImageNet mean/std (and would mix and RandAugment if the config asked for it).
 """
 from __future__ import annotations
 
@@ -102,16 +103,23 @@ class DigitsSource:
                                 num_examples=dict(NUM_EXAMPLES), class_names=CLASS_NAMES)
 
   def examples(self, data_config: ml_collections.ConfigDict, split: str, *,
-               process_index: int, process_count: int) -> tuple[tf.data.Dataset, int]:
-    del data_config
+               process_index: int, process_count: int,
+               shuffle_seed: int | None = None) -> tuple[tf.data.Dataset, int]:
+    del data_config, shuffle_seed  # In memory: the pipeline's shuffle is enough.
     images, labels = load_split(split)
     ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
     ds, size = pipeline.shard_for_process(ds, process_index, process_count)
     return ds, size
 
+  def shard_size(self, data_config: ml_collections.ConfigDict, split: str, *,
+                 process_index: int, process_count: int) -> int:
+    del data_config
+    return len(range(process_index, len(split_indices(split)), process_count))
+
   def preprocess(self, example: Mapping[str, tf.Tensor], data_config: ml_collections.ConfigDict,
                  *, rng: tf.Tensor | None) -> dict[str, tf.Tensor]:
-    size = int(data_config.image_size)
+    size = int(data_config.image_size if rng is not None
+               else pipeline.eval_image_size(data_config))
     image = tf.cast(example['image'], tf.float32) * (255.0 / 16.0)  # 0..16 -> 0..255.
     image = tf.image.resize(image[:, :, None], (size, size), method='bilinear', antialias=False)
     if rng is not None:
@@ -121,8 +129,7 @@ class DigitsSource:
       if pad > 0:  # Background is 0: zero padding extends it.
         image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
         image = tf.image.stateless_random_crop(image, (size, size, 1), seed=rng)
-    image = tf.tile(image, [1, 1, 3])
-    return {'images': pipeline.normalize_image(image),
+    return {'images': tf.tile(image, [1, 1, 3]),
             'labels': tf.cast(example['label'], tf.int32)}
 
 

@@ -1,0 +1,274 @@
+r"""Input-pipeline throughput: images/s per CPU core, against a plain PIL pipeline.
+
+    python -m nfnet_jax.data.throughput --variant F0 --images 256 --batches 12
+
+Generates a corpus of ImageNet-sized JPEGs (500x375, quality 90, smooth textures plus
+grain, about as large on disk as ImageNet's), then times in one run:
+  train  the ImageNet training pipeline of the variant's config (decode fused with the
+         inception crop, flip, bicubic resize, MixUp/CutMix on half-batches, RandAugment
+         with the variant's layers/magnitude, normalise), batches of --batch;
+  eval   the resize_crop_32 evaluation pipeline at the variant's test size;
+  and the same steps written straightforwardly with PIL and NumPy (PIL decodes the whole
+  JPEG, crops, flips and resizes; NumPy mixes and normalises; PIL's ImageOps/ImageEnhance/
+  transforms do RandAugment), one image at a time in one Python thread.
+
+"Per core" = images per CPU-second of this process (user + system time from getrusage),
+so that a multi-threaded tf.data pipeline and a single-threaded PIL loop are compared on
+the same footing. Also prints the cores needed to feed one accelerator running the
+variant's train step at 32 images/device (the paper's V100 figure for F0, 56.7 ms/step,
+unless --step-ms is given). A script, not a test: CI never runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from nfnet_jax import config as config_lib
+from nfnet_jax import data
+from nfnet_jax.data import pipeline
+
+PAPER_V100_F0_MS = 56.7   # nfnet-spec table 3: F0 train step, 32 images/device
+
+
+def make_corpus(root: str, num_images: int, *, size=(500, 375), classes: int = 8,
+                seed: int = 0) -> float:
+  """Writes root/<class>/<i>.jpg; returns the mean file size in KB."""
+  rng = np.random.default_rng(seed)
+  w, h = size
+  total = 0
+  for i in range(num_images):
+    low = rng.uniform(0, 255, (h // 25 + 2, w // 25 + 2, 3)).astype(np.uint8)
+    base = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), np.float32)
+    grain = rng.normal(0, 12, (h, w, 3))
+    img = Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8))
+    path = os.path.join(root, f'class{i % classes}', f'{i:05d}.jpg')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, 'JPEG', quality=90)
+    total += os.path.getsize(path)
+  return total / num_images / 1024
+
+
+def _cpu_seconds() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def _timed(fn, num_images: int) -> dict:
+  fn(warmup=True)
+  cpu0, t0 = _cpu_seconds(), time.perf_counter()
+  fn(warmup=False)
+  wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+  return {'images': num_images, 'wall_s': wall, 'cpu_s': cpu,
+          'images_per_s': num_images / wall, 'images_per_cpu_s': num_images / cpu}
+
+
+# ---------------------------------------------------------------------------------------
+# The straightforward PIL + NumPy implementation of the same steps.
+# ---------------------------------------------------------------------------------------
+
+def _pil_inception_crop(img: Image.Image, rng, size: int) -> Image.Image:
+  w, h = img.size
+  for _ in range(10):
+    area = rng.uniform(0.08, 1.0) * w * h
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+      return img.crop((x, y, x + cw, y + ch)).resize((size, size), Image.BICUBIC)
+  side = int(min(w, h) * size / (size + 32))
+  x, y = (w - side) // 2, (h - side) // 2
+  return img.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
+
+
+def _pil_randaugment(img: Image.Image, rng, layers: int, magnitude: float) -> Image.Image:
+  m = magnitude / 10
+  fill = (128, 128, 128)
+  sign = lambda: 1 if rng.random() < 0.5 else -1  # noqa: E731
+  for _ in range(layers):
+    op = rng.integers(16)
+    if op == 0:
+      img = ImageOps.autocontrast(img)
+    elif op == 1:
+      img = ImageOps.equalize(img)
+    elif op == 2:
+      img = ImageOps.invert(img)
+    elif op == 3:
+      img = img.rotate(sign() * m * 30, resample=Image.NEAREST, fillcolor=fill)
+    elif op == 4:
+      img = ImageOps.posterize(img, int(m * 4))
+    elif op == 5:
+      img = ImageOps.solarize(img, int(m * 256))
+    elif 6 <= op <= 9:
+      enhancer = (ImageEnhance.Color, ImageEnhance.Contrast, ImageEnhance.Brightness,
+                  ImageEnhance.Sharpness)[op - 6]
+      img = enhancer(img).enhance(m * 1.8 + 0.1)
+    elif op in (10, 11):
+      s = sign() * m * 0.3
+      coeffs = (1, s, 0, 0, 1, 0) if op == 10 else (1, 0, 0, s, 1, 0)
+      img = img.transform(img.size, Image.AFFINE, coeffs, Image.NEAREST, fillcolor=fill)
+    elif op in (12, 13):
+      t = sign() * m * 100
+      coeffs = (1, 0, t, 0, 1, 0) if op == 12 else (1, 0, 0, 0, 1, t)
+      img = img.transform(img.size, Image.AFFINE, coeffs, Image.NEAREST, fillcolor=fill)
+    elif op == 14:
+      a = np.array(img)
+      pad = int(m * 40)
+      cy, cx = rng.integers(a.shape[0]), rng.integers(a.shape[1])
+      a[max(cy - pad, 0):cy + pad, max(cx - pad, 0):cx + pad] = 128
+      img = Image.fromarray(a)
+    else:
+      a = np.array(img).astype(np.int32)
+      a = np.where(a < 128, np.minimum(a + int(m * 110), 255), a)
+      img = Image.fromarray(a.astype(np.uint8))
+  return img
+
+
+def _pil_mix(images: np.ndarray, labels: np.ndarray, rng, alpha: float, num_classes: int):
+  n = len(images)
+  onehot = np.eye(num_classes, dtype=np.float32)[labels]
+  half = n // 2
+  partner, partner_y = images[::-1], onehot[::-1]
+  out, out_y = images.copy(), onehot.copy()
+  lam = rng.beta(alpha, alpha)
+  out[:half] = lam * images[:half] + (1 - lam) * partner[:half]
+  out_y[:half] = lam * onehot[:half] + (1 - lam) * partner_y[:half]
+  h, w = images.shape[1:3]
+  for i in range(half, n):
+    ratio = np.sqrt(1 - rng.uniform())
+    bh, bw = int(h * ratio), int(w * ratio)
+    cy, cx = rng.integers(h), rng.integers(w)
+    y0, y1 = np.clip([cy - bh // 2, cy + bh // 2], 0, h)
+    x0, x1 = np.clip([cx - bw // 2, cx + bw // 2], 0, w)
+    out[i, y0:y1, x0:x1] = partner[i, y0:y1, x0:x1]
+    frac = (y1 - y0) * (x1 - x0) / (h * w)
+    out_y[i] = (1 - frac) * onehot[i] + frac * partner_y[i]
+  return out, out_y
+
+
+def pil_train_batches(paths, labels, *, batch: int, num_batches: int, size: int,
+                      alpha: float, layers: int, magnitude: float, num_classes: int):
+  rng = np.random.default_rng(0)
+  mean, std = np.float32(pipeline.MEAN_RGB), np.float32(pipeline.STDDEV_RGB)
+  k = 0
+  for _ in range(num_batches):
+    images, ys = [], []
+    for _ in range(batch):
+      with Image.open(paths[k % len(paths)]) as f:
+        img = _pil_inception_crop(f.convert('RGB'), rng, size)
+      if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+      images.append(np.asarray(img, np.float32))
+      ys.append(labels[k % len(paths)])
+      k += 1
+    mixed, soft = _pil_mix(np.stack(images), np.array(ys), rng, alpha, num_classes)
+    out = []
+    for a in mixed:
+      img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+      out.append(np.asarray(_pil_randaugment(img, rng, layers, magnitude), np.float32))
+    yield (np.stack(out) - mean) / std, soft
+
+
+def pil_eval_batches(paths, *, batch: int, num_batches: int, size: int):
+  mean, std = np.float32(pipeline.MEAN_RGB), np.float32(pipeline.STDDEV_RGB)
+  k = 0
+  for _ in range(num_batches):
+    out = []
+    for _ in range(batch):
+      with Image.open(paths[k % len(paths)]) as f:
+        img = f.convert('RGB').resize((size + 32, size + 32), Image.BICUBIC)
+      out.append(np.asarray(img, np.float32)[16:16 + size, 16:16 + size])
+      k += 1
+    yield (np.stack(out) - mean) / std
+
+
+# ---------------------------------------------------------------------------------------
+
+def run(variant: str = 'F0', num_images: int = 256, batch: int = 32, num_batches: int = 12,
+        threads: int = 0, step_ms: float = 0.0, workdir: str | None = None) -> dict:
+  exp = config_lib.load_experiment('nfnet', variant)
+  root = workdir or tempfile.mkdtemp(prefix='nfnet_throughput_')
+  kb = make_corpus(root, num_images)
+  cfg = exp.data
+  cfg.update(name='folder', folder=root, shuffle_buffer=num_images, threadpool_size=threads)
+  info = data.dataset_info(cfg)   # scans (decodes) the corpus once, outside the timing
+  n = num_batches * batch
+
+  def tf_train(warmup):
+    it = data.train_iterator(cfg, per_device_batch=batch, local_devices=1, seed=0)
+    for _ in range(1 if warmup else num_batches):
+      next(it)
+
+  def tf_eval(warmup):
+    steps = 1 if warmup else num_batches
+    for i, _ in enumerate(data.eval_iterator(cfg, split='train', per_device_batch=batch,
+                                             local_devices=1)):
+      if i + 1 >= steps:
+        break
+
+  from nfnet_jax.data import folder  # pylint: disable=g-import-not-at-top
+  index = folder.load_index(root)
+  paths, labels = list(index.files['train']), index.labels['train']
+
+  def pil_train(warmup):
+    for _ in pil_train_batches(paths, labels, batch=batch, num_batches=1 if warmup else
+                               num_batches, size=cfg.image_size, alpha=cfg.mixup_alpha,
+                               layers=cfg.randaug_layers, magnitude=cfg.randaug_magnitude,
+                               num_classes=info.num_classes):
+      pass
+
+  def pil_eval(warmup):
+    for _ in pil_eval_batches(paths, batch=batch, num_batches=1 if warmup else num_batches,
+                              size=cfg.eval_image_size):
+      pass
+
+  results = {'variant': variant, 'mean_jpeg_kb': kb, 'cpus': os.cpu_count(),
+             'machine': platform.processor() or platform.machine()}
+  for name, fn in (('tf_train', tf_train), ('pil_train', pil_train),
+                   ('tf_eval', tf_eval), ('pil_eval', pil_eval)):
+    results[name] = _timed(fn, n)
+  ms = step_ms or PAPER_V100_F0_MS
+  needed = 32 / (ms / 1000)
+  results['feed'] = {'step_ms': ms, 'images_per_s_needed': needed,
+                     'cores_needed_tf': needed / results['tf_train']['images_per_cpu_s'],
+                     'cores_needed_pil': needed / results['pil_train']['images_per_cpu_s']}
+  return results
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--variant', default='F0')
+  p.add_argument('--images', type=int, default=256, help='JPEGs in the generated corpus')
+  p.add_argument('--batch', type=int, default=32)
+  p.add_argument('--batches', type=int, default=12, help='timed batches per pipeline')
+  p.add_argument('--threads', type=int, default=0,
+                 help='tf.data private thread pool (0: TF default = all cores)')
+  p.add_argument('--step-ms', type=float, default=0.0,
+                 help=f'train step to feed at 32 img/device (default: paper V100 F0, '
+                      f'{PAPER_V100_F0_MS} ms)')
+  args = p.parse_args(argv)
+  r = run(args.variant, args.images, args.batch, args.batches, args.threads, args.step_ms)
+  print(f"{r['variant']}: {r['cpus']} CPUs ({r['machine']}), corpus of 500x375 JPEGs, "
+        f"{r['mean_jpeg_kb']:.0f} KB each")
+  print(f"{'pipeline':<10} {'img/s':>8} {'img/s/core':>11} {'wall s':>7} {'cpu s':>7}")
+  for name in ('tf_train', 'pil_train', 'tf_eval', 'pil_eval'):
+    x = r[name]
+    print(f"{name:<10} {x['images_per_s']:8.1f} {x['images_per_cpu_s']:11.1f} "
+          f"{x['wall_s']:7.2f} {x['cpu_s']:7.2f}")
+  print(f"train speed-up per core vs PIL: "
+        f"{r['tf_train']['images_per_cpu_s'] / r['pil_train']['images_per_cpu_s']:.2f}x; "
+        f"eval: {r['tf_eval']['images_per_cpu_s'] / r['pil_eval']['images_per_cpu_s']:.2f}x")
+  f = r['feed']
+  print(f"feeding a {f['step_ms']} ms step at 32 img/device = {f['images_per_s_needed']:.0f} "
+        f"img/s needs {f['cores_needed_tf']:.1f} cores (tf.data) vs "
+        f"{f['cores_needed_pil']:.1f} (PIL)")
+
+
+if __name__ == '__main__':
+  main()
