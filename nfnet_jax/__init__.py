@@ -26,4 +26,7 @@ def __getattr__(name):
   if name in ('train_and_evaluate', 'evaluate'):
     from nfnet_jax import train  # pylint: disable=g-import-not-at-top
     return getattr(train, name)
+  if name == 'data':   # tf.data input pipelines: TensorFlow, likewise on demand
+    import nfnet_jax.data  # pylint: disable=g-import-not-at-top
+    return nfnet_jax.data
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -80,6 +80,16 @@ def init_state(rng: jax.Array, model, optimizer, image_size: int) -> TrainState:
 # ---------------------------------------------------------------------------
 # The per-device steps: pure functions, reduced over the AXIS device axis.
 # ---------------------------------------------------------------------------
+def model_inputs(images: jax.Array) -> jax.Array:
+  """uint8 pixels (training batches) -> float32 normalised with the ImageNet mean/std,
+  on the device; float batches (evaluation) arrive normalised and pass through."""
+  if images.dtype != jnp.uint8:
+    return images
+  mean = jnp.asarray(data.MEAN_RGB, jnp.float32)
+  std = jnp.asarray(data.STDDEV_RGB, jnp.float32)
+  return (images.astype(jnp.float32) - mean) / std
+
+
 def make_train_step(model, optimizer, schedule, config: ml_collections.ConfigDict,
                     num_classes: int):
   clipping = config.optimizer.clipping
@@ -98,7 +108,7 @@ def make_train_step(model, optimizer, schedule, config: ml_collections.ConfigDic
     rng = jax.random.fold_in(jax.random.fold_in(state['rng'], step),
                              jax.lax.axis_index(AXIS))
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch['images'], batch['labels'], rng)
+        params, model_inputs(batch['images']), batch['labels'], rng)
     # Gradients are averaged across devices in float32; AGC then sees the
     # global-batch gradient, as in the paper. No batch-norm: nothing else syncs.
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
@@ -132,7 +142,7 @@ def make_eval_step(model, num_classes: int):
     mask = batch['mask']
     sums = {'count': jnp.sum(mask)}
     for prefix, p in (('', params), ('ema_', ema_params)):
-      logits = model.apply(p, None, batch['images'], is_training=False)['logits']
+      logits = model.apply(p, None, model_inputs(batch['images']), is_training=False)['logits']
       labels = batch['labels']
       sums[prefix + 'loss'] = jnp.sum(
           losses.softmax_cross_entropy(logits, labels, num_classes) * mask)

@@ -191,3 +191,33 @@ def test_class_index_written_once_and_a_changed_dataset_refused(tmp_path):
   with pytest.raises(ValueError, match=r"differ from label 1 on \(\['bee'\] vs \['ape'\]\)"):
     data.check_and_write_class_index(grown, str(workdir))
   assert path.read_bytes() == written   # untouched
+
+
+def test_cache_warns_when_it_would_not_fit_in_host_ram(caplog):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ds = tf.data.Dataset.range(3)
+  cfg = data.default_data_config()
+  assert pipeline.maybe_cache(ds, cfg, 10**15, 'ImageNet') is ds   # cache off: untouched
+  cfg.cache = True
+  with caplog.at_level(logging.WARNING):
+    small = pipeline.maybe_cache(ds, cfg, 1000, 'a small split')
+  assert not caplog.records
+  with caplog.at_level(logging.WARNING):
+    big = pipeline.maybe_cache(ds, cfg, 10**15, 'the train split of ImageNet')
+  warning = caplog.records[-1].getMessage()
+  assert 'about 1000000.0 GB of the train split of ImageNet' in warning
+  assert '--config.data.cache=False' in warning
+  for cached in (small, big):   # still the same elements
+    assert list(cached.as_numpy_iterator()) == [0, 1, 2]
+
+
+def test_eval_image_is_reachable_from_the_package_and_matches_the_pipeline(tmp_path):
+  import nfnet_jax  # pylint: disable=g-import-not-at-top
+  _flat_tree(tmp_path, per_class=(1,), names=('only',))
+  path = next((tmp_path / 'only').iterdir())
+  image = nfnet_jax.data.eval_image(path.read_bytes(), SIZE)
+  assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.float32
+  batch = next(data.eval_iterator(_config(tmp_path), split='train', per_device_batch=1,
+                                  local_devices=1))
+  # The same ops; graph rewrites may reorder the normalisation's float math by an ulp.
+  np.testing.assert_allclose(batch['images'][0, 0], image, rtol=0, atol=1e-6)

@@ -248,3 +248,23 @@ def test_bad_arguments():
     mixing.mixup_cutmix(images, labels, _seed(0), alpha=-1.0, num_classes=5)
   with pytest.raises(ValueError, match='alpha'):
     mixing.mixup(images, labels, _seed(0), float('nan'), num_classes=5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch_size=st.integers(1, 9), height=st.integers(2, 12), width=st.integers(2, 12),
+       seed=st.integers(0, 2**31 - 1))
+def test_uint8_batches_stay_uint8_and_equal_the_rounded_float_result(batch_size, height,
+                                                                     width, seed):
+  # The training pipeline mixes uint8 batches: CutMix must move pixels exactly and MixUp
+  # must round the float mix (per pixel, to the nearest level).
+  rng = np.random.default_rng(seed % 1000)
+  images = rng.integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)
+  labels = rng.permutation(batch_size + 3)[:batch_size].astype(np.int32)
+  out8, labels8 = mixing.mixup_cutmix(images, labels, _seed(seed), alpha=0.2,
+                                      num_classes=batch_size + 3)
+  out32, labels32 = mixing.mixup_cutmix(images.astype(np.float32), labels, _seed(seed),
+                                        alpha=0.2, num_classes=batch_size + 3)
+  assert out8.dtype == tf.uint8
+  np.testing.assert_array_equal(labels8.numpy(), labels32.numpy())
+  expected = np.rint(out32.numpy())    # NumPy rounds half to even, like tf.round
+  np.testing.assert_array_equal(out8.numpy(), expected.astype(np.uint8))

@@ -7,7 +7,6 @@ import pytest
 import tensorflow_datasets as tfds
 
 from nfnet_jax import data
-from nfnet_jax.data import pipeline
 from nfnet_jax.data import tfds_source
 
 NUM_TINY_CLASSES = 23
@@ -72,12 +71,10 @@ def test_imagenet_train_batches_under_mock_data():
     for _ in range(2):   # the same seed twice: the same batches
       it = data.train_iterator(cfg, per_device_batch=4, local_devices=2, seed=3)
       first.append([next(it) for _ in range(2)])
-  lo = (0 - np.array(data.MEAN_RGB)) / np.array(data.STDDEV_RGB)
-  hi = (255 - np.array(data.MEAN_RGB)) / np.array(data.STDDEV_RGB)
   for batch in first[0]:
     images, labels = batch['images'], batch['labels']
-    assert images.shape == (2, 4, 24, 24, 3) and images.dtype == np.float32
-    assert np.all(images >= lo - 1e-4) and np.all(images <= hi + 1e-4)
+    assert images.shape == (2, 4, 24, 24, 3) and images.dtype == np.uint8
+    assert images.std() > 10   # real pixels, not a constant
     # MixUp/CutMix: label distributions over 1000 classes, each summing to 1, from at
     # most two classes.
     assert labels.shape == (2, 4, 1000) and labels.dtype == np.float32
@@ -173,5 +170,5 @@ def test_generic_tfds_training_shards_are_disjoint_and_cover_the_split(tiny_dir)
   # Training batches are augmented train-size images with integer labels (no mixing).
   b = next(data.train_iterator(cfg, per_device_batch=3, local_devices=2, seed=0,
                                process_index=1, process_count=3))
-  assert b['images'].shape == (2, 3, 16, 16, 3) and b['labels'].dtype == np.int32
-  assert np.all(pipeline.denormalize_image(b['images']) >= -1e-3)
+  assert b['images'].shape == (2, 3, 16, 16, 3) and b['images'].dtype == np.uint8
+  assert b['labels'].dtype == np.int32 and b['labels'].shape == (2, 3)

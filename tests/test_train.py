@@ -269,3 +269,44 @@ def test_quickstart_command_trains_digits(tmp_path):
   assert final['eval_top1'] >= 0.9, final
   assert any(r.get('agc_clip_fraction', 0) > 0 for r in records), 'AGC should clip sometimes'
   assert os.path.isdir(os.path.join(workdir, 'tensorboard'))
+
+
+@pytest.mark.slow
+def test_trains_on_an_image_folder_with_the_papers_augmentation(tmp_path):
+  """The ImageNet code path end to end on a folder: fused crop, MixUp/CutMix soft labels,
+  RandAugment, uint8 batches normalised on the device, eval at a larger test size, the
+  class index pinned next to the checkpoints."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'images'
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(('gull', 'crow', 'wren')):
+    for i in range(14):
+      (root / name).mkdir(parents=True, exist_ok=True)
+      pixels = rng.integers(0, 256, (30 + i, 40 - i, 3), np.uint8)
+      pixels[..., c] = 255          # a learnable colour cue per class
+      Image.fromarray(pixels).save(root / name / f'{i}.{"jpg" if i % 2 else "png"}')
+  config = tiny_config(num_steps=3)
+  config.data.update(name='folder', folder=str(root), holdout_fraction=0.25,
+                     image_size=16, eval_image_size=24, mixup_alpha=0.2, cutmix=True,
+                     randaug_layers=2, randaug_magnitude=10.0, shuffle_buffer=64)
+  config.eval.update(split='holdout', batch_size=8)
+  info = data.dataset_info(config.data)
+  assert info.class_names == ('crow', 'gull', 'wren')
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(config, workdir, progress_bar=False)
+  assert results['eval_count'] == info.num_examples['holdout'] > 0
+  records = [r for r in metrics_lib.read_metrics(workdir) if 'loss' in r]
+  assert [r['step'] for r in records] == [1, 2, 3]
+  assert all(np.isfinite(r['loss']) and r['loss'] > 0 for r in records)
+  assert data.read_class_index(workdir) == ['crow', 'gull', 'wren']
+
+  # A new class would shift the labels under the checkpoint: refused, nothing changed.
+  (root / 'dove').mkdir()
+  Image.fromarray(rng.integers(0, 256, (30, 30, 3), np.uint8)).save(root / 'dove' / '0.png')
+  listing = sorted(os.listdir(workdir))
+  metrics_before = open(os.path.join(workdir, 'metrics.jsonl'), 'rb').read()
+  data.folder._INDEX_CACHE.clear()
+  with pytest.raises(ValueError, match="differ from label 1 on .*'dove'"):
+    train.train_and_evaluate(config, workdir, progress_bar=False)
+  assert sorted(os.listdir(workdir)) == listing
+  assert open(os.path.join(workdir, 'metrics.jsonl'), 'rb').read() == metrics_before

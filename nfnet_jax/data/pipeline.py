@@ -6,17 +6,22 @@ a ``tf.data.Dataset`` of raw examples and knows how to turn one example into an 
 0..255; this module does the rest, the same for every source:
 
     source.examples (this process's disjoint shard)  ->  [cache]
-      train: shuffle -> repeat -> source.preprocess(rng) ->
-             [per-device batches: MixUp on one half, CutMix on the other (soft labels)] ->
-             [RandAugment, per image, on uint8] -> normalise
+      train: shuffle -> repeat -> source.preprocess(rng) -> uint8 -> per-device batches
+             -> [MixUp on one half, CutMix on the other (soft labels)]
+             -> [RandAugment on each image, batched]
       eval:  source.preprocess(rng=None) -> normalise -> pad + mask
       ->  batch [local_devices, per_device_batch, ...]  ->  prefetch  ->  NumPy
 
 The order is the paper's: RandAugment runs *after* mixing (nfnet-spec section 3).
 
 Every batch is a dict of NumPy arrays:
-  'images': float32 [local_devices, per_device_batch, S, S, 3], normalised with the
-            ImageNet mean/std (``MEAN_RGB`` / ``STDDEV_RGB``, in 0..255 units);
+  'images': training: uint8 [local_devices, per_device_batch, S, S, 3] in 0..255, to be
+            normalised on the device (a quarter of float32's host memory traffic and
+            host-to-device copy; RandAugment's output is uint8 anyway);
+            evaluation: float32, normalised with the ImageNet mean/std (``MEAN_RGB`` /
+            ``STDDEV_RGB``, in 0..255 units) on the host, because resize_crop_32 keeps
+            the bicubic overshoot beyond 0..255 that the released weights were
+            evaluated with;
   'labels': int32   [local_devices, per_device_batch], or float32
             [local_devices, per_device_batch, num_classes] label distributions when
             training with MixUp/CutMix;
@@ -473,42 +478,41 @@ def _stage_seed(seed: int, process_index: int, stage: int) -> tf.Tensor:
       tf.constant([seed, process_index], tf.int64), stage)
 
 
-def _augment_batches(ds: tf.data.Dataset, data_config: ml_collections.ConfigDict, *,
-                     num_classes: int, per_device_batch: int, seed: int,
-                     process_index: int) -> tf.data.Dataset:
-  """MixUp/CutMix per device batch, then RandAugment per image (the paper's order)."""
-  calls = _parallel_calls(data_config)
+def to_uint8(images: tf.Tensor) -> tf.Tensor:
+  """0..255 floats -> uint8 pixels (rounded, bicubic overshoot clipped)."""
+  if images.dtype == tf.uint8:
+    return images
+  return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
+
+
+def augment_batch(batch: Mapping[str, tf.Tensor], seed: tf.Tensor,
+                  data_config: ml_collections.ConfigDict, *,
+                  num_classes: int) -> dict[str, tf.Tensor]:
+  """One per-device batch of uint8 images: MixUp/CutMix, then RandAugment (the paper's
+  order), back to uint8. Labels become distributions when mixing is on."""
+  images, labels = batch['images'], batch['labels']
   alpha = float(data_config.get('mixup_alpha', 0.0))
-  cutmix = bool(data_config.get('cutmix', False))
-  if alpha > 0 or cutmix:
+  seed_mix, seed_ra = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  if alpha > 0 or bool(data_config.get('cutmix', False)):
     from nfnet_jax.data import mixing  # pylint: disable=g-import-not-at-top
     # Mixing partners come from the same device batch, as in the paper's pipeline.
-    base = _stage_seed(seed, process_index, 1)
-    ds = ds.batch(per_device_batch, drop_remainder=True).enumerate()
-
-    def mix(i, batch):
-      images, labels = mixing.mixup_cutmix(
-          batch['images'], mixing.one_hot(batch['labels'], num_classes),
-          tf.random.experimental.stateless_fold_in(base, i), alpha=alpha, cutmix=cutmix)
-      return {'images': images, 'labels': labels}
-
-    ds = ds.map(mix, num_parallel_calls=calls).unbatch()
+    images, labels = mixing.mixup_cutmix(
+        images, mixing.one_hot(labels, num_classes), seed_mix, alpha=alpha,
+        cutmix=bool(data_config.cutmix))
   layers = int(data_config.get('randaug_layers', 0))
   if layers > 0:
     from nfnet_jax.data import randaugment  # pylint: disable=g-import-not-at-top
-    base = _stage_seed(seed, process_index, 2)
-    magnitude = float(data_config.randaug_magnitude)
+    # RandAugment's ops (posterize, equalize, ...) are defined on uint8 pixels.
+    seeds = tf.random.experimental.stateless_split(seed_ra, tf.shape(images)[0])
+    images = randaugment.randaugment_batch(
+        images, seeds, num_layers=layers, magnitude=float(data_config.randaug_magnitude))
+  return {'images': images, 'labels': labels}
 
-    def augment(i, ex):
-      # RandAugment's ops (posterize, equalize, ...) are defined on uint8 pixels.
-      image = tf.cast(tf.clip_by_value(tf.round(ex['images']), 0, 255), tf.uint8)
-      image = randaugment.randaugment(
-          image, tf.random.experimental.stateless_fold_in(base, i), num_layers=layers,
-          magnitude=magnitude)
-      return {**ex, 'images': tf.cast(image, tf.float32)}
 
-    ds = ds.enumerate().map(augment, num_parallel_calls=calls)
-  return ds
+def _batch_augmentation_on(data_config: ml_collections.ConfigDict) -> bool:
+  return (float(data_config.get('mixup_alpha', 0.0)) > 0
+          or bool(data_config.get('cutmix', False))
+          or int(data_config.get('randaug_layers', 0)) > 0)
 
 
 def _normalize(ex):
@@ -525,7 +529,8 @@ def train_iterator(data_config: ml_collections.ConfigDict, *, per_device_batch: 
   """Infinite, shuffled (reshuffled each epoch), augmented (if ``data_config.augment``)
   training batches of this process's shard of the train split.
 
-  Yields {'images': float32 [local_devices, per_device_batch, S, S, 3],
+  Yields {'images': uint8 [local_devices, per_device_batch, S, S, 3] in 0..255, NOT
+                    normalised (``normalize_on_device`` in the train step does it),
           'labels': int32 [local_devices, per_device_batch] (float32 [..., num_classes]
                     label distributions when MixUp/CutMix is on)}.
   With data_config.deterministic, the same (config, seed, process) gives the same
@@ -550,26 +555,29 @@ def train_iterator(data_config: ml_collections.ConfigDict, *, per_device_batch: 
   ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.repeat()
   calls = _parallel_calls(data_config)
-  augment = bool(data_config.augment)
-  if augment:
+  base = _stage_seed(seed, process_index, 0)
+  # Without augmentation the training images are the evaluation ones at train size.
+  train_view = ml_collections.ConfigDict(data_config.to_dict())
+  train_view.eval_image_size = int(data_config.image_size)
+
+  def preprocess(i, example):
     # Stateless per-example seeds: deterministic under parallel map, new every epoch.
-    base = _stage_seed(seed, process_index, 0)
+    rng = (tf.random.experimental.stateless_fold_in(base, i) if data_config.augment
+           else None)
+    out = source.preprocess(example, data_config if rng is not None else train_view, rng=rng)
+    # uint8 from here on: a quarter of float32's memory traffic and host-to-device
+    # copy (the train step normalises on the device).
+    return {**out, 'images': to_uint8(out['images'])}
+
+  ds = ds.enumerate().map(preprocess, num_parallel_calls=calls)
+  ds = ds.batch(per_device_batch, drop_remainder=True)
+  if data_config.augment and _batch_augmentation_on(data_config):
+    base = _stage_seed(seed, process_index, 1)
     ds = ds.enumerate().map(
-        lambda i, ex: source.preprocess(
-            ex, data_config, rng=tf.random.experimental.stateless_fold_in(base, i)),
+        lambda i, batch: augment_batch(batch, tf.random.experimental.stateless_fold_in(base, i),
+                                       data_config, num_classes=info.num_classes),
         num_parallel_calls=calls)
-    ds = _augment_batches(ds, data_config, num_classes=info.num_classes,
-                          per_device_batch=per_device_batch, seed=seed,
-                          process_index=process_index)
-  else:
-    # Without augmentation the training images are the evaluation ones at train size.
-    train_view = ml_collections.ConfigDict(data_config.to_dict())
-    train_view.eval_image_size = int(data_config.image_size)
-    ds = ds.map(lambda ex: source.preprocess(ex, train_view, rng=None),
-                num_parallel_calls=calls)
-  ds = ds.map(_normalize, num_parallel_calls=calls)
-  ds = batch_for_devices(ds, local_devices=local_devices, per_device_batch=per_device_batch,
-                         drop_remainder=True)
+  ds = ds.batch(local_devices, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline_options(data_config))
   return as_numpy(ds)
 

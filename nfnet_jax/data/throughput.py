@@ -60,13 +60,17 @@ def _cpu_seconds() -> float:
   return r.ru_utime + r.ru_stime
 
 
-def _timed(fn, num_images: int) -> dict:
-  fn(warmup=True)
+def _timed(batches, num_batches: int, batch: int, warmup: int = 2) -> dict:
+  """Times `num_batches` batches of an iterator after `warmup` (tracing, autotuning)."""
+  for _ in range(warmup):
+    next(batches)
   cpu0, t0 = _cpu_seconds(), time.perf_counter()
-  fn(warmup=False)
+  for _ in range(num_batches):
+    next(batches)
   wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-  return {'images': num_images, 'wall_s': wall, 'cpu_s': cpu,
-          'images_per_s': num_images / wall, 'images_per_cpu_s': num_images / cpu}
+  n = num_batches * batch
+  return {'images': n, 'wall_s': wall, 'cpu_s': cpu, 'images_per_s': n / wall,
+          'images_per_cpu_s': n / cpu}
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,41 +202,33 @@ def run(variant: str = 'F0', num_images: int = 256, batch: int = 32, num_batches
   cfg = exp.data
   cfg.update(name='folder', folder=root, shuffle_buffer=num_images, threadpool_size=threads)
   info = data.dataset_info(cfg)   # scans (decodes) the corpus once, outside the timing
-  n = num_batches * batch
-
-  def tf_train(warmup):
-    it = data.train_iterator(cfg, per_device_batch=batch, local_devices=1, seed=0)
-    for _ in range(1 if warmup else num_batches):
-      next(it)
-
-  def tf_eval(warmup):
-    steps = 1 if warmup else num_batches
-    for i, _ in enumerate(data.eval_iterator(cfg, split='train', per_device_batch=batch,
-                                             local_devices=1)):
-      if i + 1 >= steps:
-        break
-
   from nfnet_jax.data import folder  # pylint: disable=g-import-not-at-top
   index = folder.load_index(root)
   paths, labels = list(index.files['train']), index.labels['train']
+  total = num_batches + 2   # + warm-up batches
 
-  def pil_train(warmup):
-    for _ in pil_train_batches(paths, labels, batch=batch, num_batches=1 if warmup else
-                               num_batches, size=cfg.image_size, alpha=cfg.mixup_alpha,
-                               layers=cfg.randaug_layers, magnitude=cfg.randaug_magnitude,
-                               num_classes=info.num_classes):
-      pass
+  def tf_eval():
+    while True:   # one pass over the corpus is shorter than the timed batches
+      yield from data.eval_iterator(cfg, split='train', per_device_batch=batch,
+                                    local_devices=1)
 
-  def pil_eval(warmup):
-    for _ in pil_eval_batches(paths, batch=batch, num_batches=1 if warmup else num_batches,
-                              size=cfg.eval_image_size):
-      pass
-
+  pipelines = {
+      'tf_train': lambda: data.train_iterator(cfg, per_device_batch=batch, local_devices=1,
+                                              seed=0),
+      'pil_train': lambda: pil_train_batches(
+          paths, labels, batch=batch, num_batches=total, size=cfg.image_size,
+          alpha=cfg.mixup_alpha, layers=cfg.randaug_layers, magnitude=cfg.randaug_magnitude,
+          num_classes=info.num_classes),
+      'tf_eval': tf_eval,
+      'pil_eval': lambda: pil_eval_batches(paths, batch=batch, num_batches=total,
+                                           size=cfg.eval_image_size),
+  }
   results = {'variant': variant, 'mean_jpeg_kb': kb, 'cpus': os.cpu_count(),
-             'machine': platform.processor() or platform.machine()}
-  for name, fn in (('tf_train', tf_train), ('pil_train', pil_train),
-                   ('tf_eval', tf_eval), ('pil_eval', pil_eval)):
-    results[name] = _timed(fn, n)
+             'machine': platform.processor() or platform.machine(),
+             'train_size': cfg.image_size, 'eval_size': cfg.eval_image_size,
+             'randaug': (cfg.randaug_layers, cfg.randaug_magnitude)}
+  for name, make in pipelines.items():
+    results[name] = _timed(iter(make()), num_batches, batch)
   ms = step_ms or PAPER_V100_F0_MS
   needed = 32 / (ms / 1000)
   results['feed'] = {'step_ms': ms, 'images_per_s_needed': needed,
@@ -254,8 +250,9 @@ def main(argv=None) -> None:
                       f'{PAPER_V100_F0_MS} ms)')
   args = p.parse_args(argv)
   r = run(args.variant, args.images, args.batch, args.batches, args.threads, args.step_ms)
-  print(f"{r['variant']}: {r['cpus']} CPUs ({r['machine']}), corpus of 500x375 JPEGs, "
-        f"{r['mean_jpeg_kb']:.0f} KB each")
+  print(f"{r['variant']} (train {r['train_size']} px, RandAugment {r['randaug']}, eval "
+        f"{r['eval_size']} px): {r['cpus']} CPUs ({r['machine']}), 500x375 JPEGs of "
+        f"{r['mean_jpeg_kb']:.0f} KB")
   print(f"{'pipeline':<10} {'img/s':>8} {'img/s/core':>11} {'wall s':>7} {'cpu s':>7}")
   for name in ('tf_train', 'pil_train', 'tf_eval', 'pil_eval'):
     x = r[name]
