@@ -36,6 +36,7 @@ setuptools.setup(
     description="NFNets (normalizer-free ResNets with adaptive gradient clipping) in JAX/Haiku.",
     packages=setuptools.find_packages(include=["nfnet_jax", "nfnet_jax.*"]),
     python_requires=">=3.11",
+    package_data={"nfnet_jax.data": ["imagenet_classes.tsv"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={
@@ -43,6 +44,7 @@ setuptools.setup(
             "nfnet-train=nfnet_jax.train:run_main",
             "nfnet-benchmark=nfnet_jax.benchmark:run_main",
             "nfnet-convert=nfnet_jax.convert:main",
+            "nfnet-classify=nfnet_jax.classify:main",
         ],
     },
 )

@@ -795,6 +795,14 @@ def load_pretrained(path, variant: Optional[str] = None, num_classes: int = 1000
   return _load_any(path, variant, num_classes, verify_md5, model_kwargs)[0]
 
 
+def load_pretrained_with_variant(path, variant: Optional[str] = None, num_classes: int = 1000,
+                                 *, verify_md5: bool = True,
+                                 **model_kwargs) -> tuple[dict, str]:
+  """`load_pretrained`, also returning the variant it resolved (from the file when
+  `variant` is None)."""
+  return _load_any(path, variant, num_classes, verify_md5, model_kwargs)
+
+
 def save_converted(params: Mapping, dst, variant: str, *, overwrite: bool = False) -> str:
   """Writes params as a pickle-free .npz, atomically (temporary file + rename).
 

@@ -26,6 +26,7 @@ A dataset that is not prepared fails at once with the steps to prepare it
 from __future__ import annotations
 
 import functools
+import importlib.resources
 from typing import Mapping
 
 import ml_collections
@@ -42,6 +43,19 @@ IMAGENET_SPLITS = {
     'test': 'validation',
 }
 IMAGENET_VERSION = '5.*.*'
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(WordNet ids, synset words) of the 1000 ImageNet classes, in label order.
+
+  Label order is TFDS imagenet2012's (sorted WordNet ids), which is also the order of the
+  released NFNet classifiers. Shipped with the package: no download, no TFDS data.
+  """
+  text = importlib.resources.files('nfnet_jax.data').joinpath(
+      'imagenet_classes.tsv').read_text(encoding='utf-8')
+  rows = [line.split('\t') for line in text.splitlines() if line and not line.startswith('#')]
+  return tuple(r[0] for r in rows), tuple(r[1] for r in rows)
 
 
 class DatasetNotPreparedError(FileNotFoundError):
