@@ -20,6 +20,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.num_devices = 0               # 0: every local device
   config.label_smoothing = 0.1
   config.ema_max_decay = 0.99999       # EMA decay = min(this, (1 + step) / (10 + step))
+  # Fine-tuning: weights to start from when the workdir has no checkpoint yet
+  # (DeepMind's F{k}_haiku.npz, a converted .npz, or a run's params_ema.npz); a
+  # classifier of another size (new classes) starts fresh.
+  config.init_from = ''
 
   config.model = ml_collections.ConfigDict(dict(name='NFNet', kwargs=dict(
       variant='F0', width=1.0, se_ratio=0.5, alpha=0.2, stochdepth_rate=0.25,

@@ -55,6 +55,7 @@ RELEASED_SIZES = {'F0': 285_976_842}  # bytes; the only size the spec records.
 # paths contain '/' and '~' but never '//' (module names cannot be empty), and parameter
 # names contain no '/', so the split is unambiguous.
 SEPARATOR = '//'
+CLASSIFIER = 'NFNet/~/linear'   # the module replaced when fine-tuning to new classes
 FORMAT_KEY = '__format__'
 VARIANT_KEY = '__variant__'
 CONVERTED_FORMAT = 'nfnet_jax.params.v1'
@@ -745,7 +746,7 @@ def _load_converted(path: str) -> tuple[dict, Optional[str]]:
   return unflatten_params(flat), variant
 
 
-def _load_any(path, variant: Optional[str], num_classes: int, verify_md5: bool,
+def _load_any(path, variant: Optional[str], num_classes: Optional[int], verify_md5: bool,
               model_kwargs: dict) -> tuple[dict, str]:
   """Loads either format, resolves the variant, checks; returns (params, variant)."""
   path = os.fspath(path)
@@ -766,13 +767,18 @@ def _load_any(path, variant: Optional[str], num_classes: int, verify_md5: bool,
     if variant is None:
       raise ParamsMismatchError(
           f'cannot tell which NFNet variant {path} holds: pass variant=')
+  if num_classes is None:   # whatever the file's classifier has
+    bias = params.get(CLASSIFIER, {}).get('b')
+    if bias is None or np.ndim(bias) != 1:
+      raise ParamsMismatchError(f'{path} has no classifier bias {CLASSIFIER}/b.')
+    num_classes = int(np.shape(bias)[0])
   check_params(params, variant, num_classes, **model_kwargs)
   params = {m: {n: np.asarray(v, dtype=np.float32, order='C') for n, v in group.items()}
             for m, group in params.items()}
   return params, variant
 
 
-def load_pretrained(path, variant: Optional[str] = None, num_classes: int = 1000, *,
+def load_pretrained(path, variant: Optional[str] = None, num_classes: Optional[int] = 1000, *,
                     verify_md5: bool = True,
                     **model_kwargs) -> dict[str, dict[str, np.ndarray]]:
   """Loads NFNet parameters, checked against the model, ready for `apply`.
@@ -784,7 +790,8 @@ def load_pretrained(path, variant: Optional[str] = None, num_classes: int = 1000
     path: the file.
     variant: 'F0'..'F7+'; default: the converted file's metadata, else the released
       file name, else the variant the shapes match.
-    num_classes: the classifier size to check against (1000 for the releases).
+    num_classes: the classifier size to check against (1000 for the releases); None
+      takes the file's.
     verify_md5: for released files, warn when the MD5 is not the listed one.
     **model_kwargs: further `NFNet` arguments the parameters were made with (width,
       group_size, ...).
@@ -795,7 +802,8 @@ def load_pretrained(path, variant: Optional[str] = None, num_classes: int = 1000
   return _load_any(path, variant, num_classes, verify_md5, model_kwargs)[0]
 
 
-def load_pretrained_with_variant(path, variant: Optional[str] = None, num_classes: int = 1000,
+def load_pretrained_with_variant(path, variant: Optional[str] = None,
+                                 num_classes: Optional[int] = 1000,
                                  *, verify_md5: bool = True,
                                  **model_kwargs) -> tuple[dict, str]:
   """`load_pretrained`, also returning the variant it resolved (from the file when

@@ -9,6 +9,9 @@ The loop runs in clearly separated stages: build data, build model and
 optimizer, restore, loop (train step, log, evaluate, save), final evaluation and
 save. The per-device steps are pure functions; parallel.py maps them over devices.
 """
+import logging
+import os
+import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -155,6 +158,60 @@ def make_eval_step(model, num_classes: int):
 
 
 # ---------------------------------------------------------------------------
+# Pretrained weights in and out.
+# ---------------------------------------------------------------------------
+EXPORT_FILE = 'params_ema.npz'
+
+
+def _nfnet_kwargs(config: ml_collections.ConfigDict) -> tuple[str, dict]:
+  if config.model.name != 'NFNet':
+    raise ValueError(f'Pretrained weights files hold NFNets; model.name is '
+                     f'{config.model.name!r}.')
+  kwargs = dict(config.model.kwargs)
+  return kwargs.pop('variant'), kwargs
+
+
+def _load_weights(config, path: str, num_classes: Optional[int]):
+  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  variant, kwargs = _nfnet_kwargs(config)
+  params, _ = pretrained.load_pretrained_with_variant(path, variant, num_classes, **kwargs)
+  return params
+
+
+def initial_params(config: ml_collections.ConfigDict, fresh_params, num_classes: int):
+  """The params a fine-tuning run starts from: `config.init_from`'s, except a classifier
+  of another size (new classes), which keeps its fresh initialisation."""
+  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  loaded = _load_weights(config, config.init_from, None)
+  head = pretrained.CLASSIFIER
+  params = {**loaded}
+  if loaded[head]['b'].shape != fresh_params[head]['b'].shape:
+    logging.warning('%s has %d classes and this run %d: the classifier %s starts fresh.',
+                    config.init_from, loaded[head]['b'].shape[0], num_classes, head)
+    params[head] = fresh_params[head]
+  return jax.tree.map(lambda new, old: np.asarray(new, np.asarray(old).dtype),
+                      params, fresh_params)
+
+
+def export_params(config: ml_collections.ConfigDict, state, workdir: str) -> Optional[str]:
+  """Writes the EMA params as a pickle-free `params_ema.npz` next to the checkpoints
+  (for nfnet-classify and for init_from); NFNets only."""
+  if config.model.name != 'NFNet' or jax.process_index() != 0:
+    return None
+  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  variant, _ = _nfnet_kwargs(config)
+  params = parallel.to_host(state['ema_params'])
+  dst = os.path.join(workdir, EXPORT_FILE)
+  if '://' not in workdir:
+    return pretrained.save_converted(params, dst, variant, overwrite=True)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    local = pretrained.save_converted(params, os.path.join(tmp, EXPORT_FILE), variant)
+    tf.io.gfile.copy(local, dst, overwrite=True)
+  return dst
+
+
+# ---------------------------------------------------------------------------
 # Evaluation over a whole split.
 # ---------------------------------------------------------------------------
 def evaluate_split(p_eval_step, state: TrainState, config: ml_collections.ConfigDict,
@@ -177,7 +234,8 @@ def evaluate_split(p_eval_step, state: TrainState, config: ml_collections.Config
 # ---------------------------------------------------------------------------
 # Setup shared by training and evaluation.
 # ---------------------------------------------------------------------------
-def _setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool):
+def _setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
+           checkpoints: bool = True):
   info = data.dataset_info(config.data)
   # Before anything is written: a workdir trained on other classes is refused untouched.
   data.check_and_write_class_index(info, workdir,
@@ -191,7 +249,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool):
   ckpt = checkpoint_lib.Checkpointer(
       workdir, model_signature=models.model_signature(config.model, info.num_classes),
       max_to_keep=config.checkpoint.max_to_keep,
-      save_interval_steps=config.checkpoint.every_steps)
+      save_interval_steps=config.checkpoint.every_steps) if checkpoints else None
   state = init_state(jax.random.PRNGKey(config.seed), model, optimizer,
                      config.data.image_size)
   # Restore keeps this layout, so restored and fresh states are laid out alike.
@@ -241,9 +299,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   num_devices = len(devices)
   per_device = parallel.per_device_batch_size(config.train.batch_size, num_devices)
 
-  # 2. Restore: a restarted run continues from its newest checkpoint.
+  # 2. Restore: a restarted run continues from its newest checkpoint; a new one may
+  # start from pretrained weights (fine-tuning).
   if ckpt.latest_step() is not None:
     state = parallel.replicate(ckpt.restore(state), devices)
+  elif config.get('init_from'):
+    params = initial_params(config, parallel.to_host(state['params']), info.num_classes)
+    state = parallel.replicate({**state, 'params': params, 'ema_params': params}, devices)
   start_step = int(state['step'])
 
   # A resumed run draws a fresh shuffle rather than replaying the first batches.
@@ -302,6 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       eval_metrics = evaluate_split(p_eval_step, state, config,
                                     config.eval.split, devices)
       logger.write(int(state['step']), eval_metrics)
+    export_params(config, state, workdir)
   finally:
     ckpt.wait_until_finished()
     ckpt.close()
@@ -310,10 +373,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             split: Optional[str] = None) -> dict[str, float]:
-  """Evaluates the newest checkpoint in `workdir` (raw and EMA parameters)."""
+             split: Optional[str] = None, weights: Optional[str] = None) -> dict[str, float]:
+  """Evaluates the newest checkpoint in `workdir` (raw and EMA parameters), or the
+  parameters in a `weights` file (released or converted .npz; raw = EMA = the file's)."""
   validate_config(config)
-  info, devices, model, _, _, total_steps, ckpt, state = _setup(config, workdir, training=False)
+  info, devices, model, _, _, total_steps, ckpt, state = _setup(
+      config, workdir, training=False, checkpoints=not weights)
+  if weights:   # no checkpoint involved: nothing but metrics is written to workdir
+    params = _load_weights(config, weights, info.num_classes)
+    state = parallel.replicate({**state, 'params': params, 'ema_params': params}, devices)
+    p_eval_step = parallel.map_eval_step(make_eval_step(model, info.num_classes), devices)
+    results = evaluate_split(p_eval_step, state, config, split or config.eval.split, devices)
+    with metrics_lib.MetricsLogger(workdir, total_steps=total_steps,
+                                   progress_bar=False) as logger:
+      logger.write(0, results)
+    return results
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(
@@ -364,7 +438,7 @@ def main(argv):
   if flags_.mode == 'train':
     results = train_and_evaluate(config, flags_.workdir)
   else:
-    results = evaluate(config, flags_.workdir)
+    results = evaluate(config, flags_.workdir, weights=flags_.weights)
   if jax.process_index() == 0:
     print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                    for k, v in sorted(results.items())))
@@ -381,6 +455,9 @@ def run_main():
                       '(local, or gs://... shared by all hosts).')
   flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                     'train (resumes automatically) or eval (newest checkpoint).')
+  flags.DEFINE_string('weights', None, 'With --mode eval: evaluate this weights file '
+                      '(DeepMind\'s F{k}_haiku.npz or a converted .npz) instead of the '
+                      'newest checkpoint.')
   flags.DEFINE_bool('distributed', False, 'Multi-host job (e.g. a TPU pod slice): call '
                     'jax.distributed.initialize() first. Start the same command on '
                     'every host.')

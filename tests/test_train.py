@@ -310,3 +310,41 @@ def test_trains_on_an_image_folder_with_the_papers_augmentation(tmp_path):
     train.train_and_evaluate(config, workdir, progress_bar=False)
   assert sorted(os.listdir(workdir)) == listing
   assert open(os.path.join(workdir, 'metrics.jsonl'), 'rb').read() == metrics_before
+
+
+def test_exported_weights_evaluate_like_the_checkpoint_and_seed_fine_tuning(tmp_path):
+  """params_ema.npz is written at the end of training; `--weights` evaluates it through
+  the normal eval path; init_from starts a run with new classes from it."""
+  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(num_steps=2)
+  train.train_and_evaluate(config, workdir, progress_bar=False)
+  exported = os.path.join(workdir, train.EXPORT_FILE)
+  params = pretrained.load_pretrained(exported, 'F0', 10, width=0.0625, group_size=8)
+
+  from_checkpoint = train.evaluate(config, workdir)
+  from_weights = train.evaluate(config, str(tmp_path / 'eval_only'), weights=exported)
+  assert from_weights['eval_count'] == 360
+  assert from_weights['eval_top1'] == from_weights['eval_ema_top1']
+  np.testing.assert_allclose(from_weights['eval_top1'], from_checkpoint['eval_ema_top1'])
+  np.testing.assert_allclose(from_weights['eval_loss'], from_checkpoint['eval_ema_loss'],
+                             rtol=1e-5)
+  assert not os.path.exists(os.path.join(str(tmp_path / 'eval_only'), 'checkpoints'))
+
+  # Fine-tuning to 3 classes: everything but the classifier comes from the file.
+  config3 = tiny_config()
+  config3.init_from = exported
+  model, optimizer, _ = _model_and_steps(config3, num_classes=3)
+  fresh = jax.tree.map(np.asarray, train.init_state(
+      jax.random.PRNGKey(7), model, optimizer, 16)['params'])
+  start = train.initial_params(config3, fresh, 3)
+  assert sorted(start) == sorted(fresh)
+  for module in start:
+    source = fresh if module == 'NFNet/~/linear' else params
+    for name in start[module]:
+      np.testing.assert_array_equal(start[module][name], source[module][name])
+  assert start['NFNet/~/linear']['w'].shape[1] == 3
+
+  config3.model.kwargs.width = 0.125   # weights of another width: a clear error
+  with pytest.raises(pretrained.ParamsMismatchError, match=r'final_conv/w: expected shape'):
+    train.initial_params(config3, fresh, 3)
