@@ -240,7 +240,8 @@ class Checkpointer:
     if save_interval_steps < 1:
       raise ValueError(
           f'save_interval_steps must be >= 1, got {save_interval_steps}.')
-    self._workdir = epath.Path(workdir)
+    # Orbax refuses relative paths (the quickstart's `--workdir workdirs/digits` is one).
+    self._workdir = epath.Path(workdir if '://' in str(workdir) else os.path.abspath(workdir))
     self._ckpt_dir = self._workdir / CHECKPOINT_SUBDIR
     self._signature_path = self._workdir / SIGNATURE_FILENAME
     self._signature = _normalize_signature(model_signature)

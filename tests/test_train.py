@@ -255,12 +255,14 @@ def test_unknown_variant_in_config_lists_valid_ones():
 @pytest.mark.slow
 def test_quickstart_command_trains_digits(tmp_path):
   """The README's main command, shortened: real CLI, real recipe, real digits."""
-  workdir = str(tmp_path / 'digits')
+  workdir = str(tmp_path / 'workdirs' / 'digits')
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  # A relative --workdir, as in the README (Orbax itself refuses relative paths).
   cmd = [sys.executable, '-m', 'nfnet_jax.train', '--config',
-         os.path.join(REPO, 'experiments', 'digits.py'), '--workdir', workdir,
+         os.path.join(REPO, 'experiments', 'digits.py'), '--workdir', 'workdirs/digits',
          '--config.train.num_epochs=8', '--config.train.eval_every_steps=1000']
-  proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                        timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'eval_ema_top1=' in proc.stdout
   records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
@@ -269,6 +271,7 @@ def test_quickstart_command_trains_digits(tmp_path):
   assert final['eval_top1'] >= 0.9, final
   assert any(r.get('agc_clip_fraction', 0) > 0 for r in records), 'AGC should clip sometimes'
   assert os.path.isdir(os.path.join(workdir, 'tensorboard'))
+  assert os.path.isfile(os.path.join(workdir, train.EXPORT_FILE))
 
 
 @pytest.mark.slow

@@ -18,8 +18,10 @@ ImageNet mean/std (and would mix and RandAugment if the config asked for it).
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
+import os
 from typing import Mapping
 
 import ml_collections
@@ -133,4 +135,53 @@ class DigitsSource:
             'labels': tf.cast(example['label'], tf.int32)}
 
 
-SOURCE = pipeline.register_source(DigitsSource())
+# Run as `python -m nfnet_jax.data.digits`, this file executes a second time as __main__
+# after the package has registered it: reuse that registration.
+SOURCE = (pipeline.get_source(NAME) if __name__ == '__main__'
+          else pipeline.register_source(DigitsSource()))
+
+
+# ---------------------------------------------------------------------------------------
+# The digits as an image folder: a local dataset for trying the folder source and
+# fine-tuning (experiments/finetune.py:digits) without a download.
+# ---------------------------------------------------------------------------------------
+
+FOLDER_TASKS = {
+    'digits': lambda y: str(y),
+    'parity': lambda y: ('even', 'odd')[y % 2],
+}
+
+
+def write_folder(root: str, task: str = 'parity') -> dict[str, int]:
+  """Writes the 360 *test* digits (never seen by the quickstart's training) as 8x8 PNGs:
+  root/train/<class>/ gets the even positions of the test split, root/val/<class>/ the odd
+  ones. Classes are the digits ('digits') or 'even'/'odd' ('parity'). Returns counts."""
+  if task not in FOLDER_TASKS:
+    raise ValueError(f'Unknown task {task!r}; valid: {", ".join(FOLDER_TASKS)}.')
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images, labels = load_split('test')
+  counts = {'train': 0, 'val': 0}
+  for i, (image, label) in enumerate(zip(images, labels)):
+    split = 'train' if i % 2 == 0 else 'val'
+    directory = os.path.join(root, split, FOLDER_TASKS[task](int(label)))
+    os.makedirs(directory, exist_ok=True)
+    pixels = np.rint(image.astype(np.float32) * (255.0 / 16.0)).astype(np.uint8)
+    Image.fromarray(pixels, mode='L').save(os.path.join(directory, f'{i:03d}.png'))
+    counts[split] += 1
+  return counts
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(
+      prog='python -m nfnet_jax.data.digits',
+      description='Write the test digits as an image folder (root/{train,val}/<class>/).')
+  parser.add_argument('--write-folder', required=True, metavar='ROOT')
+  parser.add_argument('--task', default='parity', choices=sorted(FOLDER_TASKS))
+  args = parser.parse_args(argv)
+  counts = write_folder(args.write_folder, args.task)
+  print(f'wrote {counts["train"]} train and {counts["val"]} val images ({args.task}) '
+        f'to {args.write_folder}')
+
+
+if __name__ == '__main__':
+  main()
