@@ -12,6 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import digits as digits_config
+from experiments import finetune as finetune_config
 from experiments import nfnet as nfnet_config
 from nfnet_jax import checkpoint as checkpoint_lib
 from nfnet_jax import data
@@ -250,6 +251,27 @@ def test_nfnet_configs_reproduce_the_published_recipe(variant):
 def test_unknown_variant_in_config_lists_valid_ones():
   with pytest.raises(ValueError, match='F0, F0\\+, F1'):
     nfnet_config.get_config('F8')
+  with pytest.raises(ValueError, match='F0, F0\\+, F1'):
+    finetune_config.get_config('F8')
+
+
+@pytest.mark.parametrize('arg', ['F0', 'F3', 'digits'])
+def test_finetune_configs_carry_the_fine_tuning_recipe(arg):
+  config = finetune_config.get_config(arg)
+  train.validate_config(config)
+  assert config.optimizer.weight_decay == 1e-5
+  assert (config.model.kwargs.drop_rate, config.model.kwargs.stochdepth_rate) == (0.25, 0.1)
+  assert config.data.name == 'folder' and config.eval.split == 'val'
+  assert (config.data.mixup_alpha, config.data.cutmix, config.data.randaug_layers) == (
+      0.0, False, 0)
+  if arg == 'digits':
+    assert config.init_from == 'workdirs/digits/params_ema.npz'
+  else:
+    assert config.init_from == ''   # the released file is the user's to pass
+    ref = nfnet_config.get_config(arg)
+    assert (config.data.image_size, config.data.eval_image_size) == (
+        ref.data.image_size, ref.data.eval_image_size)
+    assert config.optimizer.base_lr == ref.optimizer.base_lr / 10
 
 
 @pytest.mark.slow
