@@ -626,3 +626,208 @@ def test_bad_arguments():
     def unknown_rank(image):
       return ra.randaugment(image, [1, 2], num_layers=1, magnitude=10)
     unknown_rank(x)
+
+
+# ---------------------------------------------------------------- randaugment_batch
+#
+# The batched version must equal the per-image one bit for bit: these tests compare the
+# two directly (the per-image ops are checked against Pillow above).
+
+_BATCH_MAGNITUDES = [0, 5, 10, 15, 20, 2.3]
+
+
+def _batch(size, count, seed=0):
+  """Images that exercise every op: noise, and smooth gradients of varying ranges.
+
+  Gradients with a narrow range give AutoContrast and Equalize something to change
+  (on full-range noise AutoContrast is the identity); mid-range values put pixels on
+  both sides of the Solarize / SolarizeAdd thresholds.
+  """
+  rng = np.random.default_rng(seed)
+  height, width = size
+  ys, xs = np.mgrid[0:height, 0:width]
+  images = []
+  for i in range(count):
+    if i % 2:
+      images.append(rng.integers(0, 256, (height, width, 3)))
+    else:
+      lo, span = rng.integers(0, 100), rng.integers(20, 156)
+      ramp = np.stack([xs / width, ys / height, (xs + ys) / (width + height)], -1)
+      images.append(lo + span * ramp + rng.integers(0, 8, (height, width, 3)))
+  return np.clip(np.stack(images), 0, 255).astype(np.uint8)
+
+
+def _per_image(images, seeds, num_layers, magnitude):
+  return np.stack([
+      ra.randaugment(image, seed, num_layers=num_layers, magnitude=magnitude).numpy()
+      for image, seed in zip(images, seeds)])
+
+
+@pytest.mark.parametrize('magnitude', _BATCH_MAGNITUDES)
+def test_randaugment_batch_equals_per_image(magnitude):
+  images = _batch((17, 23), 8, seed=3)
+  seeds = np.random.default_rng(4).integers(-2**62, 2**62, (8, 2))
+  got = ra.randaugment_batch(images, seeds, num_layers=4, magnitude=magnitude).numpy()
+  assert got.dtype == np.uint8 and got.shape == images.shape
+  np.testing.assert_array_equal(got, _per_image(images, seeds, 4, magnitude))
+
+
+@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.given(
+    seed=st.integers(0, 2**31 - 1),
+    magnitude=st.sampled_from(_BATCH_MAGNITUDES) | st.floats(0, 25),
+    num_layers=st.sampled_from([0, 1, 4]),
+    batch_size=st.sampled_from([1, 3, 8]),
+    size=st.sampled_from([(17, 23), (9, 40), (3, 3)]),
+    dtype=st.sampled_from([np.int32, np.int64]))
+def test_randaugment_batch_equals_per_image_property(seed, magnitude, num_layers,
+                                                      batch_size, size, dtype):
+  images = _batch(size, batch_size, seed=seed)
+  info = np.iinfo(dtype)
+  seeds = np.random.default_rng(seed).integers(info.min, info.max, (batch_size, 2),
+                                               dtype=dtype)
+  got = ra.randaugment_batch(images, seeds, num_layers=num_layers, magnitude=magnitude)
+  np.testing.assert_array_equal(got.numpy(), _per_image(images, seeds, num_layers,
+                                                        magnitude))
+
+
+def _op_seeds_and_draws(count, height, width, seed):
+  seeds = tf.constant(np.random.default_rng(seed).integers(-2**62, 2**62, (count, 2)))
+  draws = tf.stack([tf.stack([tf.cast(v, tf.int32) for v in ra._op_draws(s, height, width)])
+                    for s in tf.unstack(seeds)])
+  return seeds, draws
+
+
+@pytest.mark.parametrize('magnitude', [2.3, 7, 15])
+@pytest.mark.parametrize('op_index', range(ra.NUM_OPS))
+def test_every_op_batched_equals_apply_op(op_index, magnitude):
+  """Each op on a whole batch (the layer helper, every image forced to this op)."""
+  name = ra.OP_NAMES[op_index]
+  # 48 x 67: large enough that translations at these magnitudes keep some content.
+  images = _batch((48, 67), 6, seed=op_index)
+  seeds, draws = _op_seeds_and_draws(6, 48, 67, seed=op_index)
+  if name in ra.SIGNED_OPS:
+    assert set(draws[:, 0].numpy()) == {0, 1}, 'both signs should be exercised'
+  got = ra._apply_layer_batch(tf.constant(images), tf.fill([6], op_index), draws,
+                              magnitude).numpy()
+  want = np.stack([ra.apply_op(image, op_index, magnitude, seed).numpy()
+                   for image, seed in zip(images, seeds)])
+  np.testing.assert_array_equal(got, want, err_msg=name)
+  # Not vacuous: the op changes most images. (AutoContrast leaves full-range noise as
+  # it is, Solarize with a high threshold may leave a dark gradient, and from m = 10
+  # Solarize is the identity.)
+  if not (name == 'Solarize' and magnitude >= 10):
+    assert (got != images).any(axis=(1, 2, 3)).sum() >= 3, f'{name} changed too little'
+
+
+@pytest.mark.parametrize('magnitude', [0, 5, 10, 0.77])
+def test_layer_with_every_op_at_once(magnitude):
+  """All 16 ops in one layer, each on one image: eagerly, and in graph mode (where
+  graph optimisation rewrites some ops) with static shapes and with unknown H and W
+  (which computes the pixel maps in the graph and remaps translations instead of
+  slicing them); and per image in graph mode."""
+  images = _batch((40, 33), ra.NUM_OPS, seed=5)
+  seeds, draws = _op_seeds_and_draws(ra.NUM_OPS, 40, 33, seed=6)
+  op_indices = tf.range(ra.NUM_OPS)
+  want = np.stack([ra.apply_op(images[i], i, magnitude, seeds[i]).numpy()
+                   for i in range(ra.NUM_OPS)])
+  got = ra._apply_layer_batch(tf.constant(images), op_indices, draws, magnitude)
+  np.testing.assert_array_equal(got.numpy(), want)
+
+  def layer(batch):
+    return ra._apply_layer_batch(batch, op_indices, draws, magnitude)
+
+  def per_image(batch):
+    return tf.map_fn(lambda args: ra.apply_op(args[0], args[1], magnitude, args[2]),
+                     (batch, op_indices, seeds), fn_output_signature=tf.uint8)
+
+  for fn in (layer, per_image):
+    np.testing.assert_array_equal(tf.function(fn)(images).numpy(), want)
+  unknown_shape = tf.function(
+      layer, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+  np.testing.assert_array_equal(unknown_shape(images).numpy(), want)
+
+
+def test_geometric_plan_finds_the_shifts():
+  # m = 0.77: Rotate (2.3 degrees) and Shear are the identity on 17 x 23 pixels, and a
+  # 7.7-pixel translation takes every pixel from 8 pixels away.
+  _, shifts = ra._geometric_plan(0.77, 17, 23)
+  assert shifts == ((0, 0),) * 4 + (None, None) + ((0, 8), (0, -8), (8, 0), (-8, 0))
+  # m = 10: 100-pixel translations leave only fill.
+  _, shifts = ra._geometric_plan(10, 17, 23)
+  assert shifts[:6] == (None,) * 6 and all(s is not None for s in shifts[6:])
+  for shift in [(0, 8), (-8, 0), (17, 0), (0, 0)]:
+    x = _image(17, 23)
+    got = ra._shift_batch(tf.constant(x[None]), *shift)[0].numpy()
+    ys, xs = np.mgrid[0:17, 0:23]
+    ys, xs = ys + shift[0], xs + shift[1]
+    inside = (ys >= 0) & (ys < 17) & (xs >= 0) & (xs < 23)
+    want = np.full_like(x, 128)
+    want[inside] = x[ys[inside], xs[inside]]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('drop_remainder', [True, False])
+def test_randaugment_batch_in_tf_data(drop_remainder):
+  """In Dataset.map over batches (graph mode): static batch size (drop_remainder) and
+  dynamic, parallel calls, deterministic, equal to the per-image function."""
+  count, batch_size = 11, 4
+  images = _batch((24, 20), count, seed=7)
+  base_seed = tf.constant([11, 22], tf.int64)
+
+  def augment(index, batch):
+    seeds = tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(base_seed, index), tf.shape(batch)[0])
+    return ra.randaugment_batch(batch, seeds, num_layers=4, magnitude=15)
+
+  def run():
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(
+        batch_size, drop_remainder=drop_remainder).enumerate()
+    ds = ds.map(augment, num_parallel_calls=2)
+    assert ds.element_spec.shape.as_list() == [batch_size if drop_remainder else None,
+                                               24, 20, 3]
+    return list(ds.as_numpy_iterator())
+
+  first, second = run(), run()
+  assert len(first) == (2 if drop_remainder else 3)
+  for index, (a, b) in enumerate(zip(first, second)):
+    np.testing.assert_array_equal(a, b)
+    batch = images[index * batch_size:(index + 1) * batch_size]
+    seeds = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(
+        base_seed, tf.constant(index, tf.int64)), len(batch))
+    np.testing.assert_array_equal(a, _per_image(batch, seeds, 4, 15))
+
+
+@pytest.mark.parametrize('images, seeds, match', [
+    (np.zeros((2, 8, 8, 3), np.float32), np.zeros((2, 2), np.int64), 'uint8'),
+    (np.zeros((8, 8, 3), np.uint8), np.zeros((2, 2), np.int64), r'\[B, H, W, 3\]'),
+    (np.zeros((1, 2, 8, 8, 3), np.uint8), np.zeros((2, 2), np.int64), r'\[B, H, W, 3\]'),
+    (np.zeros((2, 8, 8, 1), np.uint8), np.zeros((2, 2), np.int64), r'\[B, H, W, 3\]'),
+    (np.zeros((2, 8, 8, 4), np.uint8), np.zeros((2, 2), np.int64), r'\[B, H, W, 3\]'),
+    (np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 3), np.int64), r'seeds .*\[B, 2\]'),
+    (np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2,), np.int64), r'seeds .*\[B, 2\]'),
+    (np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 2), np.float32), r'seeds .*int32/int64'),
+    (np.zeros((2, 8, 8, 3), np.uint8), np.zeros((3, 2), np.int64), 'one row per image'),
+])
+def test_randaugment_batch_bad_inputs(images, seeds, match):
+  with pytest.raises(ValueError, match=match):
+    ra.randaugment_batch(images, seeds, num_layers=2, magnitude=10)
+
+
+def test_randaugment_batch_bad_arguments():
+  images, seeds = np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 2), np.int64)
+  for num_layers in (-1, 2.0, True):
+    with pytest.raises(ValueError, match='num_layers'):
+      ra.randaugment_batch(images, seeds, num_layers=num_layers, magnitude=10)
+  for magnitude in (-1, float('nan'), tf.constant(10.0)):
+    with pytest.raises(ValueError, match='magnitude'):
+      ra.randaugment_batch(images, seeds, num_layers=2, magnitude=magnitude)
+  # A batch-size mismatch that only shows at run time is caught there.
+  @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.uint8),
+                                tf.TensorSpec([None, 2], tf.int64)])
+  def dynamic(images, seeds):
+    return ra.randaugment_batch(images, seeds, num_layers=2, magnitude=10)
+  with pytest.raises(tf.errors.InvalidArgumentError, match='one row per image'):
+    dynamic(images, np.zeros((3, 2), np.int64))
+  np.testing.assert_array_equal(
+      ra.randaugment_batch(images, seeds, num_layers=0, magnitude=10).numpy(), images)

@@ -98,10 +98,8 @@ def mixup(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, alpha: float, *
   if alpha == 0:
     return images, labels
   lam = sample_beta(seed, alpha, tf.shape(images)[:1])
-  lam_images = lam[:, None, None, None]
   lam_labels = lam[:, None]
-  x = tf.cast(images, tf.float32)
-  mixed = lam_images * x + (1.0 - lam_images) * tf.reverse(x, [0])
+  mixed = _blend_with_partner(images, lam)
   if images.dtype == tf.uint8:   # a convex combination of 0..255 stays in 0..255
     mixed = tf.cast(tf.round(mixed), tf.uint8)
   labels = lam_labels * labels + (1.0 - lam_labels) * tf.reverse(labels, [0])
@@ -136,6 +134,15 @@ def cutmix(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, *,
   Returns (images [B, H, W, C] of the input dtype, labels float32 [B, num_classes]).
   """
   return _cutmix(_as_images(images), _soft_labels(labels, num_classes), seed)
+
+
+@tf.function(jit_compile=True)
+def _blend_with_partner(images: tf.Tensor, lam: tf.Tensor) -> tf.Tensor:
+  """float32 lam_i * x_i + (1 - lam_i) * x_{B-1-i}, fused by XLA into one pass (TF runs
+  the five element-wise ops as five passes over the batch)."""
+  x = tf.cast(images, tf.float32)
+  lam = lam[:, None, None, None]
+  return lam * x + (1.0 - lam) * tf.reverse(x, [0])
 
 
 # XLA fuses the mask and the select into one pass over the batch: TensorFlow's own

@@ -5,7 +5,7 @@ pipeline mixes each per-device batch, rounds the mixed images to uint8 and augme
 every image with its own seed. ``randaugment(image, seed, num_layers=N, magnitude=m)``
 augments one [H, W, 3] image; ``randaugment_batch(images, seeds, ...)`` augments a
 [B, H, W, 3] batch with one seed per image and returns exactly what ``randaugment``
-returns for each (image, seed), several times faster per image. Each of the N layers
+returns for each (image, seed), 2-3x faster per image. Each of the N layers
 (4 in the recipe) draws one of the 16 ops below uniformly at random and *always*
 applies it (there is no per-op application probability), at the same magnitude m for
 every layer. Geometric ops and Cutout fill uncovered pixels with grey
@@ -75,6 +75,11 @@ SIGNED_OPS: frozenset[str] = frozenset(
 FILL_VALUE = 128
 
 assert len(OP_NAMES) == NUM_OPS
+
+# Everything here branches on Python values only; converting it with AutoGraph (which
+# tf.data.Dataset.map and tf.function apply to the code they call) only costs seconds
+# of tracing.
+_no_autograph = tf.autograph.experimental.do_not_convert
 
 # The signed ops are the geometric ones; the batched path gives each (op, sign) pair a
 # pixel map, numbered 2 * (position in this tuple) + (1 if the sign is negative).
@@ -147,8 +152,11 @@ def _check_num_layers(num_layers: Any) -> int:
 
 
 def _to_uint8(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-  """Clips to 0..255 and truncates to uint8, like Pillow's float -> UINT8 stores."""
-  x = tf.cast(tf.clip_by_value(x, 0, 255), tf.uint8)
+  """Clips float32 to 0..255 and truncates to uint8, like Pillow's float -> UINT8 stores."""
+  # The fused kernel makes one pass over the image; tf.clip_by_value makes two.
+  x = tf.raw_ops.ClipByValue(t=x, clip_value_min=tf.constant(0.0),
+                             clip_value_max=tf.constant(255.0))
+  x = tf.cast(x, tf.uint8)
   x.set_shape(like.shape)
   return x
 
@@ -156,20 +164,39 @@ def _to_uint8(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
 def _on_one(batch_fn: Callable[..., tf.Tensor], image: tf.Tensor,
             *args: Any) -> tf.Tensor:
   """Runs a ``_*_batch`` op on one image, as a batch of one."""
-  out = batch_fn(image[None], *args)[0]
+  # expand_dims / squeeze rather than [None] / [0]: fewer graph nodes, which matters
+  # for the per-image graph (16 ops per layer, each a switch_case branch).
+  out = tf.squeeze(batch_fn(tf.expand_dims(image, 0), *args), [0])
   out.set_shape(image.shape)
   return out
 
 
-def _lut_index(images: tf.Tensor) -> tf.Tensor:
-  """int32 [k, H * W * 3]: value + 256 * (3 * image + channel), into [k, 3, 256] LUTs."""
+def _lut_channels(images: tf.Tensor) -> tf.Tensor:
+  """int32 [H * W * 3]: 256 * channel of each value of an image, flattened.
+
+  A constant for static shapes: computing it costs as much as the rest of
+  ``_lut_index``, and the batched path would pay that in every layer even for empty
+  sub-batches.
+  """
+  if images.shape[-3] is not None and images.shape[-2] is not None:
+    return tf.constant(
+        np.tile(np.array([0, 256, 512], np.int32), images.shape[-3] * images.shape[-2]))
   shape = tf.shape(images)
-  size = shape[1] * shape[2] * 3
-  # One offset per element, built at [k, size] so that the add below is between equal
-  # shapes: TF broadcasts a per-channel offset (inner dimension 3) several times slower.
-  offsets = tf.broadcast_to(
-      (tf.range(size) % 3) * 256 + 768 * tf.range(shape[0])[:, None], [shape[0], size])
-  return tf.reshape(tf.cast(images, tf.int32), [shape[0], size]) + offsets
+  return (tf.range(shape[-3] * shape[-2] * 3) % 3) * 256
+
+
+def _lut_index(images: tf.Tensor, channels: tf.Tensor | None = None) -> tf.Tensor:
+  """int32 [k, H * W * 3]: value + 256 * (3 * image + channel), into [k, 3, 256] LUTs.
+
+  ``channels`` is ``_lut_channels(images)`` when the caller already has it.
+  """
+  if channels is None:
+    channels = _lut_channels(images)
+  shape = tf.shape(images)
+  # The offsets are added as one [k, H * W * 3] tensor: broadcasting a [3] per-channel
+  # offset along the inner dimension is several times slower in TF.
+  offsets = channels + 768 * tf.range(shape[0])[:, None]
+  return tf.reshape(tf.cast(images, tf.int32), tf.shape(offsets)) + offsets
 
 
 def _apply_luts(images: tf.Tensor, luts: tf.Tensor,
@@ -191,7 +218,7 @@ def _apply_luts(images: tf.Tensor, luts: tf.Tensor,
 # ---------------------------------------------------------------- pixel ops
 
 
-def _auto_contrast_batch(images: tf.Tensor) -> tf.Tensor:
+def _auto_contrast_batch(images: tf.Tensor, channels: tf.Tensor | None = None) -> tf.Tensor:
   shape = tf.shape(images)
   pixels = tf.reshape(images, [shape[0], shape[1] * shape[2], 3])
   lo = tf.cast(tf.reduce_min(pixels, axis=1), tf.float64)[..., None]
@@ -202,9 +229,10 @@ def _auto_contrast_batch(images: tf.Tensor) -> tf.Tensor:
   levels = tf.range(256, dtype=tf.float64)
   stretched = tf.clip_by_value(levels * scale + offset, 0.0, 255.0)
   luts = tf.where(hi > lo, stretched, levels)
-  return _apply_luts(images, tf.cast(luts, tf.int32))
+  return _apply_luts(images, tf.cast(luts, tf.int32), _lut_index(images, channels))
 
 
+@_no_autograph
 def auto_contrast(image: Any) -> tf.Tensor:
   """Per-channel ``PIL.ImageOps.autocontrast(image)`` (cutoff 0).
 
@@ -224,9 +252,9 @@ def auto_contrast(image: Any) -> tf.Tensor:
   return _on_one(_auto_contrast_batch, _check_image(image))
 
 
-def _equalize_batch(images: tf.Tensor) -> tf.Tensor:
+def _equalize_batch(images: tf.Tensor, channels: tf.Tensor | None = None) -> tf.Tensor:
   k = tf.shape(images)[0]
-  index = _lut_index(images)
+  index = _lut_index(images, channels)
   # The LUT index doubles as the histogram bin: one bincount for all images/channels.
   hist = tf.reshape(
       tf.math.bincount(tf.reshape(index, [-1]), minlength=768 * k, maxlength=768 * k,
@@ -244,6 +272,7 @@ def _equalize_batch(images: tf.Tensor) -> tf.Tensor:
   return _apply_luts(images, luts, index)
 
 
+@_no_autograph
 def equalize(image: Any) -> tf.Tensor:
   """Per-channel histogram equalisation, as ``PIL.ImageOps.equalize``.
 
@@ -264,6 +293,7 @@ def _invert_batch(images: tf.Tensor) -> tf.Tensor:
   return tf.constant(255, tf.uint8) - images
 
 
+@_no_autograph
 def invert(image: Any) -> tf.Tensor:
   """255 - x, as ``PIL.ImageOps.invert``."""
   return _on_one(_invert_batch, _check_image(image))
@@ -275,6 +305,7 @@ def _posterize_batch(images: tf.Tensor, bits: Any) -> tf.Tensor:
   return tf.bitwise.bitwise_and(images, mask)
 
 
+@_no_autograph
 def posterize(image: Any, bits: Any) -> tf.Tensor:
   """Keeps the top ``bits`` bits of every value: x & ~(2**(8 - bits) - 1).
 
@@ -291,15 +322,33 @@ def posterize(image: Any, bits: Any) -> tf.Tensor:
   return _on_one(_posterize_batch, _check_image(image), bits)
 
 
+def _threshold_mask(images: tf.Tensor, threshold: Any, *, below: bool = False) -> tf.Tensor:
+  """uint8, 0xFF where images >= threshold (any int) and 0 elsewhere; or < if below.
+
+  Masks combined with bitwise ops replace tf.where, which is many times slower on
+  uint8 images; everything stays in uint8.
+  """
+  threshold = tf.convert_to_tensor(threshold)
+  known = tf.get_static_value(threshold)
+  if known is not None and not 0 < known < 256:
+    return tf.fill(tf.shape(images), tf.constant(255 if (known <= 0) != below else 0,
+                                                 tf.uint8))
+  clipped = tf.clip_by_value(tf.cast(threshold, tf.int32), 0, 256)
+  at_or_above = tf.cast(images >= tf.cast(tf.minimum(clipped, 255), tf.uint8), tf.uint8)
+  if known is None:
+    # A threshold of 256 (or more) is above every value, but was compared as 255.
+    at_or_above *= tf.cast(clipped <= 255, tf.uint8)
+  # 1 - 1 = 0 and 0 - 1 = 0xFF in uint8. (Not 0 - x for the other mask: graph
+  # optimisation turns that into Neg, which has no uint8 kernel.)
+  return at_or_above - 1 if below else at_or_above * 255
+
+
 def _solarize_batch(images: tf.Tensor, threshold: Any) -> tf.Tensor:
-  # int16 holds every value and the clipped threshold (256 and up: nothing inverted);
-  # x ^ 0xFF is 255 - x, so XOR with a 0 / 0xFF mask selects without tf.where, which is
-  # many times slower on uint8 images.
-  threshold = tf.cast(tf.clip_by_value(tf.cast(threshold, tf.int32), 0, 256), tf.int16)
-  flip = tf.cast(tf.cast(images, tf.int16) >= threshold, tf.uint8) * 255
-  return tf.bitwise.bitwise_xor(images, flip)
+  # x ^ 0xFF is 255 - x.
+  return tf.bitwise.bitwise_xor(images, _threshold_mask(images, threshold))
 
 
+@_no_autograph
 def solarize(image: Any, threshold: Any) -> tf.Tensor:
   """Inverts values >= threshold, as ``PIL.ImageOps.solarize``.
 
@@ -314,17 +363,29 @@ def solarize(image: Any, threshold: Any) -> tf.Tensor:
 
 
 def _solarize_add_batch(images: tf.Tensor, addition: Any, threshold: Any) -> tf.Tensor:
-  # Clipping the addition to +-255 and the threshold to [0, 256] changes no result
-  # (values are 0..255) and keeps the int16 arithmetic below from overflowing.
-  addition = tf.cast(tf.clip_by_value(tf.cast(addition, tf.int32), -255, 255), tf.int16)
-  threshold = tf.cast(tf.clip_by_value(tf.cast(threshold, tf.int32), 0, 256), tf.int16)
-  values = tf.cast(images, tf.int16)
-  below = tf.cast(values < threshold, tf.int16)
-  added = tf.clip_by_value(values + addition, 0, 255)
-  # values + below * (added - values) selects without tf.where (slow on images).
-  return tf.cast(values + below * (added - values), tf.uint8)
+  addition = tf.convert_to_tensor(addition)
+  # Saturating uint8 arithmetic: with p = max(a, 0) and n = max(-a, 0) (|a| clipped to
+  # 255, which changes no result), min(max(x, n) - n, 255 - p) + p = clip(x + a, 0, 255).
+  known = tf.get_static_value(addition)
+  addition = tf.clip_by_value(tf.cast(addition, tf.int32), -255, 255)
+  if known is not None and known >= 0:
+    # RandAugment's case. The sum is >= x, so max(x, sum & mask) selects it where the
+    # mask is 0xFF (values below the threshold) and x elsewhere.
+    add = tf.cast(addition, tf.uint8)
+    added = tf.minimum(images, tf.constant(255, tf.uint8) - add) + add
+    return tf.maximum(images, tf.bitwise.bitwise_and(
+        added, _threshold_mask(images, threshold, below=True)))
+  subtract = tf.cast(tf.maximum(-addition, 0), tf.uint8)
+  add = tf.cast(tf.maximum(addition, 0), tf.uint8)
+  added = tf.minimum(tf.maximum(images, subtract) - subtract,
+                     tf.constant(255, tf.uint8) - add) + add
+  # x ^ ((x ^ y) & mask) is y where the mask is 0xFF and x where it is 0.
+  below = _threshold_mask(images, threshold, below=True)
+  return tf.bitwise.bitwise_xor(
+      images, tf.bitwise.bitwise_and(tf.bitwise.bitwise_xor(images, added), below))
 
 
+@_no_autograph
 def solarize_add(image: Any, addition: Any, threshold: Any = 128) -> tf.Tensor:
   """Adds ``addition`` to values below ``threshold``, clipping at 255.
 
@@ -358,17 +419,36 @@ def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: Any) -> tf.Tensor:
   return _to_uint8(blended, image)
 
 
-def _grayscale(images: tf.Tensor) -> tf.Tensor:
-  """Pillow's RGB -> L conversion (ITU-R 601-2 luma in 16-bit fixed point), int32."""
-  rgb = tf.cast(images, tf.int32)
-  luma = rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000
-  return tf.bitwise.right_shift(luma, 16)
+def _grayscale(channels: list[tf.Tensor]) -> tf.Tensor:
+  """Pillow's RGB -> L conversion (ITU-R 601-2 luma in 16-bit fixed point), as float32.
+
+  Args:
+    channels: the red, green and blue planes, float32 [...] each (as unstacked by
+      ``_planes``, which is much faster than slicing them).
+
+  Returns:
+    (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16, float32 [...], computed in float32:
+    every term and sum is an integer below 255 * 65536 + 0x8000 < 2**24, so exact, and
+    so are the scaling by 2**-16 and the floor.
+  """
+  red, green, blue = channels
+  luma = red * 19595.0 + green * 38470.0 + blue * 7471.0 + 32768.0
+  return tf.floor(luma * (1.0 / 65536))
+
+
+def _planes(images: tf.Tensor) -> list[tf.Tensor]:
+  """The three channels of uint8 [..., 3] images as float32 [...] planes."""
+  return [tf.cast(plane, tf.float32) for plane in tf.unstack(images, axis=-1)]
 
 
 def _color_batch(images: tf.Tensor, factor: Any) -> tf.Tensor:
-  return _blend(_grayscale(images)[..., None], images, factor)
+  # Broadcasting the grey plane along the inner channel dimension is slow in TF; doing
+  # it once, up front, beats letting both the subtraction and the addition do it.
+  grey = tf.broadcast_to(_grayscale(_planes(images))[..., None], tf.shape(images))
+  return _blend(grey, images, factor)
 
 
+@_no_autograph
 def color(image: Any, factor: Any) -> tf.Tensor:
   """``PIL.ImageEnhance.Color(image).enhance(factor)``: blend with the greyscale image.
 
@@ -383,13 +463,14 @@ def color(image: Any, factor: Any) -> tf.Tensor:
 
 
 def _contrast_batch(images: tf.Tensor, factor: Any) -> tf.Tensor:
-  total = tf.reduce_sum(tf.cast(_grayscale(images), tf.int64), axis=[1, 2])
+  total = tf.reduce_sum(tf.cast(_grayscale(_planes(images)), tf.int64), axis=[1, 2])
   shape = tf.shape(images, out_type=tf.int64)
   count = shape[1] * shape[2]
   mean = (2 * total + count) // tf.maximum(2 * count, 1)
   return _blend(mean[:, None, None, None], images, factor)
 
 
+@_no_autograph
 def contrast(image: Any, factor: Any) -> tf.Tensor:
   """``PIL.ImageEnhance.Contrast(image).enhance(factor)``: blend with the mean grey.
 
@@ -407,9 +488,11 @@ def contrast(image: Any, factor: Any) -> tf.Tensor:
 
 
 def _brightness_batch(images: tf.Tensor, factor: Any) -> tf.Tensor:
-  return _blend(tf.zeros([], tf.uint8), images, factor)
+  # _blend with black: 0 + f * (x - 0) is exactly f * x in float32, in one multiply.
+  return _to_uint8(tf.cast(factor, tf.float32) * tf.cast(images, tf.float32), images)
 
 
+@_no_autograph
 def brightness(image: Any, factor: Any) -> tf.Tensor:
   """``PIL.ImageEnhance.Brightness(image).enhance(factor)``: blend with black.
 
@@ -424,26 +507,36 @@ def brightness(image: Any, factor: Any) -> tf.Tensor:
 
 
 def _sharpness_batch(images: tf.Tensor, factor: Any) -> tf.Tensor:
-  x = tf.cast(images, tf.float32)
+  shape = tf.shape(images)
+  height, width = shape[1], shape[2]
+  # Rows of W * 3 values: a pixel's horizontal neighbours are 3 values away. The row
+  # slices are taken in uint8 and cast after: TF copies such slices of float32 tensors
+  # several times slower.
+  flat = tf.reshape(images, [shape[0], height, width * 3])
+  above, middle, below = (tf.cast(flat[:, :-2], tf.float32),
+                          tf.cast(flat[:, 1:-1], tf.float32),
+                          tf.cast(flat[:, 2:], tf.float32))
   # Separable 3x3 box sum over the interior, plus 4x the centre for the kernel's 5.
   # Python-style slices give empty (not negative-sized) results for tiny images.
-  rows = x[:, :-2] + x[:, 1:-1] + x[:, 2:]
-  centre = x[:, 1:-1, 1:-1]
-  sums = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:] + 4 * centre
+  rows = above + middle + below
+  centre = middle[:, :, 3:-3]
+  sums = rows[:, :, :-6] + rows[:, :, 3:-3] + rows[:, :, 6:] + 4 * centre
   # Integer sums up to 13 * 255 are exact in float32, and sums / 13 is never within
-  # 1/26 of a .5 tie, so this rounding is exact (and half-to-even cannot matter).
-  smoothed = tf.round(sums / 13)
-  interior = _blend(smoothed, images[:, 1:-1, 1:-1], factor)
+  # 1/26 of a .5 tie, so rounding it is exact even with the multiplication's relative
+  # error of 2**-24 (and half-to-even cannot matter).
+  smoothed = tf.round(sums * (1.0 / 13))
+  interior = _blend(smoothed, centre, factor)
   # The border blends with itself, i.e. stays as it is: paste the interior back.
-  height, width = tf.shape(images)[1], tf.shape(images)[2]
-  middle = images[:, 1:-1]
+  middle = flat[:, 1:-1]
   middle = tf.concat(
-      [middle[:, :, :1], interior, middle[:, :, tf.maximum(width - 1, 1):]], axis=2)
-  out = tf.concat([images[:, :1], middle, images[:, tf.maximum(height - 1, 1):]], axis=1)
+      [middle[:, :, :3], interior, middle[:, :, tf.maximum(width - 1, 1) * 3:]], axis=2)
+  out = tf.concat([flat[:, :1], middle, flat[:, tf.maximum(height - 1, 1):]], axis=1)
+  out = tf.reshape(out, shape)
   out.set_shape(images.shape)
   return out
 
 
+@_no_autograph
 def sharpness(image: Any, factor: Any) -> tf.Tensor:
   """``PIL.ImageEnhance.Sharpness(image).enhance(factor)``: blend with a smoothed image.
 
@@ -531,20 +624,61 @@ def _pixel_maps(transforms: tf.Tensor, height: Any, width: Any) -> tf.Tensor:
 def _remap_batch(images: tf.Tensor, maps: tf.Tensor) -> tf.Tensor:
   """images[i] remapped through maps[i] (int32 [k, H * W], from ``_pixel_maps``)."""
   shape = tf.shape(images)
+  count = shape[1] * shape[2]
+  # Pixel H * W of each image is an appended fill pixel; the maps index a flat list of
+  # all k * (H * W + 1) pixels, for one gather_nd (about twice as fast as a gather
+  # with batch_dims).
   fill = tf.fill([shape[0], 1, 3], tf.constant(FILL_VALUE, tf.uint8))
-  # Index H * W is the fill pixel appended to each image.
-  pixels = tf.concat([tf.reshape(images, [shape[0], shape[1] * shape[2], 3]), fill], 1)
-  out = tf.reshape(tf.gather(pixels, maps, axis=1, batch_dims=1), shape)
+  pixels = tf.concat([tf.reshape(images, [shape[0], count, 3]), fill], 1)
+  pixels = tf.reshape(pixels, [shape[0] * (count + 1), 3])
+  index = maps + (count + 1) * tf.range(shape[0])[:, None]
+  out = tf.reshape(tf.gather_nd(pixels, index[..., None]), shape)
+  out.set_shape(images.shape)
+  return out
+
+
+def _shift_batch(images: tf.Tensor, dy: int, dx: int) -> tf.Tensor:
+  """out[:, y, x] = images[:, y + dy, x + dx], fill where that is outside (static H, W).
+
+  The pixel map of a whole-pixel translation, done by slicing and concatenating, which
+  costs a fraction of a gather.
+  """
+  height, width = images.shape[1], images.shape[2]
+  k = tf.shape(images)[0]
+  top, bottom = min(max(-dy, 0), height), max(min(height - dy, height), 0)
+  left, right = min(max(-dx, 0), width), max(min(width - dx, width), 0)
+  if bottom <= top or right <= left:
+    return tf.fill(tf.shape(images), tf.constant(FILL_VALUE, tf.uint8))
+
+  def fill(rows: int, cols: int) -> tf.Tensor:
+    return tf.fill([k, rows, cols, 3], tf.constant(FILL_VALUE, tf.uint8))
+
+  out = images[:, top + dy:bottom + dy, left + dx:right + dx]
+  if left > 0 or right < width:
+    out = tf.concat([fill(bottom - top, left), out, fill(bottom - top, width - right)], 2)
+  if top > 0 or bottom < height:
+    out = tf.concat([fill(top, width), out, fill(height - bottom, width)], 1)
   out.set_shape(images.shape)
   return out
 
 
 def _affine(image: tf.Tensor, transform: tf.Tensor) -> tf.Tensor:
-  """``Image.transform(size, AFFINE, ..., NEAREST, fillcolor=128)`` on one image."""
-  shape = tf.shape(image)
-  return _on_one(_remap_batch, image, _pixel_maps(transform[None], shape[0], shape[1]))
+  """``Image.transform(size, AFFINE, ..., NEAREST, fillcolor=128)`` on one image.
+
+  Applies the kernel directly: for one image and one transform that is as fast as
+  computing its pixel map, and keeps the per-image graph small. The batched path
+  remaps through maps computed by this same kernel, so the two agree exactly (the
+  tests check it).
+  """
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
+      fill_value=tf.constant(FILL_VALUE, tf.float32), interpolation='NEAREST',
+      fill_mode='CONSTANT')[0]
+  out.set_shape(image.shape)
+  return out
 
 
+@_no_autograph
 def rotate(image: Any, degrees: Any) -> tf.Tensor:
   """Rotates about the image centre, as ``Image.rotate(degrees, NEAREST, fillcolor=128)``.
 
@@ -563,6 +697,7 @@ def rotate(image: Any, degrees: Any) -> tf.Tensor:
   return _affine(image, _geometric_transform('Rotate', degrees, shape[0], shape[1]))
 
 
+@_no_autograph
 def shear_x(image: Any, level: Any) -> tf.Tensor:
   """Output (x, y) samples input (x + level * y, y): Pillow AFFINE (1, level, 0, 0, 1, 0).
 
@@ -577,6 +712,7 @@ def shear_x(image: Any, level: Any) -> tf.Tensor:
   return _affine(image, _geometric_transform('ShearX', level, None, None))
 
 
+@_no_autograph
 def shear_y(image: Any, level: Any) -> tf.Tensor:
   """Output (x, y) samples input (x, y + level * x): Pillow AFFINE (1, 0, 0, level, 1, 0).
 
@@ -591,6 +727,7 @@ def shear_y(image: Any, level: Any) -> tf.Tensor:
   return _affine(image, _geometric_transform('ShearY', level, None, None))
 
 
+@_no_autograph
 def translate_x(image: Any, pixels: Any) -> tf.Tensor:
   """Output (x, y) samples input (x + pixels, y): Pillow AFFINE (1, 0, pixels, 0, 1, 0).
 
@@ -607,6 +744,7 @@ def translate_x(image: Any, pixels: Any) -> tf.Tensor:
   return _affine(image, _geometric_transform('TranslateX', pixels, None, None))
 
 
+@_no_autograph
 def translate_y(image: Any, pixels: Any) -> tf.Tensor:
   """Output (x, y) samples input (x, y + pixels): Pillow AFFINE (1, 0, 0, 0, 1, pixels).
 
@@ -634,7 +772,9 @@ def _cutout_batch(images: tf.Tensor, pad_size: Any, centres: tf.Tensor) -> tf.Te
   # 0xFF inside the box and 0 outside, as a [k, H, 1] and a [k, 1, W * 3] byte mask:
   # broadcasting along whole rows is fast, unlike along the inner channel dimension.
   row_mask = tf.cast(in_rows, tf.uint8)[:, :, None] * 255
-  col_mask = tf.repeat(tf.cast(in_cols, tf.uint8) * 255, 3, axis=1)[:, None, :]
+  col_mask = tf.reshape(tf.broadcast_to(tf.cast(in_cols, tf.uint8)[:, None, :, None] * 255,
+                                        [shape[0], 1, shape[2], 3]),
+                        [shape[0], 1, shape[2] * 3])
   flat = tf.reshape(images, [shape[0], shape[1], shape[2] * 3])
   # x ^ ((x ^ 128) & mask) is 128 where the mask is 0xFF and x where it is 0: a select
   # without tf.where, which is many times slower on uint8 images.
@@ -646,13 +786,7 @@ def _cutout_batch(images: tf.Tensor, pad_size: Any, centres: tf.Tensor) -> tf.Te
   return out
 
 
-def _cutout_centre(seed: tf.Tensor, height: Any, width: Any) -> tf.Tensor:
-  """The Cutout centre (int32 [2]: row, column) drawn from ``seed``."""
-  seed_y, seed_x = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  return tf.stack([tf.random.stateless_uniform([], seed_y, 0, height, tf.int32),
-                   tf.random.stateless_uniform([], seed_x, 0, width, tf.int32)])
-
-
+@_no_autograph
 def cutout(image: Any, pad_size: Any, seed: Any) -> tf.Tensor:
   """Fills a square of side 2 * pad_size, clipped to the image, with grey 128.
 
@@ -671,8 +805,8 @@ def cutout(image: Any, pad_size: Any, seed: Any) -> tf.Tensor:
   image = _check_image(image)
   seed = _check_seed(seed)
   shape = tf.shape(image)
-  centre = _cutout_centre(seed, shape[0], shape[1])
-  return _on_one(_cutout_batch, image, pad_size, centre[None])
+  _, row, column = _op_draws(seed, shape[0], shape[1])
+  return _on_one(_cutout_batch, image, pad_size, tf.stack([row, column])[None])
 
 
 # ---------------------------------------------------------------- RandAugment
@@ -725,33 +859,36 @@ def op_arguments(magnitude: float) -> dict[str, float | int | None]:
   }
 
 
-# The random draws, shared by randaugment (one image) and randaugment_batch (a
-# map_fn over the seeds), so that both make the same choices from the same seed:
-#   seed -> one seed per layer -> (op choice seed, op seed);
-#   op seed -> (sign seed, Cutout seed); Cutout seed -> (row seed, column seed).
+# The random draws, shared by randaugment (one image) and randaugment_batch (per seed,
+# unrolled or in a map_fn), so that both make the same choices from the same seed.
+# They take 1 + num_layers stateless draws per image: batched, these per-seed draws
+# run one after another, so their number matters.
 
 
-def _layer_choices(seed: tf.Tensor,
-                   num_layers: int) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
-  """Per layer, the op index (int32 scalar) and the op's seed (the sign, Cutout)."""
-  op_indices, op_seeds = [], []
-  for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, num_layers)):
-    choice_seed, op_seed = tf.unstack(
-        tf.random.experimental.stateless_split(layer_seed, 2))
-    op_indices.append(tf.random.stateless_uniform([], choice_seed, 0, NUM_OPS, tf.int32))
-    op_seeds.append(op_seed)
-  return op_indices, op_seeds
+def _layer_choices(seed: tf.Tensor, num_layers: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """The op index of each layer (int32 [L]) and each op's own seed ([L, 2], seed's dtype).
+
+  One draw of [num_layers, 3] full-range integers: row l's first two columns are
+  layer l's op seed (as ``stateless_split`` would make it) and the third picks its op;
+  the residue mod 16 of a full-range integer is exactly uniform.
+  """
+  bits = tf.random.stateless_uniform(
+      [num_layers, 3], seed, minval=None, maxval=None, dtype=seed.dtype)
+  return tf.cast(tf.math.floormod(bits[:, 2], NUM_OPS), tf.int32), bits[:, :2]
 
 
-def _op_seeds(op_seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """(sign seed, Cutout seed) of one op application."""
-  sign_seed, cutout_seed = tf.unstack(tf.random.experimental.stateless_split(op_seed, 2))
-  return sign_seed, cutout_seed
+def _op_draws(op_seed: tf.Tensor, height: Any,
+              width: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """(negative, row, column) drawn from one op's seed.
 
-
-def _is_negative(sign_seed: tf.Tensor) -> tf.Tensor:
-  """Whether a signed op takes its negative argument (bool scalar)."""
-  return tf.random.stateless_uniform([], sign_seed) < 0.5
+  ``negative`` (bool scalar, probability 1/2) negates a signed op's argument; (row,
+  column) (int32 scalars) is the Cutout centre, uniform over the pixels up to a bias
+  of H / 2**32.
+  """
+  bits = tf.random.stateless_uniform([3], op_seed, minval=None, maxval=None,
+                                     dtype=tf.int32)
+  return (bits[0] < 0, tf.math.floormod(bits[1], height),
+          tf.math.floormod(bits[2], width))
 
 
 def _image_draws(seed: tf.Tensor, num_layers: int, height: Any, width: Any) -> tf.Tensor:
@@ -761,14 +898,14 @@ def _image_draws(seed: tf.Tensor, num_layers: int, height: Any, width: Any) -> t
   of layer l, exactly as ``randaugment`` / ``apply_op`` draw them from ``seed``.
   """
   rows = []
-  for op_index, op_seed in zip(*_layer_choices(seed, num_layers)):
-    sign_seed, cutout_seed = _op_seeds(op_seed)
-    negative = tf.cast(_is_negative(sign_seed), tf.int32)
-    rows.append(tf.concat(
-        [tf.stack([op_index, negative]), _cutout_centre(cutout_seed, height, width)], 0))
+  op_indices, op_seeds = _layer_choices(seed, num_layers)
+  for op_index, op_seed in zip(tf.unstack(op_indices), tf.unstack(op_seeds)):
+    negative, row, column = _op_draws(op_seed, height, width)
+    rows.append(tf.stack([op_index, tf.cast(negative, tf.int32), row, column]))
   return tf.stack(rows)
 
 
+@_no_autograph
 def apply_op(image: Any, op_index: Any, magnitude: float, seed: Any) -> tf.Tensor:
   """Applies op ``OP_NAMES[op_index]`` at ``magnitude``; only that op is executed.
 
@@ -788,9 +925,9 @@ def apply_op(image: Any, op_index: Any, magnitude: float, seed: Any) -> tf.Tenso
   image = _check_image(image)
   args = op_arguments(magnitude)
   seed = _check_seed(seed)
-  sign_seed, cutout_seed = _op_seeds(seed)
-  sign = tf.where(_is_negative(sign_seed), tf.constant(-1.0, tf.float64),
-                  tf.constant(1.0, tf.float64))
+  shape = tf.shape(image)
+  negative, row, column = _op_draws(seed, shape[0], shape[1])
+  sign = tf.where(negative, tf.constant(-1.0, tf.float64), tf.constant(1.0, tf.float64))
 
   def signed(name: str) -> tf.Tensor:
     return sign * args[name]
@@ -810,7 +947,9 @@ def apply_op(image: Any, op_index: Any, magnitude: float, seed: Any) -> tf.Tenso
       'ShearY': lambda: shear_y(image, signed('ShearY')),
       'TranslateX': lambda: translate_x(image, signed('TranslateX')),
       'TranslateY': lambda: translate_y(image, signed('TranslateY')),
-      'Cutout': lambda: cutout(image, args['Cutout'], cutout_seed),
+      # What cutout(image, args['Cutout'], seed) draws, without drawing it again.
+      'Cutout': lambda: _on_one(_cutout_batch, image, args['Cutout'],
+                                tf.stack([row, column])[None]),
       'SolarizeAdd': lambda: solarize_add(image, args['SolarizeAdd']),
   }
   out = tf.switch_case(
@@ -819,6 +958,7 @@ def apply_op(image: Any, op_index: Any, magnitude: float, seed: Any) -> tf.Tenso
   return out
 
 
+@_no_autograph
 def randaugment(image: Any, seed: Any, *, num_layers: int, magnitude: float) -> tf.Tensor:
   """RandAugment: ``num_layers`` ops, each uniform over the 16, at ``magnitude``.
 
@@ -845,36 +985,67 @@ def randaugment(image: Any, seed: Any, *, num_layers: int, magnitude: float) -> 
   if num_layers == 0:
     return image
   seed = _check_seed(seed)
-  for op_index, op_seed in zip(*_layer_choices(seed, num_layers)):
-    image = apply_op(image, op_index, magnitude, op_seed)
+  op_indices, op_seeds = _layer_choices(seed, num_layers)
+
+  def layer(index: tf.Tensor, image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    return index + 1, apply_op(image, op_indices[index], magnitude, op_seeds[index])
+
+  # A loop rather than num_layers copies of apply_op's 16-branch switch keeps the
+  # graph small, which makes tf.data iterators start several times faster. (Eagerly,
+  # tf.while_loop is a plain Python loop.)
+  _, image = tf.while_loop(lambda index, _: index < num_layers, layer,
+                           (tf.constant(0), image), maximum_iterations=num_layers)
   return image
 
 
 # ---------------------------------------------------------------- batched RandAugment
 
 
-def _geometric_maps(magnitude: float, height: Any, width: Any) -> tf.Tensor:
-  """Pixel maps (int32 [10, H * W], see ``_pixel_maps``) of the geometric ops at m.
+def _geometric_plan(magnitude: float, height: Any,
+                    width: Any) -> tuple[tf.Tensor, tuple[tuple[int, int] | None, ...]]:
+  """The geometric ops' pixel maps at m, and which of them are plain shifts.
 
-  Map 2 * i + s is op ``_GEOMETRIC_OPS[i]`` with sign -1 if s else +1. With static
-  H and W the maps are computed once, eagerly, and embedded as a constant.
+  Returns (maps, shifts): maps is int32 [10, H * W] (see ``_pixel_maps``), map 2 * i + s
+  being op ``_GEOMETRIC_OPS[i]`` with sign -1 if s else +1; shifts[j] is (dy, dx) when
+  map j is exactly a whole-pixel translation (cheaper to apply by slicing), else None.
+  With static H and W the maps are computed once, eagerly, and embedded as a
+  constant; otherwise they are computed in the graph and none counts as a shift.
   """
-  array = None
   if isinstance(height, int) and isinstance(width, int):
+    plan = None
     with tf.init_scope():
       if tf.executing_eagerly():
-        array = _static_geometric_maps(float(magnitude), height, width)
-  if array is not None:
-    return tf.constant(array)
-  return _compute_geometric_maps(magnitude, height, width)
+        plan = _static_geometric_plan(float(magnitude), height, width)
+    if plan is not None:
+      return tf.constant(plan[0]), plan[1]
+  return _geometric_maps(magnitude, height, width), (None,) * (2 * len(_GEOMETRIC_OPS))
 
 
 @functools.lru_cache(maxsize=16)
-def _static_geometric_maps(magnitude: float, height: int, width: int) -> np.ndarray:
-  return _compute_geometric_maps(magnitude, height, width).numpy()
+def _static_geometric_plan(
+    magnitude: float, height: int,
+    width: int) -> tuple[np.ndarray, tuple[tuple[int, int] | None, ...]]:
+  maps = _geometric_maps(magnitude, height, width).numpy()
+  return maps, tuple(_as_shift(map_, height, width) for map_ in maps)
 
 
-def _compute_geometric_maps(magnitude: float, height: Any, width: Any) -> tf.Tensor:
+def _as_shift(map_: np.ndarray, height: int, width: int) -> tuple[int, int] | None:
+  """(dy, dx) if map_ takes every output pixel (y, x) from (y + dy, x + dx), else None."""
+  count = height * width
+  inside = np.flatnonzero(map_ < count)
+  if inside.size:
+    dy = map_[inside[0]] // width - inside[0] // width
+    dx = map_[inside[0]] % width - inside[0] % width
+  else:
+    dy, dx = height, 0  # All fill.
+  rows = np.arange(height)[:, None] + dy
+  cols = np.arange(width)[None, :] + dx
+  valid = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+  shifted = np.where(valid, rows * width + cols, count).ravel()
+  return (int(dy), int(dx)) if np.array_equal(shifted, map_) else None
+
+
+def _geometric_maps(magnitude: float, height: Any, width: Any) -> tf.Tensor:
   args = op_arguments(magnitude)
   transforms = []
   for name in _GEOMETRIC_OPS:
@@ -885,12 +1056,19 @@ def _compute_geometric_maps(magnitude: float, height: Any, width: Any) -> tf.Ten
   return _pixel_maps(tf.stack(transforms), height, width)
 
 
-def _layer_kernels(magnitude: float) -> dict[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
-                                             | None]:
-  """Per op, fn(sub-batch, its draws [k, 4]) applying it at m; None where it is the
-  identity at m (then its images are passed through untouched).
+def _layer_kernels(
+    magnitude: float, channels: tf.Tensor
+) -> dict[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None]:
+  """The non-geometric ops at m, as functions of (sub-batch, its draws).
 
-  The draws columns are (negative, Cutout row, Cutout column, geometric map index).
+  Args:
+    magnitude: m >= 0, a Python number.
+    channels: ``_lut_channels`` of the images, shared by the LUT ops.
+
+  Returns:
+    {op name: fn(uint8 [k, H, W, 3], int32 [k, 4] draws) -> uint8 [k, H, W, 3], or None
+    where the op is the identity at m (its images then pass through untouched)}. The
+    draws columns are (negative, Cutout row, Cutout column, geometric map index).
   """
   args = op_arguments(magnitude)
 
@@ -901,8 +1079,8 @@ def _layer_kernels(magnitude: float) -> dict[str, Callable[[tf.Tensor, tf.Tensor
     return lambda images, draws: fn(images, factor)
 
   return {
-      'AutoContrast': lambda images, draws: _auto_contrast_batch(images),
-      'Equalize': lambda images, draws: _equalize_batch(images),
+      'AutoContrast': lambda images, draws: _auto_contrast_batch(images, channels),
+      'Equalize': lambda images, draws: _equalize_batch(images, channels),
       'Invert': lambda images, draws: _invert_batch(images),
       'Posterize': (None if args['Posterize'] >= 8 else
                     lambda images, draws: _posterize_batch(images, args['Posterize'])),
@@ -920,12 +1098,131 @@ def _layer_kernels(magnitude: float) -> dict[str, Callable[[tf.Tensor, tf.Tensor
   }
 
 
+def _layer_groups(
+    op_indices: tf.Tensor, draws: tf.Tensor, magnitude: float, plan: tuple[Any, Any],
+    channels: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, list[Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None]]:
+  """Sorts the images of one layer into groups that get the same treatment.
+
+  Group 0 passes images through (ops that are the identity at this magnitude), every
+  other non-geometric op has a group, so does each geometric map that is a plain
+  shift, and the other geometric maps share one (a gather through per-image maps).
+
+  Args:
+    op_indices: int32 [B], values in [0, NUM_OPS).
+    draws: int32 [B, 3]: per image 1 if a signed op takes its negative argument else
+      0, and the Cutout centre row and column.
+    magnitude: m >= 0, a Python number.
+    plan: ``_geometric_plan(magnitude, H, W)``.
+    channels: ``_lut_channels`` of the images.
+
+  Returns:
+    (groups int32 [B], group draws int32 [B, 4] (``draws`` plus the geometric map
+    index), [fn(sub-batch, its group draws) or None for group 0, per group]).
+  """
+  maps, shifts = plan
+  kernels = _layer_kernels(magnitude, channels)
+  group_fns: list[Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None] = [None]
+  group_of: dict[Any, int] = {}
+
+  def group(key: Any, fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None) -> int:
+    if fn is None:
+      return 0
+    if key not in group_of:
+      group_of[key] = len(group_fns)
+      # A name scope per group (op name, 'remap' or the shift) labels profiles.
+      label = key if isinstance(key, str) else f'shift_{key[0]}_{key[1]}'.replace('-', 'm')
+
+      def scoped(part, part_draws, fn=fn, label=label):
+        with tf.name_scope(label):
+          return fn(part, part_draws)
+
+      group_fns.append(scoped)
+    return group_of[key]
+
+  # Tables over 2 * op index + negative.
+  group_of_key, map_of_key = [], []
+  for name in OP_NAMES:
+    for negative in (0, 1):
+      if name in SIGNED_OPS:
+        map_index = 2 * _GEOMETRIC_OPS.index(name) + negative
+        shift = shifts[map_index]
+        if shift is None:
+          fn = lambda part, part_draws: _remap_batch(part, tf.gather(maps, part_draws[:, 3]))
+          group_of_key.append(group('remap', fn))
+        elif shift == (0, 0):
+          group_of_key.append(0)
+        else:
+          fn = lambda part, part_draws, shift=shift: _shift_batch(part, *shift)
+          group_of_key.append(group(shift, fn))
+        map_of_key.append(map_index)
+      else:
+        group_of_key.append(group(name, kernels[name]))
+        map_of_key.append(0)
+  draws = tf.cast(draws, tf.int32)
+  key = 2 * tf.cast(op_indices, tf.int32) + draws[:, 0]
+  map_index = tf.gather(tf.constant(map_of_key, tf.int32), key)
+  groups = tf.gather(tf.constant(group_of_key, tf.int32), key)
+  return groups, tf.concat([draws, map_index[:, None]], axis=1), group_fns
+
+
+def _augment_layers(images: tf.Tensor, op_indices: tf.Tensor, draws: tf.Tensor,
+                    magnitude: float, plan: tuple[Any, Any] | None = None) -> tf.Tensor:
+  """RandAugment layers on a batch: layer l gives image i op ``OP_NAMES[op_indices[i, l]]``.
+
+  Each layer runs every op once, on the sub-batch of images that drew it. Instead of
+  putting the batch back in order after every layer (a full copy) and splitting it
+  again (another), each layer's outputs are stitched straight into the order the next
+  layer's groups need, and cut apart there with tf.split.
+
+  Args:
+    images: uint8 [B, H, W, 3].
+    op_indices: int32 [B, L], values in [0, NUM_OPS).
+    draws: int32 [B, L, 3]: per image and layer 1 if a signed op takes its negative
+      argument else 0, and the Cutout centre row and column (see ``_image_draws``).
+    magnitude: m >= 0, a Python number.
+    plan: ``_geometric_plan(magnitude, H, W)``, or None to make it here.
+
+  Returns:
+    uint8 [B, H, W, 3].
+  """
+  shape = tf.shape(images)
+  if plan is None:
+    plan = _geometric_plan(
+        magnitude, images.shape[1] if images.shape[1] is not None else shape[1],
+        images.shape[2] if images.shape[2] is not None else shape[2])
+  channels = _lut_channels(images)
+  outputs, positions = None, None
+  for layer in range(op_indices.shape[1]):
+    groups, group_draws, group_fns = _layer_groups(
+        op_indices[:, layer], draws[:, layer], magnitude, plan, channels)
+    count = len(group_fns)
+    new_positions = tf.dynamic_partition(tf.range(shape[0]), groups, count)
+    if outputs is None:
+      parts = tf.dynamic_partition(images, groups, count)
+    else:
+      # rank[i]: where image i goes in this layer's group order.
+      rank = tf.math.invert_permutation(tf.concat(new_positions, 0))
+      ordered = tf.dynamic_stitch([tf.gather(rank, p) for p in positions], outputs)
+      sizes = tf.stack([tf.shape(p)[0] for p in new_positions])
+      parts = tf.split(ordered, sizes, num=count)
+    positions = new_positions
+    draw_parts = tf.dynamic_partition(group_draws, groups, count)
+    outputs = [part if fn is None else fn(part, part_draws)
+               for fn, part, part_draws in zip(group_fns, parts, draw_parts)]
+  if outputs is None:
+    return images
+  out = tf.dynamic_stitch(positions, outputs)
+  out.set_shape(images.shape)
+  return out
+
+
 def _apply_layer_batch(images: tf.Tensor, op_indices: tf.Tensor, draws: tf.Tensor,
-                       magnitude: float, maps: tf.Tensor | None = None) -> tf.Tensor:
+                       magnitude: float, plan: tuple[Any, Any] | None = None) -> tf.Tensor:
   """One RandAugment layer on a batch: image i gets op ``OP_NAMES[op_indices[i]]``.
 
   Equal to ``apply_op(images[i], op_indices[i], magnitude, op_seed)`` for every i
-  when ``draws[i]`` is what ``op_seed`` draws (see ``_image_draws``).
+  when ``draws[i]`` is what ``op_seed`` draws (see ``_op_draws``).
 
   Args:
     images: uint8 [B, H, W, 3].
@@ -933,53 +1230,15 @@ def _apply_layer_batch(images: tf.Tensor, op_indices: tf.Tensor, draws: tf.Tenso
     draws: int32 [B, 3]: per image 1 if a signed op takes its negative argument else
       0, and the Cutout centre row and column.
     magnitude: m >= 0, a Python number.
-    maps: ``_geometric_maps(magnitude, H, W)``, or None to compute them here.
+    plan: ``_geometric_plan(magnitude, H, W)``, or None to make it here.
 
   Returns:
     uint8 [B, H, W, 3].
   """
-  shape = tf.shape(images)
-  if maps is None:
-    maps = _geometric_maps(magnitude, images.shape[1] or shape[1],
-                           images.shape[2] or shape[2])
-  kernels = _layer_kernels(magnitude)
-  # Groups of images that get the same treatment: 0 passes images through (ops that
-  # are the identity at this magnitude), one group per other non-geometric op, and one
-  # for all geometric ops, which differ only in their pixel map.
-  group_fns: list[Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None] = [None]
-  group_of_op, map_slot_of_op = [], []
-  geometric_group = None
-  for name in OP_NAMES:
-    if name in SIGNED_OPS:
-      if geometric_group is None:
-        geometric_group = len(group_fns)
-        group_fns.append(lambda part, part_draws: _remap_batch(
-            part, tf.gather(maps, part_draws[:, 3])))
-      group_of_op.append(geometric_group)
-      map_slot_of_op.append(2 * _GEOMETRIC_OPS.index(name))
-    elif kernels[name] is None:
-      group_of_op.append(0)
-      map_slot_of_op.append(0)
-    else:
-      group_of_op.append(len(group_fns))
-      group_fns.append(kernels[name])
-      map_slot_of_op.append(0)
-  op_indices = tf.cast(op_indices, tf.int32)
-  draws = tf.cast(draws, tf.int32)
-  map_index = tf.gather(tf.constant(map_slot_of_op, tf.int32), op_indices) + draws[:, 0]
-  draws = tf.concat([draws, map_index[:, None]], axis=1)
-  groups = tf.gather(tf.constant(group_of_op, tf.int32), op_indices)
-  num_groups = len(group_fns)
-  image_parts = tf.dynamic_partition(images, groups, num_groups)
-  draw_parts = tf.dynamic_partition(draws, groups, num_groups)
-  positions = tf.dynamic_partition(tf.range(shape[0]), groups, num_groups)
-  outputs = [part if fn is None else fn(part, part_draws)
-             for fn, part, part_draws in zip(group_fns, image_parts, draw_parts)]
-  out = tf.dynamic_stitch(positions, outputs)
-  out.set_shape(images.shape)
-  return out
+  return _augment_layers(images, op_indices[:, None], draws[:, None], magnitude, plan)
 
 
+@_no_autograph
 def randaugment_batch(images: Any, seeds: Any, *, num_layers: int,
                       magnitude: float) -> tf.Tensor:
   """RandAugment on a batch, one seed per image: exactly ``randaugment`` per image.
@@ -1007,7 +1266,7 @@ def randaugment_batch(images: Any, seeds: Any, *, num_layers: int,
   seeds = _check_seeds(seeds, images)
   _check_num_layers(num_layers)
   _check_magnitude(magnitude)
-  if num_layers == 0:
+  if num_layers == 0 or images.shape[0] == 0:
     return images
   shape = tf.shape(images)
   if images.shape[0] is None or seeds.shape[0] is None:
@@ -1017,11 +1276,14 @@ def randaugment_batch(images: Any, seeds: Any, *, num_layers: int,
       seeds = tf.identity(seeds)
   height = images.shape[1] if images.shape[1] is not None else shape[1]
   width = images.shape[2] if images.shape[2] is not None else shape[2]
-  draws = tf.map_fn(
-      lambda seed: _image_draws(seed, num_layers, height, width), seeds,
-      fn_output_signature=tf.TensorSpec([num_layers, 4], tf.int32))
-  maps = _geometric_maps(magnitude, height, width)
-  for layer in range(num_layers):
-    images = _apply_layer_batch(images, draws[:, layer, 0], draws[:, layer, 1:],
-                                magnitude, maps)
-  return images
+  if images.shape[0] is not None:
+    # A static batch size (tf.data with drop_remainder=True) unrolls the per-seed
+    # draws, which saves map_fn's loop overhead.
+    draws = tf.stack([_image_draws(seed, num_layers, height, width)
+                      for seed in tf.unstack(seeds, num=images.shape[0])])
+  else:
+    draws = tf.map_fn(
+        lambda seed: _image_draws(seed, num_layers, height, width), seeds,
+        fn_output_signature=tf.TensorSpec([num_layers, 4], tf.int32))
+  return _augment_layers(images, draws[..., 0], draws[..., 1:], magnitude,
+                         _geometric_plan(magnitude, height, width))

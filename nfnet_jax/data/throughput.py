@@ -9,8 +9,10 @@ grain, about as large on disk as ImageNet's), then times in one run:
          with the variant's layers/magnitude, normalise), batches of --batch;
   eval   the resize_crop_32 evaluation pipeline at the variant's test size;
   and the same steps written straightforwardly with PIL and NumPy (PIL decodes the whole
-  JPEG, crops, flips and resizes; NumPy mixes and normalises; PIL's ImageOps/ImageEnhance/
-  transforms do RandAugment), one image at a time in one Python thread.
+  JPEG, crops, flips and resizes; NumPy mixes; PIL's ImageOps/ImageEnhance/transforms do
+  RandAugment), one image at a time in one Python thread. Both training pipelines deliver
+  uint8 batches (normalised on the device); both eval pipelines deliver normalised
+  float32, as the eval view keeps the bicubic overshoot.
 
 "Per core" = images per CPU-second of this process (user + system time from getrusage),
 so that a multi-threaded tf.data pipeline and a single-threaded PIL loop are compared on
@@ -159,7 +161,6 @@ def _pil_mix(images: np.ndarray, labels: np.ndarray, rng, alpha: float, num_clas
 def pil_train_batches(paths, labels, *, batch: int, num_batches: int, size: int,
                       alpha: float, layers: int, magnitude: float, num_classes: int):
   rng = np.random.default_rng(0)
-  mean, std = np.float32(pipeline.MEAN_RGB), np.float32(pipeline.STDDEV_RGB)
   k = 0
   for _ in range(num_batches):
     images, ys = [], []
@@ -175,8 +176,9 @@ def pil_train_batches(paths, labels, *, batch: int, num_batches: int, size: int,
     out = []
     for a in mixed:
       img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
-      out.append(np.asarray(_pil_randaugment(img, rng, layers, magnitude), np.float32))
-    yield (np.stack(out) - mean) / std, soft
+      out.append(np.asarray(_pil_randaugment(img, rng, layers, magnitude)))
+    # uint8, like the tf.data pipeline's training batches (both normalise on the device).
+    yield np.stack(out), soft
 
 
 def pil_eval_batches(paths, *, batch: int, num_batches: int, size: int):
