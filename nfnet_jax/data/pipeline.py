@@ -244,10 +244,17 @@ def hide_gpus_from_tensorflow() -> None:
   _TF_GPUS_HIDDEN = True
 
 
+# TensorFlow's CPU kernels for broadcasting arithmetic ([S, S, 3] against [3]) take ~1 ms
+# per 256 px image, 40% of the whole evaluation preprocessing; XLA fuses the two ops
+# into one pass at a twentieth of that.
+@tf.function(jit_compile=True)
+def _normalize_float(image: tf.Tensor) -> tf.Tensor:
+  return (image - tf.constant(MEAN_RGB, tf.float32)) / tf.constant(STDDEV_RGB, tf.float32)
+
+
 def normalize_image(image: tf.Tensor) -> tf.Tensor:
   """RGB image in 0..255 (any float/int dtype) -> float32 normalised with ImageNet stats."""
-  image = tf.cast(image, tf.float32)
-  return (image - tf.constant(MEAN_RGB, tf.float32)) / tf.constant(STDDEV_RGB, tf.float32)
+  return _normalize_float(tf.cast(image, tf.float32))
 
 
 def denormalize_image(images: np.ndarray) -> np.ndarray:
@@ -479,9 +486,10 @@ def _stage_seed(seed: int, process_index: int, stage: int) -> tf.Tensor:
 
 
 def to_uint8(images: tf.Tensor) -> tf.Tensor:
-  """0..255 floats -> uint8 pixels (rounded, bicubic overshoot clipped)."""
+  """0..255 floats -> uint8 pixels (rounded half to even, bicubic overshoot clipped)."""
   if images.dtype == tf.uint8:
     return images
+  # Not under XLA: per image, its launch costs more than the two passes it would save.
   return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
 
 

@@ -14,6 +14,8 @@ grain, about as large on disk as ImageNet's), then times in one run:
   uint8 batches (normalised on the device); both eval pipelines deliver normalised
   float32, as the eval view keeps the bicubic overshoot.
 
+Each pipeline is timed in --rounds interleaved rounds (tf, PIL, tf, PIL, ...) and the
+median round is reported, with the range of the per-round speed-ups.
 "Per core" = images per CPU-second of this process (user + system time from getrusage),
 so that a multi-threaded tf.data pipeline and a single-threaded PIL loop are compared on
 the same footing. Also prints the cores needed to feed one accelerator running the
@@ -23,6 +25,7 @@ unless --step-ms is given). A script, not a test: CI never runs it.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import resource
@@ -62,10 +65,7 @@ def _cpu_seconds() -> float:
   return r.ru_utime + r.ru_stime
 
 
-def _timed(batches, num_batches: int, batch: int, warmup: int = 2) -> dict:
-  """Times `num_batches` batches of an iterator after `warmup` (tracing, autotuning)."""
-  for _ in range(warmup):
-    next(batches)
+def _time_batches(batches, num_batches: int, batch: int) -> dict:
   cpu0, t0 = _cpu_seconds(), time.perf_counter()
   for _ in range(num_batches):
     next(batches)
@@ -73,6 +73,11 @@ def _timed(batches, num_batches: int, batch: int, warmup: int = 2) -> dict:
   n = num_batches * batch
   return {'images': n, 'wall_s': wall, 'cpu_s': cpu, 'images_per_s': n / wall,
           'images_per_cpu_s': n / cpu}
+
+
+def _median_run(runs: list[dict]) -> dict:
+  """The round with the median images per CPU-second."""
+  return sorted(runs, key=lambda r: r['images_per_cpu_s'])[len(runs) // 2]
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,7 +202,10 @@ def pil_eval_batches(paths, *, batch: int, num_batches: int, size: int):
 # ---------------------------------------------------------------------------------------
 
 def run(variant: str = 'F0', num_images: int = 256, batch: int = 32, num_batches: int = 12,
-        threads: int = 0, step_ms: float = 0.0, workdir: str | None = None) -> dict:
+        threads: int = 0, step_ms: float = 0.0, workdir: str | None = None,
+        rounds: int = 3) -> dict:
+  """Times every pipeline `rounds` times, interleaved (tf, PIL, tf, PIL, ...), so that a
+  change in the machine's load affects both sides of each comparison alike."""
   exp = config_lib.load_experiment('nfnet', variant)
   root = workdir or tempfile.mkdtemp(prefix='nfnet_throughput_')
   kb = make_corpus(root, num_images)
@@ -207,7 +215,8 @@ def run(variant: str = 'F0', num_images: int = 256, batch: int = 32, num_batches
   from nfnet_jax.data import folder  # pylint: disable=g-import-not-at-top
   index = folder.load_index(root)
   paths, labels = list(index.files['train']), index.labels['train']
-  total = num_batches + 2   # + warm-up batches
+  warmup = 2   # batches: tracing, autotuning, first file reads
+  total = warmup + num_batches
 
   def tf_eval():
     while True:   # one pass over the corpus is shorter than the timed batches
@@ -229,8 +238,25 @@ def run(variant: str = 'F0', num_images: int = 256, batch: int = 32, num_batches
              'machine': platform.processor() or platform.machine(),
              'train_size': cfg.image_size, 'eval_size': cfg.eval_image_size,
              'randaug': (cfg.randaug_layers, cfg.randaug_magnitude)}
-  for name, make in pipelines.items():
-    results[name] = _timed(iter(make()), num_batches, batch)
+  runs = {name: [] for name in pipelines}
+  for _ in range(rounds):
+    for name, make in pipelines.items():
+      # A fresh iterator per round, closed before the next pipeline is timed: a live
+      # tf.data iterator keeps filling its buffers on background threads, which would
+      # charge its work to the other pipeline's timing.
+      it = iter(make())
+      for _ in range(warmup):
+        next(it)
+      runs[name].append(_time_batches(it, num_batches, batch))
+      del it
+      gc.collect()
+  for name in pipelines:
+    results[name] = _median_run(runs[name])
+  for kind in ('train', 'eval'):
+    ratios = sorted(t['images_per_cpu_s'] / p['images_per_cpu_s']
+                    for t, p in zip(runs[f'tf_{kind}'], runs[f'pil_{kind}']))
+    results[f'{kind}_speedup'] = {'median': ratios[len(ratios) // 2], 'min': ratios[0],
+                                  'max': ratios[-1]}
   ms = step_ms or PAPER_V100_F0_MS
   needed = 32 / (ms / 1000)
   results['feed'] = {'step_ms': ms, 'images_per_s_needed': needed,
@@ -244,14 +270,18 @@ def main(argv=None) -> None:
   p.add_argument('--variant', default='F0')
   p.add_argument('--images', type=int, default=256, help='JPEGs in the generated corpus')
   p.add_argument('--batch', type=int, default=32)
-  p.add_argument('--batches', type=int, default=12, help='timed batches per pipeline')
+  p.add_argument('--batches', type=int, default=12,
+                 help='timed batches per pipeline and round')
+  p.add_argument('--rounds', type=int, default=3,
+                 help='interleaved timing rounds; the median round is reported')
   p.add_argument('--threads', type=int, default=0,
                  help='tf.data private thread pool (0: TF default = all cores)')
   p.add_argument('--step-ms', type=float, default=0.0,
                  help=f'train step to feed at 32 img/device (default: paper V100 F0, '
                       f'{PAPER_V100_F0_MS} ms)')
   args = p.parse_args(argv)
-  r = run(args.variant, args.images, args.batch, args.batches, args.threads, args.step_ms)
+  r = run(args.variant, args.images, args.batch, args.batches, args.threads, args.step_ms,
+          rounds=args.rounds)
   print(f"{r['variant']} (train {r['train_size']} px, RandAugment {r['randaug']}, eval "
         f"{r['eval_size']} px): {r['cpus']} CPUs ({r['machine']}), 500x375 JPEGs of "
         f"{r['mean_jpeg_kb']:.0f} KB")
@@ -260,9 +290,10 @@ def main(argv=None) -> None:
     x = r[name]
     print(f"{name:<10} {x['images_per_s']:8.1f} {x['images_per_cpu_s']:11.1f} "
           f"{x['wall_s']:7.2f} {x['cpu_s']:7.2f}")
-  print(f"train speed-up per core vs PIL: "
-        f"{r['tf_train']['images_per_cpu_s'] / r['pil_train']['images_per_cpu_s']:.2f}x; "
-        f"eval: {r['tf_eval']['images_per_cpu_s'] / r['pil_eval']['images_per_cpu_s']:.2f}x")
+  for kind in ('train', 'eval'):
+    x = r[f'{kind}_speedup']
+    print(f"{kind} speed-up per core vs PIL: {x['median']:.2f}x median of {args.rounds} "
+          f"interleaved rounds (min {x['min']:.2f}x, max {x['max']:.2f}x)")
   f = r['feed']
   print(f"feeding a {f['step_ms']} ms step at 32 img/device = {f['images_per_s_needed']:.0f} "
         f"img/s needs {f['cores_needed_tf']:.1f} cores (tf.data) vs "
