@@ -29,8 +29,7 @@ import numpy as np
 from nfnet_jax import models
 from nfnet_jax import nfnet
 from nfnet_jax import pretrained
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
+from nfnet_jax.data.folder import IMAGE_EXTENSIONS
 
 
 def find_images(inputs: Sequence[str]) -> list[str]:

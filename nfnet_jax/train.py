@@ -381,25 +381,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       config, workdir, training=False, checkpoints=not weights)
   if weights:   # no checkpoint involved: nothing but metrics is written to workdir
     params = _load_weights(config, weights, info.num_classes)
-    state = parallel.replicate({**state, 'params': params, 'ema_params': params}, devices)
-    p_eval_step = parallel.map_eval_step(make_eval_step(model, info.num_classes), devices)
-    results = evaluate_split(p_eval_step, state, config, split or config.eval.split, devices)
-    with metrics_lib.MetricsLogger(workdir, total_steps=total_steps,
-                                   progress_bar=False) as logger:
-      logger.write(0, results)
-    return results
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(
-          f'No checkpoint in {workdir}/checkpoints to evaluate. Train first '
-          f'(python -m nfnet_jax.train --config ... --workdir {workdir}) or point '
-          '--workdir at a training run.')
-    state = parallel.replicate(ckpt.restore(state), devices)
-    p_eval_step = parallel.map_eval_step(make_eval_step(model, info.num_classes), devices)
-    results = evaluate_split(p_eval_step, state, config, split or config.eval.split,
-                             devices)
-  finally:
-    ckpt.close()
+    state = {**state, 'params': params, 'ema_params': params}
+  else:
+    try:
+      if ckpt.latest_step() is None:
+        raise FileNotFoundError(
+            f'No checkpoint in {workdir}/checkpoints to evaluate. Train first '
+            f'(python -m nfnet_jax.train --config ... --workdir {workdir}) or point '
+            '--workdir at a training run.')
+      state = ckpt.restore(state)
+    finally:
+      ckpt.close()
+  state = parallel.replicate(state, devices)
+  p_eval_step = parallel.map_eval_step(make_eval_step(model, info.num_classes), devices)
+  results = evaluate_split(p_eval_step, state, config, split or config.eval.split, devices)
   with metrics_lib.MetricsLogger(workdir, total_steps=total_steps,
                                  progress_bar=False) as logger:
     logger.write(int(state['step']), results)
