@@ -4,17 +4,20 @@ as specified in shared/reference/nfnet-spec.md section 2.
 Module and parameter names (Haiku's defaults for the classes below):
 
   NF_RegNet/~/initial_conv                       3x3 stride-2 WS conv (w, gain, bias)
-  NF_RegNet/~/nf_reg_net_block                   first block (no `_0`): `skip_gain`
-  NF_RegNet/~/nf_reg_net_block_{k}/~/conv0       1x1 to the bottleneck width
-  NF_RegNet/~/nf_reg_net_block_{k}/~/conv1       grouped 3x3, carries the stride
-  NF_RegNet/~/nf_reg_net_block_{k}/~/squeeze_excite/~/linear, .../~/linear_1
-  NF_RegNet/~/nf_reg_net_block_{k}/~/conv2       1x1 to the block's output channels
-  NF_RegNet/~/nf_reg_net_block_{k}/~/conv_shortcut          projection blocks only
+  NF_RegNet/~/nf_block                   first block (no `_0`): `skip_gain`
+  NF_RegNet/~/nf_block_{k}/~/conv0       1x1 to the bottleneck width
+  NF_RegNet/~/nf_block_{k}/~/conv1       grouped 3x3, carries the stride
+  NF_RegNet/~/nf_block_{k}/~/squeeze_excite/~/linear, .../~/linear_1
+  NF_RegNet/~/nf_block_{k}/~/conv2       1x1 to the block's output channels
+  NF_RegNet/~/nf_block_{k}/~/conv_shortcut          projection blocks only
   NF_RegNet/~/final_conv                         1x1 to int(1280 * ch / 440)
   NF_RegNet/~/linear                             classifier (w, b), w init zeros
 
-These follow the NFNet naming pattern (class name -> snake case); they are NOT
-verified against DeepMind's released NF-RegNet checkpoints.
+These are the names of DeepMind's released Haiku code (deepmind-research/nfnets,
+nf_regnet.py: top module `NF_RegNet`, block class `NFBlock`, hence `nf_block`),
+checked against it line by line; tests/test_nf_regnet.py pins every path and
+shape. Our block class is `NFRegNetBlock` (NFNet's is `NFBlock`) and names its
+instances `nf_block` so the paths match.
 
 Shapes that fix the parameter count (NF-RegNet-B0, 1000 classes: 8,595,372):
 stage widths int(w * 0.75) ([36, 78, 156, 330] for B0), stem int(w0 * 0.75) = 36;
@@ -102,7 +105,8 @@ class NFRegNetBlock(hk.Module):
                se_ratio: float = 0.5, stochdepth_rate: float = 0.0,
                activation: Callable = layers.scaled_activation('silu'),
                name: Optional[str] = None):
-    super().__init__(name=name)
+    # The released NF_RegNet's block class is `NFBlock`: its checkpoints say `nf_block`.
+    super().__init__(name=name or 'nf_block')
     self.stride, self.beta, self.alpha = stride, beta, alpha
     self.activation = activation
     self.stochdepth_rate = stochdepth_rate

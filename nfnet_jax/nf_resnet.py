@@ -4,17 +4,20 @@ arXiv 2101.08692), as specified in shared/reference/nfnet-spec.md section 2.
 Module and parameter names (Haiku's defaults for the classes below):
 
   NF_ResNet/~/initial_conv                       7x7 stride-2 WS conv (w, gain, bias)
-  NF_ResNet/~/nf_res_net_block                   first block (no `_0`): `skip_gain`
-  NF_ResNet/~/nf_res_net_block_{k}/~/conv0       1x1
-  NF_ResNet/~/nf_res_net_block_{k}/~/conv1       3x3, carries the stride
-  NF_ResNet/~/nf_res_net_block_{k}/~/conv2       1x1 to the block's output channels
-  NF_ResNet/~/nf_res_net_block_{k}/~/conv_shortcut          projection blocks only
-  NF_ResNet/~/nf_res_net_block_{k}/~/squeeze_excite/~/linear, .../~/linear_1
-                                                 only with se_ratio > 0
+  NF_ResNet/~/nf_res_block                   first block (no `_0`): `skip_gain`
+  NF_ResNet/~/nf_res_block_{k}/~/conv0       1x1
+  NF_ResNet/~/nf_res_block_{k}/~/conv1       3x3, carries the stride
+  NF_ResNet/~/nf_res_block_{k}/~/conv2       1x1 to the block's output channels
+  NF_ResNet/~/nf_res_block_{k}/~/conv_shortcut          projection blocks only
+  NF_ResNet/~/nf_res_block_{k}/~/squeeze_excite/~/linear, .../~/linear_1
+                                                 only with use_se=True
   NF_ResNet/~/linear                             classifier (w, b)
 
-These follow the NFNet naming pattern (class name -> snake case); they are NOT
-verified against DeepMind's released NF-ResNet checkpoints.
+These are the names of DeepMind's released Haiku code (deepmind-research/nfnets,
+nf_resnet.py: top module `NF_ResNet`, block class `NFResBlock`, classifier an
+unnamed `hk.Linear`), checked against it line by line; tests/test_nf_resnet.py
+pins every path and shape. The SE block's two layers are unnamed `hk.Linear`s in
+a `SqueezeExcite`, hence `linear` and `linear_1`.
 
 Parameter count: NF-ResNet-50 at 1000 classes with the defaults (width 4, no SE)
 has 25,557,048 parameters: a BN ResNet-50's 25,557,032 (each WS conv's gain and
@@ -79,12 +82,12 @@ def block_specs(variant: str = 'ResNet50', width: float = 4, alpha: float = 0.2,
   return stem_ch, specs
 
 
-class NFResNetBlock(hk.Module):
+class NFResBlock(hk.Module):
   """Normalizer-free pre-activation bottleneck block (1x1, strided 3x3, 1x1)."""
 
   def __init__(self, in_ch: int, out_ch: int, bottleneck_ch: int, stride: int = 1,
-               beta: float = 1.0, alpha: float = 0.2, se_ratio: float = 0.0,
-               stochdepth_rate: float = 0.0,
+               beta: float = 1.0, alpha: float = 0.2, use_se: bool = False,
+               se_ratio: float = 0.25, stochdepth_rate: float = 0.0,
                activation: Callable = layers.scaled_activation('relu'),
                skipinit_gain: hk.initializers.Initializer = jnp.zeros,
                name: Optional[str] = None):
@@ -98,8 +101,7 @@ class NFResNetBlock(hk.Module):
     self.conv2 = layers.WSConv2D(out_ch, 1, name='conv2')
     self.conv_shortcut = (layers.WSConv2D(out_ch, 1, stride=stride, name='conv_shortcut')
                           if stride > 1 or in_ch != out_ch else None)
-    self.se = (layers.SqueezeExcite(out_ch, out_ch, se_ratio=se_ratio)
-               if se_ratio and se_ratio > 0 else None)
+    self.se = layers.SqueezeExcite(out_ch, out_ch, se_ratio=se_ratio) if use_se else None
 
   def __call__(self, x: jax.Array, is_training: bool):
     act = self.activation
@@ -124,17 +126,19 @@ class NFResNet(hk.Module):
   `block_{i}`: `avg_sq_mean`, `avg_var` (block output) and `res_avg_var`
   (residual branch before skip_gain and alpha), as NFNet.
 
-  `se_ratio` > 0 adds squeeze-excite to every block (the spec's optional SE uses
-  0.25); the default 0 leaves it out. `drop_rate=None` means no dropout: the spec
-  gives NF-ResNets no per-variant dropout rate.
+  `use_se=True` adds squeeze-excite (hidden width `se_ratio` x the block's output
+  channels) after conv2 of every block; off by default, as released.
+  `drop_rate=None` means no dropout: NF-ResNets have no per-variant dropout rate
+  (the released class looks one up and so crashes with its own defaults).
+  The arguments are the released `NF_ResNet`'s, with the same defaults otherwise.
   """
 
   def __init__(self, num_classes: int, variant: str = 'ResNet50', width: float = 4,
-               se_ratio: float = 0.0, alpha: float = 0.2,
-               stochdepth_rate: float = 0.1, drop_rate: Optional[float] = None,
-               activation: str = 'relu',
+               alpha: float = 0.2, stochdepth_rate: float = 0.1,
+               drop_rate: Optional[float] = None, activation: str = 'relu',
                fc_init: Optional[hk.initializers.Initializer] = None,
                skipinit_gain: hk.initializers.Initializer = jnp.zeros,
+               use_se: bool = False, se_ratio: float = 0.25,
                name: str = 'NF_ResNet'):
     super().__init__(name=name)
     self.num_classes = num_classes
@@ -144,8 +148,8 @@ class NFResNet(hk.Module):
     stem_ch, self.specs = block_specs(variant, width, alpha, stochdepth_rate)
     self.initial_conv = layers.WSConv2D(stem_ch, 7, stride=2, name='initial_conv')
     self.blocks = [
-        NFResNetBlock(spec.in_ch, spec.out_ch, spec.bottleneck_ch, stride=spec.stride,
-                      beta=spec.beta, alpha=alpha, se_ratio=se_ratio,
+        NFResBlock(spec.in_ch, spec.out_ch, spec.bottleneck_ch, stride=spec.stride,
+                      beta=spec.beta, alpha=alpha, use_se=use_se, se_ratio=se_ratio,
                       stochdepth_rate=spec.stochdepth_rate, activation=self.activation,
                       skipinit_gain=skipinit_gain)
         for spec in self.specs]
@@ -167,8 +171,8 @@ class NFResNet(hk.Module):
 
 
 def count_flops(variant: str = 'ResNet50', image_size: int = 224,
-                num_classes: int = 1000, width: float = 4,
-                se_ratio: float = 0.0) -> flops.Cost:
+                num_classes: int = 1000, width: float = 4, use_se: bool = False,
+                se_ratio: float = 0.25) -> flops.Cost:
   """Parameters and multiply-accumulates of one image's forward pass, from the
   same BlockSpecs that build the model (conventions of `nfnet_jax.flops`)."""
   stem_ch, specs = block_specs(variant, width)
@@ -182,7 +186,7 @@ def count_flops(variant: str = 'ResNet50', image_size: int = 224,
     total += flops.conv_cost(out_size, mid, spec.out_ch, 1)[0]     # conv2
     if spec.stride > 1 or spec.in_ch != spec.out_ch:               # conv_shortcut
       total += flops.conv_cost(size, spec.in_ch, spec.out_ch, 1, spec.stride)[0]
-    if se_ratio and se_ratio > 0:
+    if use_se:
       hidden = max(1, int(spec.out_ch * se_ratio))
       total += flops.linear_cost(spec.out_ch, hidden)
       total += flops.linear_cost(hidden, spec.out_ch)

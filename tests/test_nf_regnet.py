@@ -47,7 +47,7 @@ def expected_tree(variant, num_classes, width=0.75, se_from='bottleneck',
   i = 0
   for depth, out_ch in zip(SPEC_DEPTHS[variant], widths):
     for b in range(depth):
-      n = f'{TOP}/~/' + block_name('nf_reg_net_block', i)
+      n = f'{TOP}/~/' + block_name('nf_block', i)
       mid = int(in_ch * (1 if i == 0 else 2.25))
       groups = -(-mid // 8) if round_up else max(1, mid // 8)
       mid = 8 * groups
@@ -104,17 +104,17 @@ def test_b0_has_8_595_372_params():
   assert count(got) == 8_595_372
   # Spot checks typed from the spec's prose.
   assert got[f'{TOP}/~/initial_conv']['w'] == (3, 3, 3, 36)        # int(48 * 0.75)
-  first = f'{TOP}/~/nf_reg_net_block'
-  assert f'{TOP}/~/nf_reg_net_block_0' not in got
+  first = f'{TOP}/~/nf_block'
+  assert f'{TOP}/~/nf_block_0' not in got
   assert got[first + '/~/conv0']['w'] == (1, 1, 36, 32)             # 36 -> 4 groups of 8
   assert got[first + '/~/conv1']['w'] == (3, 3, 8, 32)
   assert got[first + '/~/squeeze_excite/~/linear']['w'] == (32, 16)
   assert got[first + '/~/conv_shortcut']['w'] == (1, 1, 36, 36)     # stride 2, same width
-  assert got[f'{TOP}/~/nf_reg_net_block_1/~/conv0']['w'] == (1, 1, 36, 80)  # 81 -> 80
+  assert got[f'{TOP}/~/nf_block_1/~/conv0']['w'] == (1, 1, 36, 80)  # 81 -> 80
   assert got[f'{TOP}/~/final_conv']['w'] == (1, 1, 330, 960)
   assert got[f'{TOP}/~/linear']['w'] == (960, 1000)
   with_shortcut = [i for i in range(16)
-                   if f'{TOP}/~/{block_name("nf_reg_net_block", i)}/~/conv_shortcut' in got]
+                   if f'{TOP}/~/{block_name("nf_block", i)}/~/conv_shortcut' in got]
   assert with_shortcut == [0, 1, 4, 10]
 
 
@@ -215,8 +215,8 @@ def test_block_stochastic_depth_only_in_training():
   x = jnp.asarray(np.tile(np.random.default_rng(0).standard_normal((1, 4, 4, 16)),
                           (batch, 1, 1, 1)), jnp.float32)
   params = jax.jit(f.init, static_argnums=2)(jax.random.PRNGKey(0), x, True)
-  assert float(params['nf_reg_net_block']['skip_gain']) == 0.0
-  params = {**params, 'nf_reg_net_block': {'skip_gain': jnp.float32(1.0)}}
+  assert float(params['nf_block']['skip_gain']) == 0.0
+  params = {**params, 'nf_block': {'skip_gain': jnp.float32(1.0)}}
   apply = jax.jit(f.apply, static_argnums=3)
   _, b_eval = apply(params, jax.random.PRNGKey(1), x, False)
   _, b_train = apply(params, jax.random.PRNGKey(1), x, True)
@@ -261,7 +261,7 @@ def test_forward_narrow():
   for i in range(16):
     assert set(out[f'block_{i}']) == {'avg_sq_mean', 'avg_var', 'res_avg_var'}
     assert all(np.isfinite(v) for v in out[f'block_{i}'].values())
-  got = [sizes[f'{TOP}/~/' + block_name('nf_reg_net_block', i)][1:] for i in range(16)]
+  got = [sizes[f'{TOP}/~/' + block_name('nf_block', i)][1:] for i in range(16)]
   want = [(8, 8, 12)] + [(4, 4, 26)] * 3 + [(2, 2, 52)] * 6 + [(1, 1, 110)] * 6
   assert got == want
 

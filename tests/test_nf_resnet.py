@@ -138,7 +138,7 @@ def expected_tree(depths, num_classes, width=4, se_ratio=0.0):
   i = 0
   for depth, out_ch, stage_stride in zip(depths, widths, STRIDES):
     for b in range(depth):
-      n, mid = f'{TOP}/~/' + block_name('nf_res_net_block', i), out_ch // 4
+      n, mid = f'{TOP}/~/' + block_name('nf_res_block', i), out_ch // 4
       tree[n] = {'skip_gain': ()}
       tree[n + '/~/conv0'] = conv(1, in_ch, mid)
       tree[n + '/~/conv1'] = conv(3, mid, mid)
@@ -190,17 +190,24 @@ def test_resnet50_has_25_557_048_params():
   # Spot checks typed from the spec's prose.
   assert got[f'{TOP}/~/initial_conv']['w'] == (7, 7, 3, 64)
   assert got[f'{TOP}/~/linear']['w'] == (2048, 1000)
-  assert f'{TOP}/~/nf_res_net_block_0' not in got
+  assert f'{TOP}/~/nf_res_block_0' not in got
   assert not any('squeeze_excite' in m or 'final_conv' in m for m in got)
   with_shortcut = [i for i in range(16)
-                   if f'{TOP}/~/{block_name("nf_res_net_block", i)}/~/conv_shortcut' in got]
+                   if f'{TOP}/~/{block_name("nf_res_block", i)}/~/conv_shortcut' in got]
   assert with_shortcut == [0, 3, 7, 13]
 
 
 def test_optional_squeeze_excite():
-  got = traced_shapes(lambda: nf_resnet.NFResNet(1000, se_ratio=0.25))
+  # The released API: use_se switches it on, se_ratio (default 0.25) sizes it.
+  got = traced_shapes(lambda: nf_resnet.NFResNet(1000, use_se=True))
   assert got == expected_tree(SPEC_DEPTHS['ResNet50'], 1000, se_ratio=0.25)
-  assert got[f'{TOP}/~/nf_res_net_block_15/~/squeeze_excite/~/linear']['w'] == (2048, 512)
+  assert got[f'{TOP}/~/nf_res_block_15/~/squeeze_excite/~/linear']['w'] == (2048, 512)
+  assert count(got) == nf_resnet.count_flops('ResNet50', use_se=True).params
+  half = traced_shapes(lambda: nf_resnet.NFResNet(1000, use_se=True, se_ratio=0.5))
+  assert half == expected_tree(SPEC_DEPTHS['ResNet50'], 1000, se_ratio=0.5)
+  # se_ratio alone does not switch SE on (it is only the size, as released).
+  assert traced_shapes(lambda: nf_resnet.NFResNet(1000, se_ratio=0.5)) == \
+      expected_tree(SPEC_DEPTHS['ResNet50'], 1000)
 
 
 @pytest.mark.parametrize('variant', sorted(SPEC_DEPTHS))
@@ -254,8 +261,9 @@ def test_block_formula(stride, in_ch, se_ratio):
   projecting, else x; conv0 -> act -> conv1 (strided) -> act -> conv2; SE;
   return branch * skip_gain * alpha + shortcut."""
   out_ch, mid, beta, alpha = 16, 4, 0.8, 0.3
-  f = hk.without_apply_rng(hk.transform(lambda x: nf_resnet.NFResNetBlock(
-      in_ch, out_ch, mid, stride=stride, beta=beta, alpha=alpha, se_ratio=se_ratio)(
+  f = hk.without_apply_rng(hk.transform(lambda x: nf_resnet.NFResBlock(
+      in_ch, out_ch, mid, stride=stride, beta=beta, alpha=alpha, use_se=bool(se_ratio),
+      se_ratio=se_ratio or 0.25)(
           x, False)))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((3, 6, 6, in_ch)), jnp.float32)
@@ -285,16 +293,16 @@ def test_block_skipinit_and_stochastic_depth():
   rate, batch = 0.5, 64
 
   def fn(x, is_training, gain_init=jnp.zeros):
-    return nf_resnet.NFResNetBlock(16, 16, 4, stochdepth_rate=rate,
+    return nf_resnet.NFResBlock(16, 16, 4, stochdepth_rate=rate,
                                    skipinit_gain=gain_init)(x, is_training)
 
   f = hk.transform(fn)
   x = jnp.asarray(np.tile(np.random.default_rng(0).standard_normal((1, 4, 4, 16)),
                           (batch, 1, 1, 1)), jnp.float32)
   params = f.init(jax.random.PRNGKey(0), x, True)
-  assert float(params['nf_res_net_block']['skip_gain']) == 0.0
+  assert float(params['nf_res_block']['skip_gain']) == 0.0
   params_one = f.init(jax.random.PRNGKey(0), x, True, jnp.ones)
-  assert float(params_one['nf_res_net_block']['skip_gain']) == 1.0
+  assert float(params_one['nf_res_block']['skip_gain']) == 1.0
   apply = jax.jit(f.apply, static_argnums=3)
   y_eval, _ = apply(params_one, jax.random.PRNGKey(1), x, False)
   y_eval2, _ = apply(params_one, jax.random.PRNGKey(2), x, False)
@@ -321,7 +329,7 @@ def test_forward_narrow():
   def fn(x):
     def capture(method, args, kwargs, context):
       out = method(*args, **kwargs)
-      if (isinstance(context.module, nf_resnet.NFResNetBlock)
+      if (isinstance(context.module, nf_resnet.NFResBlock)
           and context.method_name == '__call__'):
         sizes[context.module.module_name] = out[0].shape
       return out
@@ -343,7 +351,7 @@ def test_forward_narrow():
   for i in range(16):
     assert set(out[f'block_{i}']) == {'avg_sq_mean', 'avg_var', 'res_avg_var'}
     assert all(np.isfinite(v) for v in out[f'block_{i}'].values())
-  got = [sizes[f'{TOP}/~/' + block_name('nf_res_net_block', i)][1:] for i in range(16)]
+  got = [sizes[f'{TOP}/~/' + block_name('nf_res_block', i)][1:] for i in range(16)]
   want = [(8, 8, 16)] * 3 + [(4, 4, 32)] * 4 + [(2, 2, 64)] * 6 + [(1, 1, 128)] * 3
   assert got == want
 
@@ -353,7 +361,7 @@ def test_head_dropout_only_in_training(drop_rate, want):
   """pool = mean(act(out)); dropout (training only) -> linear. Blocks are
   intercepted as identities, so only the stem and the head run."""
   def skip_blocks(method, args, kwargs, context):
-    if (isinstance(context.module, nf_resnet.NFResNetBlock)
+    if (isinstance(context.module, nf_resnet.NFResBlock)
         and context.method_name == '__call__'):
       return args[0], args[0]
     return method(*args, **kwargs)

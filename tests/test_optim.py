@@ -274,24 +274,24 @@ NFNET_SPEC = {
 
 NF_RESNET_SPEC = {
     "NF_ResNet/~/initial_conv": CONV,
-    "NF_ResNet/~/nf_res_net_block": ["skip_gain"],
-    "NF_ResNet/~/nf_res_net_block/~/conv0": CONV,
-    "NF_ResNet/~/nf_res_net_block/~/conv1": CONV,
-    "NF_ResNet/~/nf_res_net_block/~/conv2": CONV,
-    "NF_ResNet/~/nf_res_net_block/~/conv_shortcut": CONV,
-    "NF_ResNet/~/nf_res_net_block/~/squeeze_excite/~/linear": LIN,
-    "NF_ResNet/~/nf_res_net_block/~/squeeze_excite/~/linear_1": LIN,
+    "NF_ResNet/~/nf_res_block": ["skip_gain"],
+    "NF_ResNet/~/nf_res_block/~/conv0": CONV,
+    "NF_ResNet/~/nf_res_block/~/conv1": CONV,
+    "NF_ResNet/~/nf_res_block/~/conv2": CONV,
+    "NF_ResNet/~/nf_res_block/~/conv_shortcut": CONV,
+    "NF_ResNet/~/nf_res_block/~/squeeze_excite/~/linear": LIN,
+    "NF_ResNet/~/nf_res_block/~/squeeze_excite/~/linear_1": LIN,
     "NF_ResNet/~/linear": LIN,
 }
 
 NF_REGNET_SPEC = {
     "NF_RegNet/~/initial_conv": CONV,
-    "NF_RegNet/~/nf_reg_net_block": ["skip_gain"],
-    "NF_RegNet/~/nf_reg_net_block/~/conv0": CONV,
-    "NF_RegNet/~/nf_reg_net_block/~/conv1": CONV,
-    "NF_RegNet/~/nf_reg_net_block/~/squeeze_excite/~/linear": LIN,
-    "NF_RegNet/~/nf_reg_net_block/~/squeeze_excite/~/linear_1": LIN,
-    "NF_RegNet/~/nf_reg_net_block/~/conv2": CONV,
+    "NF_RegNet/~/nf_block": ["skip_gain"],
+    "NF_RegNet/~/nf_block/~/conv0": CONV,
+    "NF_RegNet/~/nf_block/~/conv1": CONV,
+    "NF_RegNet/~/nf_block/~/squeeze_excite/~/linear": LIN,
+    "NF_RegNet/~/nf_block/~/squeeze_excite/~/linear_1": LIN,
+    "NF_RegNet/~/nf_block/~/conv2": CONV,
     "NF_RegNet/~/final_conv": CONV,
     "NF_RegNet/~/linear": LIN,
 }
@@ -308,8 +308,8 @@ def _all_pairs(spec):
 @pytest.mark.parametrize(
     "top,spec,block",
     [("NFNet", NFNET_SPEC, "nf_block_11"),
-     ("NF_ResNet", NF_RESNET_SPEC, "nf_res_net_block"),
-     ("NF_RegNet", NF_REGNET_SPEC, "nf_reg_net_block")],
+     ("NF_ResNet", NF_RESNET_SPEC, "nf_res_block"),
+     ("NF_RegNet", NF_REGNET_SPEC, "nf_block")],
 )
 def test_masks_select_the_right_parameters(top, spec, block):
   params = _tree(spec)
