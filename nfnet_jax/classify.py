@@ -1,12 +1,13 @@
-"""Classify images with NFNet weights: the paper's evaluation view, top-k class names.
+"""Classify images with NFNet (or NF-ResNet, NF-RegNet) weights: top-k class names.
 
   python -m nfnet_jax.classify --variant F0 --weights F0_haiku.npz cat.jpg photos/
   nfnet-classify --variant F0 --weights F0_params.npz --json photos/ > predictions.json
 
 Weights: DeepMind's released `F{k}_haiku.npz` (read with the restricted unpickler) or a
 file written by `nfnet-convert`. Each image gets the evaluation preprocessing the
-published accuracies were measured with (`resize_crop_32` at the variant's test size,
-see nfnet_jax.data.preprocess), then the top-k ImageNet classes (the 1000 names ship with
+published accuracies were measured with (at the variant's test size, `resize_crop_32`
+for NFNets and `crop_resize` for NF-ResNets/NF-RegNets as in DeepMind's experiments; see
+nfnet_jax.data.preprocess), then the top-k ImageNet classes (the 1000 names ship with
 the package). For weights fine-tuned on your own classes pass --class-index with the
 `class_index.json` of the training workdir (or the workdir itself) and --num-classes is
 taken from it. Folders are searched recursively for .jpg/.jpeg/.png/.gif/.bmp files.
@@ -27,9 +28,13 @@ import ml_collections
 import numpy as np
 
 from nfnet_jax import models
-from nfnet_jax import nfnet
 from nfnet_jax import pretrained
 from nfnet_jax.data.folder import IMAGE_EXTENSIONS
+from nfnet_jax.data.pipeline import EVAL_METHODS
+
+
+# The evaluation view each family's published accuracies were measured with.
+EVAL_VIEW = {'NFNet': 'resize_crop_32', 'NFResNet': 'crop_resize', 'NFRegNet': 'crop_resize'}
 
 
 def find_images(inputs: Sequence[str]) -> list[str]:
@@ -60,16 +65,19 @@ def load_class_names(class_index: Optional[str]) -> list[str]:
 
 def classify(paths: Sequence[str], params, *, variant: str = 'F0',
              class_names: Sequence[str], image_size: int = 0,
-             method: str = 'resize_crop_32', crop_pct: float = 0.875, top_k: int = 5,
+             method: Optional[str] = None, crop_pct: float = 0.875, top_k: int = 5,
              batch_size: int = 16, dtype: str = 'float32',
              model_kwargs: Optional[dict] = None) -> list[dict]:
   """Top-k predictions per image: [{'path', 'predictions': [{'label', 'class',
   'probability'}]}, or {'path', 'error'} for an image that does not decode]."""
   from nfnet_jax import data  # pylint: disable=g-import-not-at-top
-  image_size = image_size or nfnet.variant_params(variant)['test_imsize']
+  image_size = image_size or models.variant_params(variant)['test_imsize']
+  family = models.family_of_variant(variant)
+  method = method or EVAL_VIEW[family]
   num_classes = len(class_names)
   model_config = ml_collections.ConfigDict(dict(
-      name='NFNet', kwargs=dict(variant=variant, **(model_kwargs or {}))))
+      name=family,
+      kwargs=dict(variant=variant, **(model_kwargs or {}))))
   model = models.build_model(model_config, num_classes, dtype)
   predict = jax.jit(lambda p, x: jax.nn.softmax(
       model.apply(p, None, x, is_training=False)['logits'].astype(jnp.float32)))
@@ -110,13 +118,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p = argparse.ArgumentParser(prog='nfnet-classify', description=__doc__.split('\n\n')[0])
   p.add_argument('images', nargs='+', help='image files or folders')
   p.add_argument('--weights', required=True, help='F{k}_haiku.npz or a converted .npz')
-  p.add_argument('--variant', default=None, help='F0..F7+ (default: from the weights file)')
+  p.add_argument('--variant', default=None,
+                 help='F0..F7+, ResNet50..ResNet600 or B0..B8 (default: from the weights file)')
   p.add_argument('--top-k', type=int, default=5)
   p.add_argument('--batch-size', type=int, default=16)
   p.add_argument('--image-size', type=int, default=0,
                  help="evaluation size (default: the variant's test size)")
-  p.add_argument('--eval-preprocess', default='resize_crop_32',
-                 choices=('resize_crop_32', 'crop_pct'))
+  p.add_argument('--eval-preprocess', default=None, choices=EVAL_METHODS,
+                 help="default: the variant family's (NFNet resize_crop_32, else crop_resize)")
   p.add_argument('--crop-pct', type=float, default=0.875)
   p.add_argument('--class-index', default=None,
                  help="class_index.json of a training workdir (default: ImageNet's 1000)")

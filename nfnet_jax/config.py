@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
       base_lr=0.1,                     # per 256 examples: peak lr = 0.1 x batch / 256
       scale_by_batch=True,
       warmup_epochs=5.0,
+      end_lr=0.0,                      # where the cosine ends (absolute, not per 256)
       momentum=0.9, nesterov=True,
       weight_decay=2e-5,               # coupled; not on gains, biases, skip_gain
       clipping=0.01, eps=1e-3))        # AGC; 0 disables it

@@ -17,6 +17,17 @@ MODEL_FAMILIES: dict[str, type] = {
     'NFRegNet': nf_regnet.NFRegNet,
 }
 
+# Each family's variant table; variant names never repeat across families, so a
+# variant ('F0', 'ResNet50', 'B0') says which family a weights file is for.
+FAMILY_VARIANTS: dict[str, dict] = {
+    'NFNet': nfnet.NFNET_VARIANTS,
+    'NFResNet': nf_resnet.NF_RESNET_VARIANTS,
+    'NFRegNet': nf_regnet.NF_REGNET_VARIANTS,
+}
+# The top-level Haiku module of each family (the released code's names).
+ROOT_MODULES: dict[str, str] = {'NFNet': 'NFNet', 'NFResNet': 'NF_ResNet',
+                                'NFRegNet': 'NF_RegNet'}
+
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -24,6 +35,21 @@ def _family(name: str) -> type:
   if name not in MODEL_FAMILIES:
     raise ValueError(f'Unknown model family {name!r}; valid: {", ".join(MODEL_FAMILIES)}.')
   return MODEL_FAMILIES[name]
+
+
+def family_of_variant(variant: str) -> str:
+  """'NFNet', 'NFResNet' or 'NFRegNet': the family whose table has `variant`."""
+  for family, table in FAMILY_VARIANTS.items():
+    if variant in table:
+      return family
+  listed = '; '.join(f'{family}: {", ".join(table)}'
+                     for family, table in FAMILY_VARIANTS.items())
+  raise ValueError(f'Unknown variant {variant!r}; valid variants are {listed}.')
+
+
+def variant_params(variant: str) -> dict:
+  """The variant's row of its family's table (depths, widths, train/test sizes, ...)."""
+  return FAMILY_VARIANTS[family_of_variant(variant)][variant]
 
 
 def mixed_precision_policy(dtype: str) -> jmp.Policy:

@@ -35,15 +35,18 @@ from nfnet_jax import flops, layers, nfnet
 from nfnet_jax.nfnet import BlockSpec
 
 # Spec section 2: blocks per stage. Stage output channels are
-# [64, 128, 256, 512] x width; the bottleneck is a quarter of that.
-NF_RESNET_VARIANTS = {
-    'ResNet50': dict(depth=[3, 4, 6, 3]),
-    'ResNet101': dict(depth=[3, 4, 23, 3]),
-    'ResNet152': dict(depth=[3, 8, 36, 3]),
-    'ResNet200': dict(depth=[3, 24, 36, 3]),
-    'ResNet288': dict(depth=[24] * 4),
-    'ResNet600': dict(depth=[50] * 4),
+# [64, 128, 256, 512] x width; the bottleneck is a quarter of that. Every variant
+# trains and evaluates at 224 px (the released ResNet experiment's image size).
+_DEPTHS = {
+    'ResNet50': [3, 4, 6, 3],
+    'ResNet101': [3, 4, 23, 3],
+    'ResNet152': [3, 8, 36, 3],
+    'ResNet200': [3, 24, 36, 3],
+    'ResNet288': [24] * 4,
+    'ResNet600': [50] * 4,
 }
+NF_RESNET_VARIANTS = {name: dict(depth=depth, train_imsize=224, test_imsize=224)
+                      for name, depth in _DEPTHS.items()}
 _BASE_WIDTHS = [64, 128, 256, 512]
 _STRIDES = [1, 2, 2, 2]          # the stem's max-pool already halved the input
 BOTTLENECK_RATIO = 0.25

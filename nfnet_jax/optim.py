@@ -315,13 +315,16 @@ def warmup_cosine_schedule(
     total_steps: int,
     warmup_steps: int,
     scale_by_batch: bool = True,
+    end_lr: float = 0.0,
 ) -> optax.Schedule:
-  """Linear warmup from 0, then cosine decay to 0 (spec section 3).
+  """Linear warmup from 0, then cosine decay to ``end_lr`` (spec section 3: 0).
 
   The peak learning rate is ``base_lr * batch_size / 256`` when
   ``scale_by_batch`` (the linear scaling rule: 0.1 x 4096 / 256 = 1.6 in the
   published recipe), else ``base_lr``.  It is reached at ``warmup_steps``;
-  the cosine then reaches 0 at ``total_steps`` and stays there.
+  the cosine ``end + (peak - end) (1 + cos(pi t)) / 2`` then reaches ``end_lr``
+  at ``total_steps`` and stays there.  (NFNets decay to 0; the released
+  NF-RegNet experiment ends at 0.001.)
 
   Args:
     base_lr: learning rate per 256 examples (or the peak, if not scaling).
@@ -329,6 +332,7 @@ def warmup_cosine_schedule(
     total_steps: length of the whole schedule, warmup included.
     warmup_steps: length of the linear warmup (0 for none).
     scale_by_batch: apply the ``batch_size / 256`` scaling.
+    end_lr: the final learning rate (absolute, never scaled by the batch).
 
   Returns:
     An optax schedule ``step -> lr`` (jit-friendly).
@@ -341,13 +345,15 @@ def warmup_cosine_schedule(
         f"{total_steps}."
     )
   peak = base_lr * batch_size / 256 if scale_by_batch else base_lr
+  if not 0.0 <= end_lr <= peak:
+    raise ValueError(f"Need 0 <= end_lr <= the peak learning rate {peak}, got {end_lr}.")
   # optax's decay_steps is the total length including the warmup.
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=peak,
       warmup_steps=warmup_steps,
       decay_steps=total_steps,
-      end_value=0.0,
+      end_value=end_lr,
   )
 
 

@@ -55,7 +55,9 @@ RELEASED_SIZES = {'F0': 285_976_842}  # bytes; the only size the spec records.
 # paths contain '/' and '~' but never '//' (module names cannot be empty), and parameter
 # names contain no '/', so the split is unambiguous.
 SEPARATOR = '//'
-CLASSIFIER = 'NFNet/~/linear'   # the module replaced when fine-tuning to new classes
+# The module replaced when fine-tuning to new classes: `classifier_module(variant)` for
+# every family; this is NFNet's.
+CLASSIFIER = 'NFNet/~/linear'
 FORMAT_KEY = '__format__'
 VARIANT_KEY = '__variant__'
 CONVERTED_FORMAT = 'nfnet_jax.params.v1'
@@ -541,37 +543,81 @@ def load_released_params(path, variant: Optional[str] = None, *,
 # Checking against the model.
 
 
+def family_of(variant: str) -> str:
+  """'NFNet', 'NFResNet' or 'NFRegNet' (an unknown variant lists every family's)."""
+  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
+  return models.family_of_variant(variant)
+
+
+def _root(family: str, model_kwargs: Mapping) -> str:
+  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
+  return model_kwargs.get('name', models.ROOT_MODULES[family])
+
+
+def classifier_module(variant: str, **model_kwargs) -> str:
+  """The classifier's module path: 'NFNet/~/linear', 'NF_ResNet/~/linear', ..."""
+  return f'{_root(family_of(variant), model_kwargs)}/~/linear'
+
+
 @functools.lru_cache(maxsize=32)
 def _expected_shapes(variant: str, num_classes: int, kwargs: tuple) -> dict:
   import haiku as hk  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from nfnet_jax.nfnet import NFNet  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
+  family = family_of(variant)
 
   def forward(x):
-    return NFNet(num_classes, variant, **dict(kwargs))(x, False)
+    return models.MODEL_FAMILIES[family](num_classes, variant, **dict(kwargs))(x, False)
 
-  shapes = jax.eval_shape(hk.transform(forward).init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  try:
+    shapes = jax.eval_shape(hk.transform(forward).init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  except TypeError as e:   # an argument another family takes (group_size for NF-ResNet)
+    raise ParamsMismatchError(f'{family} {variant}: {e}') from None
   return {m: {n: tuple(s.shape) for n, s in p.items()} for m, p in shapes.items()}
 
 
 def expected_param_shapes(variant: str = 'F0', num_classes: int = 1000,
                           **model_kwargs) -> dict[str, dict[str, tuple]]:
-  """{module path: {param name: shape}} of `NFNet(num_classes, variant, **model_kwargs)`
+  """{module path: {param name: shape}} of the model `variant` belongs to (`NFNet`,
+  `NFResNet` or `NFRegNet`), built as `Family(num_classes, variant, **model_kwargs)`
   (from `jax.eval_shape`: nothing is allocated or compiled)."""
   shapes = _expected_shapes(variant, num_classes, tuple(sorted(model_kwargs.items())))
   return {m: dict(p) for m, p in shapes.items()}
 
 
-_BLOCK = re.compile(r'^(?P<prefix>.+)/~/nf_block(?:_(?P<index>\d+))?$')
+# Per family: the block modules' name (the released code's), and the stage widths a
+# variant has at width multiplier `w` (w = None: the family's default).
+_BLOCK_NAMES = {'NFNet': 'nf_block', 'NFResNet': 'nf_res_block', 'NFRegNet': 'nf_block'}
+_DEFAULT_WIDTH = {'NFNet': 1.0, 'NFResNet': 4, 'NFRegNet': 0.75}
+_RESNET_BASE_WIDTHS = (64, 128, 256, 512)
 
 
-def _block_layout(params: Mapping) -> Optional[tuple[list[int], list[int]]]:
+def _stage_widths(family: str, cfg: Mapping, width: float) -> list[int]:
+  base = _RESNET_BASE_WIDTHS if family == 'NFResNet' else cfg['width']
+  return [int(w * width) for w in base]
+
+
+def _family_of_params(params: Mapping) -> Optional[str]:
+  """The family whose root module the tree's modules live under, or None."""
+  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
+  roots = {m.split('/~/')[0] for m in params}
+  for family, root in models.ROOT_MODULES.items():
+    if root in roots:
+      return family
+  return None
+
+
+def _block_layout(params: Mapping,
+                  family: Optional[str] = None) -> Optional[tuple[list[int], list[int]]]:
   """(stage depths, stage widths) read off a parameter tree, or None."""
+  family = family or _family_of_params(params) or 'NFNet'
+  pattern = re.compile(
+      r'^(?P<prefix>.+)/~/' + _BLOCK_NAMES[family] + r'(?:_(?P<index>\d+))?$')
   blocks = {}
   for module in params:
-    match = _BLOCK.match(module)
+    match = pattern.match(module)
     if match:
       blocks[int(match.group('index') or 0)] = module
   if not blocks or sorted(blocks) != list(range(len(blocks))):
@@ -589,22 +635,30 @@ def _block_layout(params: Mapping) -> Optional[tuple[list[int], list[int]]]:
   return depths, widths
 
 
-def guess_variant(params: Mapping, width: float = 1.0) -> Optional[str]:
-  """The NFNet variant whose stage depths and widths the parameter tree has, or None.
+def guess_variant(params: Mapping, width: Optional[float] = None) -> Optional[str]:
+  """The variant whose stage depths and widths the parameter tree has, or None.
 
-  Stage boundaries are the blocks with a `conv_shortcut`; a stage's width is its first
-  block's `conv2` output channels."""
-  from nfnet_jax.nfnet import NFNET_VARIANTS  # pylint: disable=g-import-not-at-top
-  layout = _block_layout(params)
+  The family comes from the root module (`NFNet`, `NF_ResNet`, `NF_RegNet`); stage
+  boundaries are the blocks with a `conv_shortcut`; a stage's width is its first
+  block's `conv2` output channels. `width` is the multiplier the file was made with
+  (default: the family's, 1.0 / 4 / 0.75)."""
+  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
+  family = _family_of_params(params)
+  if family is None:
+    return None
+  layout = _block_layout(params, family)
   if layout is None:
     return None
   depths, widths = layout
-  for name, cfg in NFNET_VARIANTS.items():
-    if list(cfg['depth']) == depths and [int(w * width) for w in cfg['width']] == widths:
+  width = _DEFAULT_WIDTH[family] if width is None else width
+  table = models.FAMILY_VARIANTS[family]
+  for name, cfg in table.items():
+    if list(cfg['depth']) == depths and _stage_widths(family, cfg, width) == widths:
       return name
-  for name, cfg in NFNET_VARIANTS.items():  # right depths, another width multiplier
-    if list(cfg['depth']) == depths and len(widths) == len(cfg['width']):
-      ratios = [w / c for w, c in zip(widths, cfg['width'])]
+  for name, cfg in table.items():  # right depths, another width multiplier
+    base = _stage_widths(family, cfg, 1.0)
+    if list(cfg['depth']) == depths and len(widths) == len(base):
+      ratios = [w / c for w, c in zip(widths, base)]
       if max(ratios) <= 1.05 * min(ratios):
         return name
   return None
@@ -621,7 +675,8 @@ def _fmt_shape(shape) -> str:
 
 def check_params(params: Mapping, variant: str = 'F0', num_classes: int = 1000,
                  **model_kwargs) -> None:
-  """Checks a parameter tree against `NFNet(num_classes, variant, **model_kwargs)`.
+  """Checks a parameter tree against `Family(num_classes, variant, **model_kwargs)`,
+  the family (NFNet, NFResNet, NFRegNet) being the one `variant` belongs to.
 
   Every module path and parameter name must be present, none extra, every shape equal
   and every dtype floating. Raises ParamsMismatchError naming each offending parameter
@@ -668,13 +723,14 @@ def check_params(params: Mapping, variant: str = 'F0', num_classes: int = 1000,
   if not problems:
     return
 
+  family = family_of(variant)
   kw = ''.join(f', {k}={v!r}' for k, v in sorted(model_kwargs.items()))
-  guess = guess_variant(params, model_kwargs.get('width', 1.0))
+  guess = guess_variant(params, model_kwargs.get('width'))
   if guess is not None and guess != variant:
     layout = _block_layout(params)
     hints.append(f'the file\'s shapes match variant {guess!r} (stage depths {layout[0]}, '
                  f'stage widths {layout[1]}): pass variant={guess!r}')
-  root = model_kwargs.get('name', 'NFNet')
+  root = _root(family, model_kwargs)
   linear = params.get(f'{root}/~/linear', {}).get('w')
   if linear is not None and np.ndim(linear) == 2 and np.shape(linear)[1] != num_classes:
     hints.append(f'the classifier has {np.shape(linear)[1]} outputs: pass '
@@ -692,7 +748,7 @@ def check_params(params: Mapping, variant: str = 'F0', num_classes: int = 1000,
   shown = problems[:12]
   more = f'\n  ... and {len(problems) - len(shown)} more' if len(problems) > len(shown) else ''
   raise ParamsMismatchError(
-      f'parameters do not match NFNet(num_classes={num_classes}, variant={variant!r}{kw}).'
+      f'parameters do not match {family}(num_classes={num_classes}, variant={variant!r}{kw}).'
       '\nLikely fix: ' + '; '.join(hints) + f'.\n{len(problems)} problem(s):\n  - '
       + '\n  - '.join(shown) + more)
 
@@ -763,14 +819,16 @@ def _load_any(path, variant: Optional[str], num_classes: Optional[int], verify_m
     params = load_released_params(path, variant, verify_md5=verify_md5)
     variant = variant or released_variant_from_name(path)
   if variant is None:
-    variant = guess_variant(params, model_kwargs.get('width', 1.0))
+    variant = guess_variant(params, model_kwargs.get('width'))
     if variant is None:
       raise ParamsMismatchError(
-          f'cannot tell which NFNet variant {path} holds: pass variant=')
+          f'cannot tell which variant {path} holds (NFNet F0.., NF-ResNet ResNet50.. or '
+          'NF-RegNet B0..): pass variant=')
   if num_classes is None:   # whatever the file's classifier has
-    bias = params.get(CLASSIFIER, {}).get('b')
+    head = classifier_module(variant, **model_kwargs)
+    bias = params.get(head, {}).get('b')
     if bias is None or np.ndim(bias) != 1:
-      raise ParamsMismatchError(f'{path} has no classifier bias {CLASSIFIER}/b.')
+      raise ParamsMismatchError(f'{path} has no classifier bias {head}/b.')
     num_classes = int(np.shape(bias)[0])
   check_params(params, variant, num_classes, **model_kwargs)
   params = {m: {n: np.asarray(v, dtype=np.float32, order='C') for n, v in group.items()}
@@ -781,19 +839,21 @@ def _load_any(path, variant: Optional[str], num_classes: Optional[int], verify_m
 def load_pretrained(path, variant: Optional[str] = None, num_classes: Optional[int] = 1000, *,
                     verify_md5: bool = True,
                     **model_kwargs) -> dict[str, dict[str, np.ndarray]]:
-  """Loads NFNet parameters, checked against the model, ready for `apply`.
+  """Loads NFNet, NF-ResNet or NF-RegNet parameters, checked against the model, ready
+  for `apply`.
 
   Accepts DeepMind's released `F{k}_haiku.npz` pickles (loaded with the restricted
-  unpickler) and `.npz` files written by `convert`.
+  unpickler) and `.npz` files written by `convert` or exported by a training run.
 
   Args:
     path: the file.
-    variant: 'F0'..'F7+'; default: the converted file's metadata, else the released
-      file name, else the variant the shapes match.
+    variant: 'F0'..'F7+', 'ResNet50'..'ResNet600' or 'B0'..'B8'; default: the
+      converted file's metadata, else the released file name, else the variant the
+      shapes match.
     num_classes: the classifier size to check against (1000 for the releases); None
       takes the file's.
     verify_md5: for released files, warn when the MD5 is not the listed one.
-    **model_kwargs: further `NFNet` arguments the parameters were made with (width,
+    **model_kwargs: further model arguments the parameters were made with (width,
       group_size, ...).
 
   Returns:
@@ -869,6 +929,7 @@ __all__ = [
     'PretrainedError', 'UnsafePickleError', 'CorruptCheckpointError',
     'ParamsMismatchError', 'UnverifiedChecksumWarning', 'SafeUnpickler',
     'load_released_params', 'load_pretrained', 'check_params', 'expected_param_shapes',
+    'classifier_module', 'family_of',
     'guess_variant', 'flatten_params', 'unflatten_params', 'save_converted', 'convert',
     'file_md5', 'released_variant_from_name',
 ]

@@ -60,7 +60,7 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
   warmup_steps = min(int(round(opt.warmup_epochs * steps_per_epoch)), total_steps - 1)
   schedule = optim.warmup_cosine_schedule(
       opt.base_lr, config.train.batch_size, total_steps, warmup_steps,
-      scale_by_batch=opt.scale_by_batch)
+      scale_by_batch=opt.scale_by_batch, end_lr=opt.end_lr)
   tx = optim.sgd_agc(schedule, momentum=opt.momentum, nesterov=opt.nesterov,
                      weight_decay=opt.weight_decay, clipping=opt.clipping, eps=opt.eps)
   return tx, schedule
@@ -163,17 +163,19 @@ def make_eval_step(model, num_classes: int):
 EXPORT_FILE = 'params_ema.npz'
 
 
-def _nfnet_kwargs(config: ml_collections.ConfigDict) -> tuple[str, dict]:
-  if config.model.name != 'NFNet':
-    raise ValueError(f'Pretrained weights files hold NFNets; model.name is '
-                     f'{config.model.name!r}.')
+def _variant_and_kwargs(config: ml_collections.ConfigDict) -> tuple[str, dict]:
   kwargs = dict(config.model.kwargs)
-  return kwargs.pop('variant'), kwargs
+  variant = kwargs.pop('variant')
+  family = models.family_of_variant(variant)
+  if family != config.model.name:
+    raise ValueError(f'model.kwargs.variant={variant!r} is an {family} variant but '
+                     f'model.name is {config.model.name!r}: set one to match the other.')
+  return variant, kwargs
 
 
 def _load_weights(config, path: str, num_classes: Optional[int]):
   from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
-  variant, kwargs = _nfnet_kwargs(config)
+  variant, kwargs = _variant_and_kwargs(config)
   params, _ = pretrained.load_pretrained_with_variant(path, variant, num_classes, **kwargs)
   return params
 
@@ -183,7 +185,8 @@ def initial_params(config: ml_collections.ConfigDict, fresh_params, num_classes:
   of another size (new classes), which keeps its fresh initialisation."""
   from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
   loaded = _load_weights(config, config.init_from, None)
-  head = pretrained.CLASSIFIER
+  variant, kwargs = _variant_and_kwargs(config)
+  head = pretrained.classifier_module(variant, **kwargs)
   params = {**loaded}
   if loaded[head]['b'].shape != fresh_params[head]['b'].shape:
     logging.warning('%s has %d classes and this run %d: the classifier %s starts fresh.',
@@ -195,11 +198,11 @@ def initial_params(config: ml_collections.ConfigDict, fresh_params, num_classes:
 
 def export_params(config: ml_collections.ConfigDict, state, workdir: str) -> Optional[str]:
   """Writes the EMA params as a pickle-free `params_ema.npz` next to the checkpoints
-  (for nfnet-classify and for init_from); NFNets only."""
-  if config.model.name != 'NFNet' or jax.process_index() != 0:
+  (for nfnet-classify, --weights and init_from); every family."""
+  if jax.process_index() != 0:
     return None
   from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
-  variant, _ = _nfnet_kwargs(config)
+  variant, _ = _variant_and_kwargs(config)
   params = parallel.to_host(state['ema_params'])
   dst = os.path.join(workdir, EXPORT_FILE)
   if '://' not in workdir:
@@ -274,6 +277,7 @@ def _check_finite(metrics: dict, step: int, ckpt: checkpoint_lib.Checkpointer,
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Catches config mistakes before anything expensive (or irreversible) runs."""
   models.mixed_precision_policy(config.dtype)
+  _variant_and_kwargs(config)
   if config.train.batch_size < 1 or config.eval.batch_size < 1:
     raise ValueError('train.batch_size and eval.batch_size must be positive.')
   if not config.train.get('num_steps') and not config.train.get('num_epochs'):

@@ -8,6 +8,7 @@ nfnet-spec.md), independently of the implementation:
   clip: where ||G|| > max(||W||, eps) * clipping,
         G <- G * max(||W||, eps) * clipping / max(||G||, 1e-6).
 """
+import math
 
 import jax
 import jax.numpy as jnp
@@ -549,6 +550,24 @@ def test_warmup_cosine_schedule_values():
   np.testing.assert_allclose(s(warmup), 0.2, rtol=1e-6)
   with pytest.raises(ValueError):
     optim.warmup_cosine_schedule(0.1, 256, 100, 100)
+
+
+def test_warmup_cosine_schedule_end_lr():
+  # The released NF-RegNet schedule: peak 0.4 (not batch-scaled), cosine down to 0.001.
+  total, warmup, peak, end = 1000, 100, 0.4, 0.001
+  s = optim.warmup_cosine_schedule(peak, 1024, total, warmup, scale_by_batch=False,
+                                   end_lr=end)
+  np.testing.assert_allclose(s(0), 0.0, atol=1e-7)
+  np.testing.assert_allclose(s(warmup // 4), peak / 4, rtol=1e-6)
+  for frac in (0.0, 0.25, 0.5, 0.9, 1.0):
+    t = warmup + int(frac * (total - warmup))
+    want = end + (peak - end) * 0.5 * (1 + math.cos(math.pi * frac))
+    np.testing.assert_allclose(s(t), want, rtol=1e-5)
+  np.testing.assert_allclose(s(total + 500), end, rtol=1e-6)
+  with pytest.raises(ValueError, match='end_lr'):
+    optim.warmup_cosine_schedule(0.1, 256, 1000, 10, end_lr=0.5)
+  with pytest.raises(ValueError, match='end_lr'):
+    optim.warmup_cosine_schedule(0.1, 256, 1000, 10, end_lr=-1e-3)
 
 
 def test_published_recipe_peak_lr():

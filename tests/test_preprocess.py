@@ -196,6 +196,27 @@ def test_crop_pct_matches_torchvision_geometry_and_numpy_bicubic(height, width, 
   np.testing.assert_allclose(_denormalise(out), ref, atol=RESIZE_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize('height,width,size', [
+    (50, 77, 24),   # landscape: side floor(50 * 24 / 56) = 21, offsets (15, 28)
+    (90, 61, 32),   # portrait: side floor(61 * 32 / 64) = 30, offsets (30, 16)
+    (40, 40, 16),   # square: side 13, offset (40 - 13 + 1) // 2 = 14
+    (20, 300, 8),   # tiny side: floor(20 * 8 / 40) = 4, upscaled 2x
+])
+def test_crop_resize_matches_centre_square_and_numpy_bicubic(height, width, size):
+  array = _test_image(height, width, seed=5)
+  out = preprocess.eval_image(_encode(array, 'PNG'), size, method='crop_resize')
+  assert out.shape == (size, size, 3)
+  # DeepMind's `crop_resize`: a centred square of side min(H, W) * S / (S + 32), offset
+  # ((H - side + 1) // 2, (W - side + 1) // 2), then bicubic to S x S.
+  side = int(min(height, width) * size / (size + 32))
+  top, left = (height - side + 1) // 2, (width - side + 1) // 2
+  ref = _resize_ref(array[top:top + side, left:left + side], size, size)
+  np.testing.assert_allclose(_denormalise(out), ref, atol=RESIZE_ATOL, rtol=0)
+  # Not the NFNet view (squash to S + 32, crop S): a different picture.
+  other = preprocess.eval_image(_encode(array, 'PNG'), size)
+  assert np.abs(out - other).max() > 0.1
+
+
 def test_eval_preprocess_in_tf_data_matches_eval_image():
   images = [_encode(_test_image(30 + 7 * i, 45 - 5 * i, seed=i), fmt)
             for i, fmt in enumerate(['PNG', 'JPEG', 'PNG'])]
@@ -217,7 +238,7 @@ def test_eval_image_errors_are_clear():
       preprocess.eval_image(bad, 16)
   with pytest.raises(ValueError, match='truncated JPEG'):
     preprocess.eval_image(jpeg[:-30], 16)
-  with pytest.raises(ValueError, match="resize_crop_32, crop_pct") as info:
+  with pytest.raises(ValueError, match="resize_crop_32, crop_resize, crop_pct") as info:
     preprocess.eval_image(good, 16, method='center_crop')
   assert "'center_crop'" in str(info.value)
   for size in [0, -3, 2.5, True, '224']:

@@ -471,6 +471,54 @@ def test_check_params_other_mistakes():
     pretrained.check_params(renamed, 'F0', NUM_CLASSES, **NARROW)
 
 
+@pytest.mark.parametrize('family,variants', [
+    ('NF_ResNet', ['ResNet50', 'ResNet101', 'ResNet152', 'ResNet200', 'ResNet288',
+                   'ResNet600']),
+    ('NF_RegNet', [f'B{k}' for k in range(9)]),
+])
+def test_other_families_are_recognised_and_checked(family, variants):
+  """NF-ResNet and NF-RegNet trees (the released code's names) are told apart by their
+  root module and recognised by their stage depths and widths, at full size."""
+  trees = {v: shape_only_tree(v) for v in variants}
+  for variant, tree in trees.items():
+    assert {m.split('/~/')[0] for m in tree} == {family}
+    assert pretrained.guess_variant(tree) == variant
+    pretrained.check_params(tree, variant)
+    assert pretrained.classifier_module(variant) == f'{family}/~/linear'
+  # B0 and B1 share stage widths; only the depths tell them apart.
+  wrong = variants[1]
+  with pytest.raises(ParamsMismatchError) as err:
+    pretrained.check_params(trees[variants[0]], wrong)
+  msg = str(err.value)
+  assert f"pass variant='{variants[0]}'" in msg
+  assert msg.startswith(f"parameters do not match {family.replace('_', '')}(")
+
+
+def test_family_mix_ups_are_named():
+  resnet = shape_only_tree('ResNet50')
+  with pytest.raises(ParamsMismatchError) as err:
+    pretrained.check_params(resnet, 'F0')
+  msg = str(err.value)
+  assert "under ['NF_ResNet']" in msg and "'NFNet'" in msg
+  with pytest.raises(ValueError) as err:
+    pretrained.expected_param_shapes('ResNet18')
+  assert all(v in str(err.value) for v in ('F0', 'ResNet50', 'B0'))
+  # An argument of another family's model: a clear error, not a TypeError.
+  with pytest.raises(ParamsMismatchError, match='group_size'):
+    pretrained.expected_param_shapes('ResNet50', 10, group_size=8)
+
+
+def test_narrow_nf_regnet_round_trip_without_naming_the_variant(tmp_path):
+  tree = model_tree('B2', width=0.25)
+  assert pretrained.guess_variant(tree, width=0.25) == 'B2'
+  assert pretrained.guess_variant(tree) == 'B2'       # another width: same proportions
+  dst = pretrained.save_converted(tree, tmp_path / 'b2.npz', 'B2')
+  loaded = pretrained.load_pretrained(dst, num_classes=None, width=0.25)
+  assert_trees_equal(tree, loaded)
+  with pytest.raises(ParamsMismatchError, match="converted for variant 'B2'"):
+    pretrained.load_pretrained(dst, 'B3', width=0.25)
+
+
 # ---------------------------------------------------------------------------
 # Conversion.
 

@@ -13,6 +13,8 @@ from ml_collections import config_flags
 
 from experiments import digits as digits_config
 from experiments import finetune as finetune_config
+from experiments import nf_regnet as nf_regnet_config
+from experiments import nf_resnet as nf_resnet_config
 from experiments import nfnet as nfnet_config
 from nfnet_jax import checkpoint as checkpoint_lib
 from nfnet_jax import data
@@ -248,6 +250,84 @@ def test_nfnet_configs_reproduce_the_published_recipe(variant):
   assert config.dtype == 'bfloat16'
 
 
+# The released NF-RegNet experiment (deepmind-research/nfnets/experiment_nf_regnets.py),
+# typed from it: weight decay B0..B5, then its stated rule 5e-5 + 1e-5 x level.
+RELEASED_NF_REGNET_WD = {'B0': 5e-5, 'B1': 6e-5, 'B2': 7e-5, 'B3': 8e-5, 'B4': 9e-5,
+                         'B5': 1e-4, 'B6': 1.1e-4, 'B7': 1.2e-4, 'B8': 1.3e-4}
+
+
+@pytest.mark.parametrize('variant', sorted(RELEASED_NF_REGNET_WD))
+def test_nf_regnet_configs_carry_the_released_recipe(variant):
+  config = nf_regnet_config.get_config(variant)
+  train.validate_config(config)
+  sizes = {'B0': (192, 224, 0.2), 'B1': (224, 256, 0.2), 'B2': (240, 272, 0.3),
+           'B3': (288, 320, 0.3), 'B4': (320, 384, 0.4), 'B5': (384, 456, 0.4),
+           'B6': (448, 528, 0.5), 'B7': (512, 600, 0.5), 'B8': (600, 672, 0.5)}[variant]
+  assert (config.data.image_size, config.data.eval_image_size,
+          config.model.kwargs.drop_rate) == sizes
+  assert config.model.name == 'NFRegNet'
+  kw = config.model.kwargs
+  assert (kw.width, kw.expansion, kw.group_size, kw.se_ratio, kw.alpha,
+          kw.stochdepth_rate, kw.activation) == (0.75, 2.25, 8, 0.5, 0.2, 0.1, 'silu')
+  assert config.train.batch_size == 1024
+  steps = train.total_train_steps(config, nf_regnet_config.IMAGENET_TRAIN_EXAMPLES)
+  assert steps == 1_281_167 * 360 // 1024 == 450_410
+  opt = config.optimizer
+  assert opt.weight_decay == pytest.approx(RELEASED_NF_REGNET_WD[variant], rel=1e-9)
+  assert (opt.momentum, opt.nesterov, opt.clipping) == (0.9, True, 0.0)   # no AGC
+  _, schedule = train.make_optimizer(config, steps, 1_281_167 / 1024)
+  warmup = round(5 * 1_281_167 / 1024)
+  assert float(schedule(warmup)) == pytest.approx(0.4)   # not scaled by the batch
+  assert float(schedule(steps)) == pytest.approx(0.001)
+  assert (config.data.mixup_alpha, config.data.cutmix, config.data.randaug_layers) == (
+      0.2, True, 0)
+  assert config.data.eval_preprocess == 'crop_resize'
+  assert config.label_smoothing == 0.1 and config.ema_max_decay == 0.99999
+  assert config.dtype == 'float32'
+  model = models.build_model(config.model, 1000, config.dtype)   # defaults build
+  shapes = jax.eval_shape(lambda r, x: model.init(r, x, is_training=True),
+                          jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  assert models.count_params(shapes) > 0
+
+
+@pytest.mark.parametrize('variant', ['ResNet50', 'ResNet101', 'ResNet152', 'ResNet200',
+                                     'ResNet288', 'ResNet600'])
+def test_nf_resnet_configs_carry_the_released_resnet_recipe(variant):
+  config = nf_resnet_config.get_config(variant)
+  train.validate_config(config)
+  assert config.model.name == 'NFResNet' and config.model.kwargs.variant == variant
+  assert (config.data.image_size, config.data.eval_image_size) == (224, 224)
+  steps = train.total_train_steps(config, nf_resnet_config.IMAGENET_TRAIN_EXAMPLES)
+  assert steps == 1_281_167 * 90 // 1024 == 112_602
+  opt = config.optimizer
+  assert (opt.weight_decay, opt.clipping, opt.momentum, opt.nesterov) == (1e-4, 0.0, 0.9,
+                                                                         True)
+  _, schedule = train.make_optimizer(config, steps, 1_281_167 / 1024)
+  assert float(schedule(round(5 * 1_281_167 / 1024))) == pytest.approx(0.1 * 1024 / 256)
+  assert float(schedule(steps)) == pytest.approx(0.0, abs=1e-9)
+  assert (config.data.mixup_alpha, config.data.cutmix, config.data.randaug_layers) == (
+      0.0, False, 0)
+  kw = config.model.kwargs
+  assert (kw.width, kw.alpha, kw.stochdepth_rate, kw.drop_rate, kw.use_se) == (
+      4, 0.2, 0.1, 0.0, False)
+  model = models.build_model(config.model, 1000, config.dtype)
+  shapes = jax.eval_shape(lambda r, x: model.init(r, x, is_training=True),
+                          jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  assert models.count_params(shapes) > 0
+
+
+def test_variant_of_another_family_is_refused_before_anything_runs(tmp_path):
+  config = nf_regnet_config.get_config('B0')
+  config.model.kwargs.variant = 'F0'
+  with pytest.raises(ValueError, match="'F0' is an NFNet variant but model.name is "
+                                       "'NFRegNet'"):
+    train.validate_config(config)
+  with pytest.raises(ValueError, match='B0, B1'):
+    nf_regnet_config.get_config('B9')
+  with pytest.raises(ValueError, match='ResNet50, ResNet101'):
+    nf_resnet_config.get_config('ResNet18')
+
+
 def test_unknown_variant_in_config_lists_valid_ones():
   with pytest.raises(ValueError, match='F0, F0\\+, F1'):
     nfnet_config.get_config('F8')
@@ -272,6 +352,79 @@ def test_finetune_configs_carry_the_fine_tuning_recipe(arg):
     assert (config.data.image_size, config.data.eval_image_size) == (
         ref.data.image_size, ref.data.eval_image_size)
     assert config.optimizer.base_lr == ref.optimizer.base_lr / 10
+
+
+def tiny_family_config(family):
+  """digits, with a narrow NF-ResNet-50 or NF-RegNet-B0 at the released defaults."""
+  config = tiny_config(num_steps=2)
+  if family == 'NFResNet':
+    config.model = nf_resnet_config.get_config('ResNet50').model
+    config.model.kwargs.update(width=0.125, drop_rate=0.1)
+  else:
+    config.model = nf_regnet_config.get_config('B0').model
+    config.model.kwargs.width = 0.25
+  config.data.image_size = 32
+  config.optimizer.clipping = 0.0
+  return config
+
+
+@pytest.mark.parametrize('family,root', [('NFResNet', 'NF_ResNet'),
+                                         ('NFRegNet', 'NF_RegNet')])
+def test_other_families_train_export_evaluate_and_classify(tmp_path, family, root):
+  """The training loop, the exported params_ema.npz, --weights evaluation, fine-tuning
+  to new classes and nfnet-classify work for NF-ResNets and NF-RegNets as for NFNets."""
+  from nfnet_jax import classify  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  config = tiny_family_config(family)
+  workdir = str(tmp_path / 'run')
+  final = train.train_and_evaluate(config, workdir, progress_bar=False)
+  assert np.isfinite(final['eval_loss']) and final['eval_count'] == 360
+  exported = os.path.join(workdir, train.EXPORT_FILE)
+  width = config.model.kwargs.width
+  params = pretrained.load_pretrained(exported, num_classes=None, width=width)
+  assert {m.split('/~/')[0] for m in params} == {root}
+
+  from_checkpoint = train.evaluate(config, workdir)
+  from_weights = train.evaluate(config, str(tmp_path / 'eval_only'), weights=exported)
+  np.testing.assert_allclose(from_weights['eval_top1'], from_checkpoint['eval_ema_top1'])
+  np.testing.assert_allclose(from_weights['eval_loss'], from_checkpoint['eval_ema_loss'],
+                             rtol=1e-5)
+
+  config3 = tiny_family_config(family)
+  config3.init_from = exported
+  model, optimizer, _ = _model_and_steps(config3, num_classes=3)
+  fresh = jax.tree.map(np.asarray, train.init_state(
+      jax.random.PRNGKey(7), model, optimizer, 32)['params'])
+  start = train.initial_params(config3, fresh, 3)
+  head = f'{root}/~/linear'
+  for module in start:
+    source = fresh if module == head else params
+    for name in start[module]:
+      np.testing.assert_array_equal(start[module][name], source[module][name])
+
+  # Classify two digits with the exported weights: the probabilities are the model's
+  # softmax on the family's evaluation view (crop_resize), computed here directly.
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  paths = []
+  for i, digit in enumerate(load_digits().images[:2]):
+    path = str(tmp_path / f'digit{i}.png')
+    Image.fromarray((digit * 255 / 16).astype(np.uint8)).convert('RGB').save(path)
+    paths.append(path)
+  variant = config.model.kwargs.variant
+  kwargs = {k: v for k, v in dict(config.model.kwargs).items() if k != 'variant'}
+  names = [str(d) for d in range(10)]
+  results = classify.classify(paths, params, variant=variant, class_names=names,
+                              image_size=32, top_k=3, model_kwargs=kwargs)
+  model = models.build_model(config.model, 10, 'float32')
+  for path, result in zip(paths, results):
+    with open(path, 'rb') as f:
+      view = data.eval_image(f.read(), 32, 'crop_resize')
+    probs = jax.nn.softmax(model.apply(params, None, view[None], is_training=False)['logits'])
+    top = np.argsort(-np.asarray(probs[0]), kind='stable')[:3]
+    assert [p['label'] for p in result['predictions']] == list(top)
+    np.testing.assert_allclose([p['probability'] for p in result['predictions']],
+                               np.asarray(probs[0])[top], rtol=1e-5)
 
 
 @pytest.mark.slow

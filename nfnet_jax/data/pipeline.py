@@ -160,8 +160,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   Image sizes and preprocessing:
     image_size: side S of the training images (pixels).
     eval_image_size: side of the evaluation images; 0 = image_size.
-    eval_preprocess: 'resize_crop_32' (the paper's: squash to S+32, centre crop S) or
-      'crop_pct' (timm's: shorter side to S / crop_pct, centre crop S).
+    eval_preprocess: 'resize_crop_32' (the NFNet paper's: squash to S+32, centre crop S),
+      'crop_resize' (the NF-RegNet/NF-ResNet experiments': centre square of side
+      min(H, W) * S / (S+32), resized to S) or 'crop_pct' (timm's: shorter side to
+      S / crop_pct, centre crop S).
     crop_pct: for eval_preprocess='crop_pct'.
   Training augmentation (never applied in eval):
     augment: master switch. Per source: digits translate (max_shift); decoded images get
@@ -391,7 +393,7 @@ def check_data_config(data_config: ml_collections.ConfigDict) -> None:
   _check_int('data_config.threadpool_size', data_config.get('threadpool_size', 0), 0)
 
 
-EVAL_METHODS = ('resize_crop_32', 'crop_pct')
+EVAL_METHODS = ('resize_crop_32', 'crop_resize', 'crop_pct')
 
 
 def _check_common(data_config, per_device_batch, local_devices, process_index, process_count):

@@ -58,6 +58,9 @@ clipped to [0, 255] (RandAugment later needs uint8 and bicubic overshoots).
 Evaluation (``eval_preprocess`` in graph mode, ``eval_image`` eager on bytes):
   * 'resize_crop_32' (the NFNet reference): decode the whole image, bicubic resize to
     (S + 32, S + 32) ignoring the aspect ratio, centre crop S x S at offset 16.
+  * 'crop_resize' (the released code's default, which its NF-RegNet/NF-ResNet
+    experiments use): the training fallback's centre square, side
+    floor(min(H, W) * S / (S + 32)), then bicubic resize to S x S (aspect kept).
   * 'crop_pct' (timm's geometry): resize the shorter side to floor(S / crop_pct) and the
     longer to int(floor(S / crop_pct) * long / short) (torchvision's ``Resize(int)``),
     centre crop S x S at offsets round((H' - S) / 2), round((W' - S) / 2) with Python's
@@ -418,6 +421,9 @@ def eval_crop(image_bytes: tf.Tensor, image_size: int, method: str = 'resize_cro
     image = resize_bicubic(image, padded, padded)
     offset = CROP_PADDING // 2
     image = image[offset:offset + image_size, offset:offset + image_size]
+  elif method == 'crop_resize':
+    image = _slice(image, centre_crop_window(tf.shape(image), image_size))
+    image = resize_bicubic(image, image_size, image_size)
   else:
     shape = tf.shape(image)
     new_height, new_width = crop_pct_sizes(shape[0], shape[1], image_size, crop_pct)

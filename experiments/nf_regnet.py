@@ -1,0 +1,81 @@
+r"""NF-RegNet-B0..B8 on ImageNet: the recipe of DeepMind's released NF-RegNet experiment.
+
+Command (on every host of a Cloud TPU slice; launch/train_tpu.sh and docs/tpu.md do it):
+  python -m nfnet_jax.train --config experiments/nf_regnet.py:B0 --workdir gs://BUCKET/b0 \
+      --distributed --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+  launch/train_tpu.sh --project P --zone Z --workdir gs://BUCKET/b0 \
+      --config experiments/nf_regnet.py:B0 --tfds-data-dir gs://BUCKET/tensorflow_datasets
+
+Expected result: no figure is given here. The spec holds no NF-RegNet accuracy, the
+stored copies of the paper (Brock, De & Smith 2021, arXiv 2101.08692) that we could read
+stop before its tables, and this machine has neither ImageNet nor an accelerator, so we
+have not run this config to completion. The paper compares NF-RegNets with EfficientNets
+of equal FLOPs (EfficientNet-B0 77.1 ... B7 84.7 top-1, spec section 4). Read
+`eval_ema_top1` in <workdir>/metrics.jsonl.
+
+The recipe, as DeepMind's released code sets it (deepmind-research/nfnets,
+experiment_nf_regnets.py, which differs from the NFNet recipe in experiments/nfnet.py):
+  * global batch 1024, 360 epochs (450,410 steps), float32 (no bf16);
+  * SGD, Nesterov momentum 0.9; lr 0.4 NOT scaled by the batch; 5 warmup epochs from 0,
+    then cosine down to 0.001 (not 0);
+  * coupled weight decay per variant, 5e-5 + 1e-5 x level: B0 5e-5, B1 6e-5, ... B5 1e-4
+    (the released table stops at B5; B6..B8 continue its stated rule: 1.1e-4, 1.2e-4,
+    1.3e-4); never on gains, biases or skip_gain;
+  * NO adaptive gradient clipping;
+  * label smoothing 0.1; EMA of the params, decay min(0.99999, (1 + t) / (10 + t));
+  * MixUp (alpha 0.2) on half of each device batch, CutMix on the other half; no
+    RandAugment;
+  * the model's released defaults: width 0.75, expansion 2.25, group size 8, SE 0.5,
+    alpha 0.2, stochastic depth 0.1, SiLU, per-variant dropout;
+  * train at the variant's train size, evaluate at its test size with the released
+    code's `crop_resize` view (centre square of side min(H, W) * S / (S + 32), resized).
+
+Data: TFDS imagenet2012 5.x in data_dir (docs/imagenet.md). Any other TFDS dataset or an
+image folder works too: --config.data.name=tfds:NAME or folder (--config.data.folder=...).
+"""
+from ml_collections import ConfigDict
+
+from nfnet_jax import config as config_lib
+from nfnet_jax import nf_regnet
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def weight_decay(variant: str) -> float:
+  """The released per-variant rule, 5e-5 + 1e-5 x level (B0 -> 5e-5, B5 -> 1e-4)."""
+  level = int(variant[1:])
+  return round(5e-5 + 1e-5 * level, 10)
+
+
+def get_config(arg='B0'):
+  variant = arg or 'B0'
+  params = nf_regnet.variant_params(variant)    # unknown variant -> lists the valid ones
+  config = config_lib.base_config()
+  config.dtype = 'float32'
+  config.label_smoothing = 0.1
+  config.ema_max_decay = 0.99999
+  config.model = ConfigDict(dict(name='NFRegNet', kwargs=dict(
+      variant=variant, width=0.75, expansion=2.25, group_size=8, se_ratio=0.5,
+      alpha=0.2, stochdepth_rate=0.1, drop_rate=params['drop_rate'],
+      activation='silu')))
+  config.data.update(
+      name='imagenet2012',
+      data_dir='',                   # TFDS data_dir (local or gs://); '' = TFDS default
+      train_split='train',           # 'train_minus_minival' to select models on minival
+      image_size=params['train_imsize'],
+      eval_image_size=params['test_imsize'],
+      eval_preprocess='crop_resize',
+      augment=True,
+      mixup_alpha=0.2,
+      cutmix=True,
+      randaug_layers=0,
+      shuffle_buffer=10_000,
+      cache=False)
+  config.train.update(batch_size=1024, num_epochs=360.0, log_every_steps=100,
+                      eval_every_steps=10_000)
+  config.optimizer.update(base_lr=0.4, scale_by_batch=False, warmup_epochs=5.0,
+                          end_lr=0.001, momentum=0.9, nesterov=True,
+                          weight_decay=weight_decay(variant), clipping=0.0)
+  config.eval.update(split='validation', batch_size=1000)
+  config.checkpoint.update(every_steps=2000, max_to_keep=3)
+  return config
