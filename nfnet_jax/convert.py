@@ -21,7 +21,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('src', help='released F{k}_haiku.npz (or a converted .npz)')
   parser.add_argument('dst', help='output .npz')
   parser.add_argument('--variant', default=None,
-                      help="NFNet variant, e.g. F0 (default: from the file name)")
+                      help="variant, e.g. F0 (or ResNet50, B0 for converted files of "
+                      "the other families; default: from the file)")
   parser.add_argument('--num-classes', type=int, default=1000,
                       help='classifier size to check against (default 1000)')
   parser.add_argument('--width', type=float, default=None,
@@ -41,7 +42,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (ValueError, OSError) as e:  # PretrainedError, unknown variant, FileExistsError
     print(f'error: {e}', file=sys.stderr)
     return 1
-  print(f"wrote {summary['dst']}: NFNet-{summary['variant']}, {summary['arrays']} arrays, "
+  family = pretrained.family_of(summary['variant'])
+  print(f"wrote {summary['dst']}: {family}-{summary['variant']}, {summary['arrays']} arrays, "
         f"{summary['values']:,} parameters, md5 {summary['md5']}")
   return 0
 

@@ -26,6 +26,8 @@ _ACTIVATIONS = {
     'gelu': (lambda x: jax.nn.gelu(x, approximate=True), 1.7015043497085571),
     'relu': (jax.nn.relu, 1.7139588594436646),
     'silu': (jax.nn.silu, 1.7881293296813965),
+    # The released NF_RegNet's default name for SiLU (its own table lacks it).
+    'swish': (jax.nn.silu, 1.7881293296813965),
     'elu': (jax.nn.elu, 1.2716004848480225),
     'celu': (jax.nn.celu, 1.270926833152771),
     'leaky_relu': (jax.nn.leaky_relu, 1.70590341091156),

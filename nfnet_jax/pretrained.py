@@ -1,4 +1,4 @@
-"""DeepMind's released NFNet weights: safe loading, checking, pickle-free conversion.
+"""DeepMind's released NFNet weights: safe loading, shape checks, pickle-free conversion.
 
 DeepMind published NFNet-F0..F6 as `F{k}_haiku.npz`. Despite the suffix those files
 are *pickles* (written with dill, protocol 3) of a Haiku `FlatMapping`: module path ->
@@ -22,7 +22,8 @@ whatever code the file's author chose, so this module never hands such a file to
    count matches the shape.
 
 `load_pretrained` then checks every module path, parameter name and shape against the
-model (`check_params`), and `convert` writes a pickle-free `.npz` (flat keys
+model (`check_params`; any family: NFNet, NF-ResNet or NF-RegNet, told by the variant),
+and `convert` writes a pickle-free `.npz` (flat keys
 `module_path + '//' + param_name`, loadable with `np.load(..., allow_pickle=False)`).
 """
 import functools

@@ -91,9 +91,17 @@ def _integrated_gamma(name):
 
 
 def test_activation_table_matches_spec():
-  assert set(layers.ACTIVATION_GAMMAS) == set(SPEC_GAMMAS)
+  # Plus 'swish', the released NF_RegNet's default name for SiLU.
+  assert set(layers.ACTIVATION_GAMMAS) == set(SPEC_GAMMAS) | {'swish'}
   for name, gamma in SPEC_GAMMAS.items():
     assert layers.ACTIVATION_GAMMAS[name] == pytest.approx(gamma, rel=1e-7), name
+
+
+def test_swish_is_scaled_silu():
+  x = np.linspace(-6, 6, 101).astype(np.float32)
+  want = NP_ACTIVATIONS['silu'](x.astype(np.float64)) * SPEC_GAMMAS['silu']
+  np.testing.assert_allclose(layers.scaled_activation('swish')(x), want, rtol=1e-6,
+                             atol=1e-6)
 
 
 GAMMA_RTOL = 1.5e-3
@@ -165,8 +173,8 @@ def test_unscaled_activation_fn():
 
 
 def test_unknown_activation_raises():
-  with pytest.raises(ValueError, match='swish'):
-    layers.scaled_activation('swish')
+  with pytest.raises(ValueError, match="'mish'; valid: gelu, relu, silu"):
+    layers.scaled_activation('mish')
   with pytest.raises(ValueError):
     layers.activation_fn('GELU')
 
