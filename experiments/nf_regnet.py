@@ -13,6 +13,12 @@ have not run this config to completion. The paper compares NF-RegNets with Effic
 of equal FLOPs (EfficientNet-B0 77.1 ... B7 84.7 top-1, spec section 4). Read
 `eval_ema_top1` in <workdir>/metrics.jsonl.
 
+Measured here instead, the same recipe scaled down to the embedded digits (`:digits`,
+see `digits_config`):
+  python -m nfnet_jax.train --config experiments/nf_regnet.py:digits --workdir workdirs/b0
+Expected (measured 2026-11-23, 2-core CPU, float32): eval_ema_top1 0.978 (352 of 360 test
+digits; raw the same) after 898 steps, about 2 minutes.
+
 The recipe, as DeepMind's released code sets it (deepmind-research/nfnets,
 experiment_nf_regnets.py, which differs from the NFNet recipe in experiments/nfnet.py):
   * global batch 1024, 360 epochs (450,410 steps), float32 (no bf16);
@@ -48,6 +54,8 @@ def weight_decay(variant: str) -> float:
 
 
 def get_config(arg='B0'):
+  if arg == 'digits':
+    return digits_config()
   variant = arg or 'B0'
   params = nf_regnet.variant_params(variant)    # unknown variant -> lists the valid ones
   config = config_lib.base_config()
@@ -78,4 +86,20 @@ def get_config(arg='B0'):
                           weight_decay=weight_decay(variant), clipping=0.0)
   config.eval.update(split='validation', batch_size=1000)
   config.checkpoint.update(every_steps=2000, max_to_keep=3)
+  return config
+
+
+def digits_config():
+  """The recipe above, scaled down to run here: a quarter-width B0 on the embedded
+  digits at 32 px, batch 64 with the learning rate scaled to it (0.4 x 64 / 1024),
+  40 epochs; everything else (no AGC, MixUp + CutMix, cosine to lr/400, B0's weight
+  decay and dropout, EMA, float32) as for ImageNet."""
+  config = get_config('B0')
+  config.model.kwargs.width = 0.25
+  config.data.update(name='digits', image_size=32, eval_image_size=0)
+  config.train.update(batch_size=64, num_epochs=40.0, log_every_steps=25,
+                      eval_every_steps=300)
+  config.optimizer.update(base_lr=0.4 * 64 / 1024, end_lr=0.001 * 64 / 1024)
+  config.eval.update(split='test', batch_size=120)
+  config.checkpoint.update(every_steps=300, max_to_keep=2)
   return config

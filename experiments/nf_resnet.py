@@ -15,6 +15,12 @@ paper's own tables (arXiv 2101.08692) were not in the stored material we could r
 this machine has neither ImageNet nor an accelerator, so we have not run this config to
 completion. Read `eval_top1` (and `eval_ema_top1`) in <workdir>/metrics.jsonl.
 
+Measured here instead, the same recipe scaled down to the embedded digits (`:digits`,
+see `digits_config`):
+  python -m nfnet_jax.train --config experiments/nf_resnet.py:digits --workdir workdirs/nf_r50
+Expected (measured 2026-11-23, 2-core CPU, float32): eval_top1 0.975 (351 of 360 test
+digits; EMA the same) after 898 steps, under a minute.
+
 The recipe is the one DeepMind's released code ships for ImageNet ResNets
 (deepmind-research/nfnets, experiment.py: its default config, with the model switched to
 NF_ResNet; the release has no separate NF-ResNet experiment):
@@ -40,6 +46,8 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 
 def get_config(arg='ResNet50'):
+  if arg == 'digits':
+    return digits_config()
   variant = arg or 'ResNet50'
   params = nf_resnet.variant_params(variant)    # unknown variant -> lists the valid ones
   config = config_lib.base_config()
@@ -69,4 +77,18 @@ def get_config(arg='ResNet50'):
                           clipping=0.0)
   config.eval.update(split='validation', batch_size=1000)
   config.checkpoint.update(every_steps=2000, max_to_keep=3)
+  return config
+
+
+def digits_config():
+  """The recipe above, scaled down to run here: a sixteenth-width ResNet-50 (width
+  0.25: a 4-channel stem, stages of 16, 32, 64, 128 channels) on the embedded digits at
+  32 px, batch 64 (lr 0.1 x 64 / 256), 40 epochs; everything else as for ImageNet."""
+  config = get_config('ResNet50')
+  config.model.kwargs.width = 0.25
+  config.data.update(name='digits', image_size=32, eval_image_size=0)
+  config.train.update(batch_size=64, num_epochs=40.0, log_every_steps=25,
+                      eval_every_steps=300)
+  config.eval.update(split='test', batch_size=120)
+  config.checkpoint.update(every_steps=300, max_to_keep=2)
   return config

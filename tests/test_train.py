@@ -316,6 +316,22 @@ def test_nf_resnet_configs_carry_the_released_resnet_recipe(variant):
   assert models.count_params(shapes) > 0
 
 
+@pytest.mark.parametrize('module', [nf_regnet_config, nf_resnet_config])
+def test_family_digits_configs_keep_the_recipe_on_the_embedded_data(module):
+  config = module.get_config('digits')
+  train.validate_config(config)
+  full = module.get_config(None)
+  assert config.data.name == 'digits' and config.eval.split == 'test'
+  assert config.model.name == full.model.name
+  assert config.optimizer.clipping == 0.0 == full.optimizer.clipping
+  assert config.optimizer.weight_decay == full.optimizer.weight_decay
+  # The learning rate follows the batch: peak x 64 / 1024.
+  _, schedule = train.make_optimizer(config, 898, 22.45)
+  _, full_schedule = train.make_optimizer(full, 10_000, 1251.1)
+  assert float(schedule(round(5 * 22.45))) == pytest.approx(
+      float(full_schedule(round(5 * 1251.1))) * 64 / 1024)
+
+
 def test_variant_of_another_family_is_refused_before_anything_runs(tmp_path):
   config = nf_regnet_config.get_config('B0')
   config.model.kwargs.variant = 'F0'
