@@ -1,4 +1,4 @@
-r"""Fine-tuning an NFNet on your own classes, from DeepMind's released (or your own) weights.
+r"""Fine-tuning on your own classes from released or own weights (NFNet, NF-RegNet, NF-ResNet).
 
 Commands:
   # Released F0 on your images (root/train/<class>/..., root/val/<class>/...):
@@ -8,6 +8,9 @@ Commands:
   python -m nfnet_jax.train --config experiments/finetune.py:F0 --workdir workdirs/flowers \
       --config.init_from=F0_haiku.npz --config.data.name=tfds:oxford_flowers102 \
       --config.data.data_dir=$DATA_DIR --config.eval.split=test
+  # Your own NF-RegNet/NF-ResNet run's weights work the same way (finetune.py:B0, :ResNet50):
+  python -m nfnet_jax.train --config experiments/finetune.py:B0 --workdir workdirs/ft_b0 \
+      --config.init_from=workdirs/b0/params_ema.npz --config.data.folder=/path/to/root
   # Then classify with the result (class names from the workdir's class_index.json):
   nfnet-classify --variant F0 --weights workdirs/ft_f0/params_ema.npz \
       --class-index workdirs/ft_f0 IMAGES...
@@ -32,7 +35,7 @@ Expected (measured 2026-11-23 on the 2-core CPU machine, float32): eval_ema_top1
 scratch (--config.init_from=) reaches 0.611.
 """
 from nfnet_jax import config as config_lib
-from nfnet_jax import nfnet
+from nfnet_jax import models
 
 
 def get_config(arg='F0'):
@@ -59,9 +62,15 @@ def get_config(arg='F0'):
     config.eval.batch_size = 60
     return config
 
-  params = nfnet.variant_params(variant)        # unknown variant -> lists the valid ones
-  config.model.kwargs.update(variant=variant)
+  # Any family's variant (F0.., ResNet50.., B0..): its released model arguments, with
+  # the fine-tuning regularisation above.
+  config.model = config_lib.model_config(variant)   # unknown variant -> lists them all
+  config.model.kwargs.update(stochdepth_rate=0.1, drop_rate=0.25)
+  params = models.variant_params(variant)
   config.data.update(image_size=params['train_imsize'], eval_image_size=params['test_imsize'])
+  if config.model.name != 'NFNet':
+    # Their released experiments evaluate with the `crop_resize` view.
+    config.data.eval_preprocess = 'crop_resize'
   config.train.update(batch_size=512, num_epochs=30.0, log_every_steps=50,
                       eval_every_steps=1000)
   return config

@@ -39,8 +39,6 @@ experiment_nf_regnets.py, which differs from the NFNet recipe in experiments/nfn
 Data: TFDS imagenet2012 5.x in data_dir (docs/imagenet.md). Any other TFDS dataset or an
 image folder works too: --config.data.name=tfds:NAME or folder (--config.data.folder=...).
 """
-from ml_collections import ConfigDict
-
 from nfnet_jax import config as config_lib
 from nfnet_jax import nf_regnet
 
@@ -62,10 +60,9 @@ def get_config(arg='B0'):
   config.dtype = 'float32'
   config.label_smoothing = 0.1
   config.ema_max_decay = 0.99999
-  config.model = ConfigDict(dict(name='NFRegNet', kwargs=dict(
-      variant=variant, width=0.75, expansion=2.25, group_size=8, se_ratio=0.5,
-      alpha=0.2, stochdepth_rate=0.1, drop_rate=params['drop_rate'],
-      activation='silu')))
+  # The released NF_RegNet defaults: width 0.75, expansion 2.25, group size 8, SE 0.5,
+  # alpha 0.2, stochastic depth 0.1, SiLU, the variant's dropout.
+  config.model = config_lib.model_config(variant)
   config.data.update(
       name='imagenet2012',
       data_dir='',                   # TFDS data_dir (local or gs://); '' = TFDS default

@@ -37,8 +37,6 @@ NF_ResNet; the release has no separate NF-ResNet experiment):
   * The released config keeps no EMA; ours always does (decay up to 0.9999 here) and
     reports both `eval_top1` and `eval_ema_top1`.
 """
-from ml_collections import ConfigDict
-
 from nfnet_jax import config as config_lib
 from nfnet_jax import nf_resnet
 
@@ -54,9 +52,9 @@ def get_config(arg='ResNet50'):
   config.dtype = 'float32'
   config.label_smoothing = 0.1
   config.ema_max_decay = 0.9999
-  config.model = ConfigDict(dict(name='NFResNet', kwargs=dict(
-      variant=variant, width=4.0, alpha=0.2, stochdepth_rate=0.1, drop_rate=0.0,
-      activation='relu', use_se=False, se_ratio=0.25)))
+  # The released NF_ResNet defaults (width 4, alpha 0.2, stochastic depth 0.1, ReLU, no
+  # SE) and the released ResNet experiment's dropout, 0.0.
+  config.model = config_lib.model_config(variant)
   config.data.update(
       name='imagenet2012',
       data_dir='',                   # TFDS data_dir (local or gs://); '' = TFDS default

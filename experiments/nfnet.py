@@ -30,8 +30,8 @@ def get_config(arg='F0'):
   variant = arg or 'F0'
   params = nfnet.variant_params(variant)        # unknown variant -> lists the valid ones
   config = config_lib.base_config()
-  config.model.kwargs.update(variant=variant, stochdepth_rate=0.25,
-                             drop_rate=params['drop_rate'])
+  # NFNet's released arguments, stochastic depth 0.25 and the variant's dropout.
+  config.model = config_lib.model_config(variant)
   config.data.update(
       name='imagenet2012',
       data_dir='',                   # TFDS data_dir (local or gs://); '' = TFDS default

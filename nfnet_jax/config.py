@@ -11,6 +11,29 @@ import os
 import ml_collections
 
 from nfnet_jax import data
+from nfnet_jax import models
+
+# Each family's model arguments as DeepMind's released code defaults them (NFNet with the
+# paper's training value of stochastic depth, 0.25); `drop_rate` None = the variant's.
+FAMILY_DEFAULTS = {
+    'NFNet': dict(width=1.0, se_ratio=0.5, alpha=0.2, stochdepth_rate=0.25,
+                  drop_rate=None, activation='gelu', final_conv_mult=2,
+                  use_two_convs=True, group_size=128),
+    'NFResNet': dict(width=4.0, alpha=0.2, stochdepth_rate=0.1, drop_rate=0.0,
+                     activation='relu', use_se=False, se_ratio=0.25),
+    'NFRegNet': dict(width=0.75, expansion=2.25, group_size=8, se_ratio=0.5, alpha=0.2,
+                     stochdepth_rate=0.1, drop_rate=None, activation='silu'),
+}
+
+
+def model_config(variant: str) -> ml_collections.ConfigDict:
+  """`name` and `kwargs` of `variant`'s family (NFNet, NFResNet or NFRegNet) with the
+  released defaults and the variant's dropout rate. An unknown variant lists all."""
+  family = models.family_of_variant(variant)
+  kwargs = dict(variant=variant, **FAMILY_DEFAULTS[family])
+  if kwargs['drop_rate'] is None:
+    kwargs['drop_rate'] = models.variant_params(variant)['drop_rate']
+  return ml_collections.ConfigDict(dict(name=family, kwargs=kwargs))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -25,10 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   # classifier of another size (new classes) starts fresh.
   config.init_from = ''
 
-  config.model = ml_collections.ConfigDict(dict(name='NFNet', kwargs=dict(
-      variant='F0', width=1.0, se_ratio=0.5, alpha=0.2, stochdepth_rate=0.25,
-      drop_rate=0.2, activation='gelu', final_conv_mult=2, use_two_convs=True,
-      group_size=128)))
+  config.model = model_config('F0')
 
   config.data = data.default_data_config()
 

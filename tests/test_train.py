@@ -443,6 +443,20 @@ def test_other_families_train_export_evaluate_and_classify(tmp_path, family, roo
                                np.asarray(probs[0])[top], rtol=1e-5)
 
 
+@pytest.mark.parametrize('variant,family', [('B3', 'NFRegNet'), ('ResNet101', 'NFResNet')])
+def test_finetune_configs_take_every_family(variant, family):
+  config = finetune_config.get_config(variant)
+  train.validate_config(config)
+  assert config.model.name == family and config.model.kwargs.variant == variant
+  assert (config.model.kwargs.drop_rate, config.model.kwargs.stochdepth_rate) == (0.25, 0.1)
+  assert config.optimizer.weight_decay == 1e-5
+  assert config.data.eval_preprocess == 'crop_resize'
+  sizes = {'B3': (288, 320), 'ResNet101': (224, 224)}[variant]
+  assert (config.data.image_size, config.data.eval_image_size) == sizes
+  with pytest.raises(ValueError, match='NFNet: F0, .*NFResNet: ResNet50, .*NFRegNet: B0'):
+    finetune_config.get_config('B10')
+
+
 @pytest.mark.slow
 def test_quickstart_command_trains_digits(tmp_path):
   """The README's main command, shortened: real CLI, real recipe, real digits."""
