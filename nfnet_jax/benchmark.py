@@ -2,9 +2,11 @@
 
     python -m nfnet_jax.benchmark --variant F0 --mode train --batch-per-device 32 \
         --image-size 192 --dtype bfloat16
+    python -m nfnet_jax.benchmark --variant B0      # NF-RegNet (or ResNet50: NF-ResNet)
 
 Times the same per-device step that training runs (forward, backward, pmean,
-AGC + SGD, EMA, metrics), mapped over the local devices, on synthetic data
+AGC + SGD, EMA, metrics; each family with its experiments/ config's optimizer and
+model arguments), mapped over the local devices, on synthetic data
 already on the devices ("data preloaded", as the paper measured). Prints the
 compile time and the median ms/step and images/s over the timed steps; with
 --csv, appends one row per run. A script, not a test: CI never runs it.
@@ -29,9 +31,11 @@ from nfnet_jax import train
 def benchmark(variant: str = 'F0', mode: str = 'train', batch_per_device: int = 32,
               image_size: int = 0, dtype: str = 'bfloat16', conv_impl: str = 'auto',
               steps: int = 20, warmup: int = 3, num_devices: int = 0,
-              num_classes: int = 1000, width: float = 1.0) -> dict:
-  config = config_lib.load_experiment('nfnet', variant)
+              num_classes: int = 1000, width: float = 0.0) -> dict:
+  config = config_lib.load_experiment(EXPERIMENTS[models.family_of_variant(variant)],
+                                      variant)
   config.dtype = dtype
+  width = width or config.model.kwargs.width      # 0: the family's default
   config.model.kwargs.width = width
   size = image_size or (config.data.image_size if mode == 'train'
                         else config.data.eval_image_size)
@@ -82,6 +86,10 @@ def benchmark(variant: str = 'F0', mode: str = 'train', batch_per_device: int = 
               host=platform.processor() or platform.machine())
 
 
+# Each family's ImageNet config in experiments/.
+EXPERIMENTS = {'NFNet': 'nfnet', 'NFResNet': 'nf_resnet', 'NFRegNet': 'nf_regnet'}
+
+
 def layers_impl(conv_impl: str) -> str:
   with layers.conv_impl(conv_impl):
     return layers.resolved_conv_impl()
@@ -110,7 +118,8 @@ def main(argv):
 
 def run_main():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('variant', 'F0', 'NFNet variant (F0..F7, F0+..F7+).')
+  flags.DEFINE_string('variant', 'F0', 'F0..F7, F0+..F7+ (NFNet), ResNet50..ResNet600 '
+                      '(NF-ResNet) or B0..B8 (NF-RegNet).')
   flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Which step to time.')
   flags.DEFINE_integer('batch_per_device', 32, 'Images per device (paper: 32).')
   flags.DEFINE_integer('image_size', 0, "Pixels; 0: the variant's train/test size.")
@@ -121,7 +130,7 @@ def run_main():
   flags.DEFINE_integer('warmup', 3, 'Untimed steps, the first one compiles.')
   flags.DEFINE_integer('num_devices', 0, '0: every local device.')
   flags.DEFINE_integer('num_classes', 1000, 'Classifier width.')
-  flags.DEFINE_float('width', 1.0, 'Channel multiplier.')
+  flags.DEFINE_float('width', 0.0, "Channel multiplier; 0: the family's (1, 4, 0.75).")
   flags.DEFINE_string('csv', '', 'Append the result as a CSV row to this file.')
   # Accept --batch-per-device as well as absl's --batch_per_device.
   sys.argv = [_dashes_to_underscores(a) for a in sys.argv]
