@@ -34,9 +34,9 @@ import jax.numpy as jnp
 from nfnet_jax import flops, layers, nfnet
 from nfnet_jax.nfnet import BlockSpec
 
-# Spec section 2: blocks per stage. Stage output channels are
-# [64, 128, 256, 512] x width; the bottleneck is a quarter of that. Every variant
-# trains and evaluates at 224 px (the released ResNet experiment's image size).
+# Spec section 2: blocks per stage. Stage output channels are `width` (the same for
+# every depth) x the width multiplier (default 4); the bottleneck is a quarter of that.
+# Every variant trains and evaluates at 224 px (the released ResNet experiment's size).
 _DEPTHS = {
     'ResNet50': [3, 4, 6, 3],
     'ResNet101': [3, 4, 23, 3],
@@ -45,9 +45,9 @@ _DEPTHS = {
     'ResNet288': [24] * 4,
     'ResNet600': [50] * 4,
 }
-NF_RESNET_VARIANTS = {name: dict(depth=depth, train_imsize=224, test_imsize=224)
+NF_RESNET_VARIANTS = {name: dict(width=[64, 128, 256, 512], depth=depth,
+                                 train_imsize=224, test_imsize=224)
                       for name, depth in _DEPTHS.items()}
-_BASE_WIDTHS = [64, 128, 256, 512]
 _STRIDES = [1, 2, 2, 2]          # the stem's max-pool already halved the input
 BOTTLENECK_RATIO = 0.25
 
@@ -63,8 +63,9 @@ def block_specs(variant: str = 'ResNet50', width: float = 4, alpha: float = 0.2,
   The stem has 16 x width channels (64 at the default width 4), a quarter of the
   first stage's, so narrow test models shrink it too.
   """
-  depths = variant_params(variant)['depth']
-  widths = [int(w * width) for w in _BASE_WIDTHS]
+  params = variant_params(variant)
+  depths = params['depth']
+  widths = [int(w * width) for w in params['width']]
   stem_ch = int(16 * width)
   num_blocks = sum(depths)
   specs, in_ch, index, expected_std = [], stem_ch, 0, 1.0

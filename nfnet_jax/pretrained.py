@@ -28,6 +28,7 @@ and `convert` writes a pickle-free `.npz` (flat keys
 """
 import functools
 import hashlib
+import inspect
 import os
 import pickle
 import pickletools
@@ -588,16 +589,14 @@ def expected_param_shapes(variant: str = 'F0', num_classes: int = 1000,
   return {m: dict(p) for m, p in shapes.items()}
 
 
-# Per family: the block modules' name (the released code's), and the stage widths a
-# variant has at width multiplier `w` (w = None: the family's default).
+# Per family, the block modules' name (the released code's).
 _BLOCK_NAMES = {'NFNet': 'nf_block', 'NFResNet': 'nf_res_block', 'NFRegNet': 'nf_block'}
-_DEFAULT_WIDTH = {'NFNet': 1.0, 'NFResNet': 4, 'NFRegNet': 0.75}
-_RESNET_BASE_WIDTHS = (64, 128, 256, 512)
 
 
-def _stage_widths(family: str, cfg: Mapping, width: float) -> list[int]:
-  base = _RESNET_BASE_WIDTHS if family == 'NFResNet' else cfg['width']
-  return [int(w * width) for w in base]
+def _default_width(family: str) -> float:
+  """The family's default width multiplier (1, 4, 0.75), from its constructor."""
+  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
+  return inspect.signature(models.MODEL_FAMILIES[family]).parameters['width'].default
 
 
 def _family_of_params(params: Mapping) -> Optional[str]:
@@ -651,15 +650,14 @@ def guess_variant(params: Mapping, width: Optional[float] = None) -> Optional[st
   if layout is None:
     return None
   depths, widths = layout
-  width = _DEFAULT_WIDTH[family] if width is None else width
+  width = _default_width(family) if width is None else width
   table = models.FAMILY_VARIANTS[family]
   for name, cfg in table.items():
-    if list(cfg['depth']) == depths and _stage_widths(family, cfg, width) == widths:
+    if list(cfg['depth']) == depths and [int(w * width) for w in cfg['width']] == widths:
       return name
   for name, cfg in table.items():  # right depths, another width multiplier
-    base = _stage_widths(family, cfg, 1.0)
-    if list(cfg['depth']) == depths and len(widths) == len(base):
-      ratios = [w / c for w, c in zip(widths, base)]
+    if list(cfg['depth']) == depths and len(widths) == len(cfg['width']):
+      ratios = [w / c for w, c in zip(widths, cfg['width'])]
       if max(ratios) <= 1.05 * min(ratios):
         return name
   return None
