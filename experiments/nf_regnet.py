@@ -42,7 +42,7 @@ image folder works too: --config.data.name=tfds:NAME or folder (--config.data.fo
 from nfnet_jax import config as config_lib
 from nfnet_jax import nf_regnet
 
-IMAGENET_TRAIN_EXAMPLES = 1_281_167
+IMAGENET_TRAIN_EXAMPLES = config_lib.IMAGENET_TRAIN_EXAMPLES
 
 
 def weight_decay(variant: str) -> float:
@@ -55,33 +55,21 @@ def get_config(arg='B0'):
   if arg == 'digits':
     return digits_config()
   variant = arg or 'B0'
-  params = nf_regnet.variant_params(variant)    # unknown variant -> lists the valid ones
-  config = config_lib.base_config()
+  nf_regnet.variant_params(variant)             # unknown variant -> lists the valid ones
+  # The released NF_RegNet defaults (width 0.75, expansion 2.25, group size 8, SE 0.5,
+  # alpha 0.2, stochastic depth 0.1, SiLU, the variant's dropout), ImageNet at the
+  # variant's train/test sizes.
+  config = config_lib.imagenet_config(variant)
   config.dtype = 'float32'
   config.label_smoothing = 0.1
   config.ema_max_decay = 0.99999
-  # The released NF_RegNet defaults: width 0.75, expansion 2.25, group size 8, SE 0.5,
-  # alpha 0.2, stochastic depth 0.1, SiLU, the variant's dropout.
-  config.model = config_lib.model_config(variant)
-  config.data.update(
-      name='imagenet2012',
-      data_dir='',                   # TFDS data_dir (local or gs://); '' = TFDS default
-      train_split='train',           # 'train_minus_minival' to select models on minival
-      image_size=params['train_imsize'],
-      eval_image_size=params['test_imsize'],
-      eval_preprocess='crop_resize',
-      augment=True,
-      mixup_alpha=0.2,
-      cutmix=True,
-      randaug_layers=0,
-      shuffle_buffer=10_000,
-      cache=False)
+  config.data.update(eval_preprocess='crop_resize', mixup_alpha=0.2, cutmix=True,
+                     randaug_layers=0)
   config.train.update(batch_size=1024, num_epochs=360.0, log_every_steps=100,
                       eval_every_steps=10_000)
   config.optimizer.update(base_lr=0.4, scale_by_batch=False, warmup_epochs=5.0,
                           end_lr=0.001, momentum=0.9, nesterov=True,
                           weight_decay=weight_decay(variant), clipping=0.0)
-  config.eval.update(split='validation', batch_size=1000)
   config.checkpoint.update(every_steps=2000, max_to_keep=3)
   return config
 

@@ -40,40 +40,27 @@ NF_ResNet; the release has no separate NF-ResNet experiment):
 from nfnet_jax import config as config_lib
 from nfnet_jax import nf_resnet
 
-IMAGENET_TRAIN_EXAMPLES = 1_281_167
+IMAGENET_TRAIN_EXAMPLES = config_lib.IMAGENET_TRAIN_EXAMPLES
 
 
 def get_config(arg='ResNet50'):
   if arg == 'digits':
     return digits_config()
   variant = arg or 'ResNet50'
-  params = nf_resnet.variant_params(variant)    # unknown variant -> lists the valid ones
-  config = config_lib.base_config()
+  nf_resnet.variant_params(variant)             # unknown variant -> lists the valid ones
+  # The released NF_ResNet defaults (width 4, alpha 0.2, stochastic depth 0.1, ReLU, no
+  # SE) and the released ResNet experiment's dropout, 0.0; ImageNet at 224 px.
+  config = config_lib.imagenet_config(variant)
   config.dtype = 'float32'
   config.label_smoothing = 0.1
   config.ema_max_decay = 0.9999
-  # The released NF_ResNet defaults (width 4, alpha 0.2, stochastic depth 0.1, ReLU, no
-  # SE) and the released ResNet experiment's dropout, 0.0.
-  config.model = config_lib.model_config(variant)
-  config.data.update(
-      name='imagenet2012',
-      data_dir='',                   # TFDS data_dir (local or gs://); '' = TFDS default
-      train_split='train',           # 'train_minus_minival' to select models on minival
-      image_size=params['train_imsize'],      # 224 for every depth
-      eval_image_size=params['test_imsize'],
-      eval_preprocess='crop_resize',
-      augment=True,
-      mixup_alpha=0.0,
-      cutmix=False,
-      randaug_layers=0,
-      shuffle_buffer=10_000,
-      cache=False)
+  config.data.update(eval_preprocess='crop_resize', mixup_alpha=0.0, cutmix=False,
+                     randaug_layers=0)
   config.train.update(batch_size=1024, num_epochs=90.0, log_every_steps=100,
                       eval_every_steps=5000)
   config.optimizer.update(base_lr=0.1, scale_by_batch=True, warmup_epochs=5.0,
                           end_lr=0.0, momentum=0.9, nesterov=True, weight_decay=1e-4,
                           clipping=0.0)
-  config.eval.update(split='validation', batch_size=1000)
   config.checkpoint.update(every_steps=2000, max_to_keep=3)
   return config
 

@@ -23,33 +23,24 @@ touching validation, train on train_minus_minival and evaluate minival:
 from nfnet_jax import config as config_lib
 from nfnet_jax import nfnet
 
-IMAGENET_TRAIN_EXAMPLES = 1_281_167
+IMAGENET_TRAIN_EXAMPLES = config_lib.IMAGENET_TRAIN_EXAMPLES
 
 
 def get_config(arg='F0'):
   variant = arg or 'F0'
   params = nfnet.variant_params(variant)        # unknown variant -> lists the valid ones
-  config = config_lib.base_config()
-  # NFNet's released arguments, stochastic depth 0.25 and the variant's dropout.
-  config.model = config_lib.model_config(variant)
+  # NFNet's released arguments (stochastic depth 0.25, the variant's dropout), ImageNet
+  # at the variant's train/test sizes.
+  config = config_lib.imagenet_config(variant)
   config.data.update(
-      name='imagenet2012',
-      data_dir='',                   # TFDS data_dir (local or gs://); '' = TFDS default
-      train_split='train',           # 'train_minus_minival' to select models on minival
-      image_size=params['train_imsize'],
-      eval_image_size=params['test_imsize'],
       eval_preprocess='resize_crop_32',
-      augment=True,
       mixup_alpha=0.2,               # MixUp on half of each device batch...
       cutmix=True,                   # ...CutMix on the other half
       randaug_layers=params['randaug_layers'],
-      randaug_magnitude=float(params['randaug_magnitude']),
-      shuffle_buffer=10_000,
-      cache=False)                   # 150 GB: never cache ImageNet in host RAM
+      randaug_magnitude=float(params['randaug_magnitude']))
   config.train.update(batch_size=4096, num_epochs=360.0, log_every_steps=100,
                       eval_every_steps=5000)
   config.optimizer.update(base_lr=0.1, warmup_epochs=5.0, weight_decay=2e-5,
                           clipping=0.01, eps=1e-3)
-  config.eval.update(split='validation', batch_size=1000)
   config.checkpoint.update(every_steps=1000, max_to_keep=3)
   return config

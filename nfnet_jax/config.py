@@ -74,6 +74,29 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def imagenet_config(variant: str) -> ml_collections.ConfigDict:
+  """`base_config()` for `variant` on ImageNet: its family's released model arguments,
+  TFDS imagenet2012 at the variant's train/test sizes, evaluation on validation. Each
+  experiments/ file then sets its recipe (augmentation, schedule, optimizer)."""
+  params = models.variant_params(variant)       # unknown variant -> lists them all
+  config = base_config()
+  config.model = model_config(variant)
+  config.data.update(
+      name='imagenet2012',
+      data_dir='',                   # TFDS data_dir (local or gs://); '' = TFDS default
+      train_split='train',           # 'train_minus_minival' to select models on minival
+      image_size=params['train_imsize'],
+      eval_image_size=params['test_imsize'],
+      augment=True,
+      shuffle_buffer=10_000,
+      cache=False)                   # 150 GB: never cache ImageNet in host RAM
+  config.eval.update(split='validation', batch_size=1000)
+  return config
+
+
 def load_experiment(name: str, arg=None) -> ml_collections.ConfigDict:
   """`get_config(arg)` of experiments/<name>.py in this checkout (for scripts and tests)."""
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
