@@ -40,7 +40,6 @@ Data: TFDS imagenet2012 5.x in data_dir (docs/imagenet.md). Any other TFDS datas
 image folder works too: --config.data.name=tfds:NAME or folder (--config.data.folder=...).
 """
 from nfnet_jax import config as config_lib
-from nfnet_jax import nf_regnet
 
 IMAGENET_TRAIN_EXAMPLES = config_lib.IMAGENET_TRAIN_EXAMPLES
 
@@ -55,7 +54,6 @@ def get_config(arg='B0'):
   if arg == 'digits':
     return digits_config()
   variant = arg or 'B0'
-  nf_regnet.variant_params(variant)             # unknown variant -> lists the valid ones
   # The released NF_RegNet defaults (width 0.75, expansion 2.25, group size 8, SE 0.5,
   # alpha 0.2, stochastic depth 0.1, SiLU, the variant's dropout), ImageNet at the
   # variant's train/test sizes.

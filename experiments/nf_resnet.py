@@ -38,7 +38,6 @@ NF_ResNet; the release has no separate NF-ResNet experiment):
     reports both `eval_top1` and `eval_ema_top1`.
 """
 from nfnet_jax import config as config_lib
-from nfnet_jax import nf_resnet
 
 IMAGENET_TRAIN_EXAMPLES = config_lib.IMAGENET_TRAIN_EXAMPLES
 
@@ -47,7 +46,6 @@ def get_config(arg='ResNet50'):
   if arg == 'digits':
     return digits_config()
   variant = arg or 'ResNet50'
-  nf_resnet.variant_params(variant)             # unknown variant -> lists the valid ones
   # The released NF_ResNet defaults (width 4, alpha 0.2, stochastic depth 0.1, ReLU, no
   # SE) and the released ResNet experiment's dropout, 0.0; ImageNet at 224 px.
   config = config_lib.imagenet_config(variant)

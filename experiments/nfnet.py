@@ -7,7 +7,7 @@ Command (a Cloud TPU v3-32/v4-32 slice; see launch/ and docs/tpu.md):
 Expected result (paper table 3, ImageNet validation top-1 of the EMA params):
   F0 83.6, F1 84.7, F2 85.1, F3 85.7, F4 85.9, F5 86.0 (F5+SAM 86.3, F6+SAM 86.5).
 
-The recipe (spec section 3): global batch 4096, 360 epochs (112,602 steps),
+The recipe (arXiv 2102.06171 section 3 and appendix C): global batch 4096, 360 epochs (112,602 steps),
 SGD with Nesterov momentum 0.9, lr 0.1 x batch / 256 with 5 warmup epochs then
 cosine decay to 0, coupled weight decay 2e-5 (not on gains, biases, skip_gain),
 AGC 0.01 on everything but the classifier weight, label smoothing 0.1,
@@ -21,23 +21,13 @@ touching validation, train on train_minus_minival and evaluate minival:
   --config.data.train_split=train_minus_minival --config.eval.split=minival
 """
 from nfnet_jax import config as config_lib
-from nfnet_jax import nfnet
-
-IMAGENET_TRAIN_EXAMPLES = config_lib.IMAGENET_TRAIN_EXAMPLES
 
 
 def get_config(arg='F0'):
-  variant = arg or 'F0'
-  params = nfnet.variant_params(variant)        # unknown variant -> lists the valid ones
-  # NFNet's released arguments (stochastic depth 0.25, the variant's dropout), ImageNet
-  # at the variant's train/test sizes.
-  config = config_lib.imagenet_config(variant)
-  config.data.update(
-      eval_preprocess='resize_crop_32',
-      mixup_alpha=0.2,               # MixUp on half of each device batch...
-      cutmix=True,                   # ...CutMix on the other half
-      randaug_layers=params['randaug_layers'],
-      randaug_magnitude=float(params['randaug_magnitude']))
+  # NFNet's released arguments (stochastic depth 0.25, the variant's dropout), ImageNet at
+  # the variant's train/test sizes with resize_crop_32, MixUp + CutMix and the variant's
+  # RandAugment (config_lib.imagenet_config); the schedule and optimizer below.
+  config = config_lib.imagenet_config(arg or 'F0')   # unknown variant -> lists them all
   config.train.update(batch_size=4096, num_epochs=360.0, log_every_steps=100,
                       eval_every_steps=5000)
   config.optimizer.update(base_lr=0.1, warmup_epochs=5.0, weight_decay=2e-5,

@@ -2,12 +2,10 @@
 
 The public API; each name lives in the module that implements that part of the paper.
 """
-from nfnet_jax.flops import count_flops
-from nfnet_jax.layers import SqueezeExcite, WSConv2D, scaled_activation
 from nfnet_jax.losses import softmax_cross_entropy
-from nfnet_jax.nf_regnet import NF_REGNET_VARIANTS, NFRegNet
-from nfnet_jax.nf_resnet import NF_RESNET_VARIANTS, NFResNet
-from nfnet_jax.nfnet import NFNET_VARIANTS, NFBlock, NFNet
+from nfnet_jax.models import (NF_REGNET_VARIANTS, NF_RESNET_VARIANTS, NFNET_VARIANTS,
+                              NFBlock, NFNet, NFRegNet, NFResNet, SqueezeExcite, WSConv2D,
+                              count_flops, scaled_activation)
 from nfnet_jax.pretrained import load_pretrained
 from nfnet_jax.optim import (adaptive_grad_clip, agc_mask, ema_update, sgd_agc,
                              warmup_cosine_schedule, weight_decay_mask)

@@ -3,37 +3,23 @@
 Each experiments/*.py file starts from `base_config()` and changes what differs,
 so that a field that exists in one config exists in all (and a typo in an
 override is an error everywhere). It lives in the library so that config files
-import nothing but the installed package, whichever directory they are run from.
+import nothing but the installed package, whichever directory they are run from; the
+tools that need a config without a file (the benchmarks) build it from here too.
 """
-import importlib.util
-import os
-
 import ml_collections
 
 from nfnet_jax import data
 from nfnet_jax import models
 
-# Each family's model arguments as DeepMind's released code defaults them (NFNet with the
-# paper's training value of stochastic depth, 0.25); `drop_rate` None = the variant's.
-FAMILY_DEFAULTS = {
-    'NFNet': dict(width=1.0, se_ratio=0.5, alpha=0.2, stochdepth_rate=0.25,
-                  drop_rate=None, activation='gelu', final_conv_mult=2,
-                  use_two_convs=True, group_size=128),
-    'NFResNet': dict(width=4.0, alpha=0.2, stochdepth_rate=0.1, drop_rate=0.0,
-                     activation='relu', use_se=False, se_ratio=0.25),
-    'NFRegNet': dict(width=0.75, expansion=2.25, group_size=8, se_ratio=0.5, alpha=0.2,
-                     stochdepth_rate=0.1, drop_rate=None, activation='silu'),
-}
-
 
 def model_config(variant: str) -> ml_collections.ConfigDict:
-  """`name` and `kwargs` of `variant`'s family (NFNet, NFResNet or NFRegNet) with the
-  released defaults and the variant's dropout rate. An unknown variant lists all."""
-  family = models.family_of_variant(variant)
-  kwargs = dict(variant=variant, **FAMILY_DEFAULTS[family])
-  if kwargs['drop_rate'] is None:
-    kwargs['drop_rate'] = models.variant_params(variant)['drop_rate']
-  return ml_collections.ConfigDict(dict(name=family, kwargs=kwargs))
+  """`name` and `kwargs` of `variant`'s family with its released defaults
+  (`Family.defaults`) and the variant's dropout rate. An unknown variant lists all."""
+  family, key = models.resolve(variant)
+  kwargs = dict(variant=key, **family.defaults)
+  if kwargs.get('drop_rate', 0.0) is None:
+    kwargs['drop_rate'] = family.variants[key]['drop_rate']
+  return ml_collections.ConfigDict(dict(name=family.name, kwargs=kwargs))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -79,9 +65,13 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 def imagenet_config(variant: str) -> ml_collections.ConfigDict:
   """`base_config()` for `variant` on ImageNet: its family's released model arguments,
-  TFDS imagenet2012 at the variant's train/test sizes, evaluation on validation. Each
-  experiments/ file then sets its recipe (augmentation, schedule, optimizer)."""
-  params = models.variant_params(variant)       # unknown variant -> lists them all
+  TFDS imagenet2012 at the variant's train/test sizes with the family's evaluation view,
+  evaluation on validation, and the NFNet paper's augmentation (section 3: MixUp on half
+  of each device batch, CutMix on the other half, then RandAugment with the variant's
+  layers and magnitude where its table gives them). Each experiments/ file then sets its
+  recipe (what differs in augmentation, schedule, optimizer)."""
+  family, key = models.resolve(variant)       # unknown variant -> lists them all
+  params = family.variants[key]
   config = base_config()
   config.model = model_config(variant)
   config.data.update(
@@ -90,22 +80,13 @@ def imagenet_config(variant: str) -> ml_collections.ConfigDict:
       train_split='train',           # 'train_minus_minival' to select models on minival
       image_size=params['train_imsize'],
       eval_image_size=params['test_imsize'],
+      eval_preprocess=family.eval_view,
       augment=True,
+      mixup_alpha=0.2,
+      cutmix=True,
+      randaug_layers=params.get('randaug_layers', 0),
+      randaug_magnitude=float(params.get('randaug_magnitude', 0.0)),
       shuffle_buffer=10_000,
       cache=False)                   # 150 GB: never cache ImageNet in host RAM
   config.eval.update(split='validation', batch_size=1000)
   return config
-
-
-def load_experiment(name: str, arg=None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of experiments/<name>.py in this checkout (for scripts and tests)."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      'experiments', f'{name}.py')
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'{path} not found: experiments/ ships with the source checkout; install it '
-        'with `pip install -e .` from the repository, or pass --config PATH.')
-  spec = importlib.util.spec_from_file_location(f'nfnet_jax_experiment_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()

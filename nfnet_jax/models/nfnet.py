@@ -4,13 +4,12 @@ Module and parameter names follow DeepMind's released Haiku checkpoints exactly
 (`NFNet/~/stem_conv0`, `NFNet/~/nf_block_3/~/conv1b`, ...), so those parameters
 drop in unchanged.
 """
-import dataclasses
 from typing import Any, Callable, Optional
 
 import haiku as hk
 import jax
 
-from nfnet_jax import layers
+from nfnet_jax.models import family, layers
 
 # Paper table 1 / section 4: width, depth, resolutions, RandAugment, dropout.
 _F_DEPTHS = {f'F{k}': [1 * (k + 1), 2 * (k + 1), 6 * (k + 1), 3 * (k + 1)] for k in range(8)}
@@ -21,6 +20,7 @@ _F_SIZES = {  # variant: (train size, test size, RandAugment magnitude, dropout)
 }
 _WIDTHS = [256, 512, 1536, 1536]
 _PLUS_WIDTHS = [384, 768, 2048, 2048]   # "+" variants: wider, same depths.
+_STRIDES = [1, 2, 2, 2]
 
 NFNET_VARIANTS = {}
 for _name, (_train, _test, _ra_mag, _drop) in _F_SIZES.items():
@@ -30,57 +30,32 @@ for _name, (_train, _test, _ra_mag, _drop) in _F_SIZES.items():
         randaug_layers=4, randaug_magnitude=_ra_mag, drop_rate=_drop)
 
 
-def lookup_variant(table: dict, family: str, variant: str) -> dict:
-  """`table[variant]`, or an error that lists the valid variants (every family's table)."""
-  if variant not in table:
-    raise ValueError(f'Unknown {family} variant {variant!r}; valid variants: '
-                     f'{", ".join(table)}.')
-  return table[variant]
-
-
-def variant_params(variant: str) -> dict:
-  return lookup_variant(NFNET_VARIANTS, 'NFNet', variant)
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSpec:
-  """Everything that fixes one NFBlock's shapes and signal bookkeeping."""
-  in_ch: int
-  out_ch: int
-  stride: int
-  bottleneck_ch: int
-  groups: int
-  beta: float
-  stochdepth_rate: float
+# The stem: four 3x3 convs (total stride 4); the last one's width is half the first
+# stage's, and no activation follows it (the first block applies it, scaled by beta).
+def stem_layout(stem_ch: int) -> list[tuple[int, int]]:
+  """(channels, stride) of each stem conv."""
+  return [(16, 2), (32, 1), (64, 1), (stem_ch, 2)]
 
 
 def block_specs(variant: str = 'F0', width: float = 1.0, alpha: float = 0.2,
                 stochdepth_rate: float = 0.1, group_size: int = 128,
-                expansion: float = 0.5) -> tuple[int, list[BlockSpec]]:
+                expansion: float = 0.5) -> tuple[int, list[layers.BlockSpec]]:
   """Returns (stem output channels, one BlockSpec per block)."""
-  params = variant_params(variant)
+  params = family.lookup_variant(NFNET_VARIANTS, 'NFNet', variant)
   widths = [int(w * width) for w in params['width']]
   stem_ch = widths[0] // 2
-  num_blocks = sum(params['depth'])
-  specs, in_ch, index = [], stem_ch, 0
-  expected_std = 1.0
-  for stage_width, stage_depth, stage_stride in zip(widths, params['depth'], [1, 2, 2, 2]):
-    for block_index in range(stage_depth):
-      # "Big width": the bottleneck is sized from the block's output channels,
-      # rounded down to whole groups of `group_size` channels.
-      groups = max(1, int(stage_width * expansion) // group_size)
-      specs.append(BlockSpec(
-          in_ch=in_ch, out_ch=stage_width,
-          stride=stage_stride if block_index == 0 else 1,
-          bottleneck_ch=groups * group_size, groups=groups,
-          beta=1.0 / expected_std,
-          stochdepth_rate=stochdepth_rate * index / num_blocks))
-      # Signal bookkeeping (2101.08692 section 4): each residual branch adds
-      # alpha^2 variance; a transition block's shortcut restarts at variance 1.
-      if block_index == 0:
-        expected_std = 1.0
-      expected_std = (expected_std ** 2 + alpha ** 2) ** 0.5
-      in_ch, index = stage_width, index + 1
+  specs, in_ch = [], stem_ch
+  for place in layers.signal_plan(params['depth'], alpha, stochdepth_rate):
+    out_ch = widths[place.stage]
+    # "Big width": the bottleneck is sized from the block's output channels,
+    # rounded down to whole groups of `group_size` channels.
+    groups = max(1, int(out_ch * expansion) // group_size)
+    specs.append(layers.BlockSpec(
+        in_ch=in_ch, out_ch=out_ch,
+        stride=_STRIDES[place.stage] if place.index_in_stage == 0 else 1,
+        bottleneck_ch=groups * group_size, groups=groups, beta=place.beta,
+        stochdepth_rate=place.stochdepth_rate))
+    in_ch = out_ch
   return stem_ch, specs
 
 
@@ -145,15 +120,13 @@ class NFNet(hk.Module):
     super().__init__(name=name)
     self.num_classes = num_classes
     self.variant = variant
-    params = variant_params(variant)
+    params = family.lookup_variant(NFNET_VARIANTS, 'NFNet', variant)
     self.drop_rate = params['drop_rate'] if drop_rate is None else drop_rate
     self.activation = layers.scaled_activation(activation)
     stem_ch, self.specs = block_specs(variant, width, alpha, stochdepth_rate, group_size)
 
-    # Stem: four 3x3 convs, total stride 4, no activation after the last one
-    # (the first block applies it, scaled by its beta).
     self.stem = [layers.WSConv2D(ch, 3, stride=s, name=f'stem_conv{i}')
-                 for i, (ch, s) in enumerate([(16, 2), (32, 1), (64, 1), (stem_ch, 2)])]
+                 for i, (ch, s) in enumerate(stem_layout(stem_ch))]
     self.blocks = [
         NFBlock(spec.in_ch, spec.out_ch, spec.bottleneck_ch, spec.groups,
                 stride=spec.stride, beta=spec.beta, alpha=alpha, se_ratio=se_ratio,
@@ -178,3 +151,47 @@ class NFNet(hk.Module):
                               outputs if return_metrics else None)
     out = self.activation(self.final_conv(out))
     return layers.classifier_head(out, self.fc, self.drop_rate, is_training, outputs)
+
+
+def count_flops(variant: str = 'F0', image_size: Optional[int] = None,
+                num_classes: int = 1000, width: float = 1.0, se_ratio: float = 0.5,
+                final_conv_mult: int = 2, final_conv_ch: Optional[int] = None,
+                use_two_convs: bool = True, group_size: int = 128,
+                **unused_kwargs) -> family.Cost:
+  """Parameters and multiply-accumulates of one forward pass of one image, counted from
+  the same BlockSpecs that build the model. `image_size` defaults to the variant's test
+  size (the paper's convention). Arguments that change no shape (alpha, dropout, ...)
+  are accepted and ignored."""
+  stem_ch, specs = block_specs(variant, width, group_size=group_size)
+  size = image_size or NFNET_VARIANTS[variant]['test_imsize']
+  total, in_ch = family.Cost(0, 0), 3
+  for ch, stride in stem_layout(stem_ch):
+    cost, size = family.conv_cost(size, in_ch, ch, 3, stride)
+    total, in_ch = total + cost, ch
+  for spec in specs:
+    mid, groups = spec.bottleneck_ch, spec.groups
+    total += family.conv_cost(size, spec.in_ch, mid, 1)[0]                   # conv0
+    cost, side = family.conv_cost(size, mid, mid, 3, spec.stride, groups)
+    total += cost                                                            # conv1
+    if use_two_convs:
+      total += family.conv_cost(side, mid, mid, 3, 1, groups)[0]             # conv1b
+    total += family.conv_cost(side, mid, spec.out_ch, 1)[0]                  # conv2
+    if spec.stride > 1 or spec.in_ch != spec.out_ch:                         # conv_shortcut
+      total += family.conv_cost(side, spec.in_ch, spec.out_ch, 1)[0]
+    total += family.squeeze_excite_cost(spec.out_ch, max(1, int(spec.out_ch * se_ratio)))
+    total += family.SKIP_GAIN
+    size = side
+  final_ch = final_conv_ch or final_conv_mult * specs[-1].out_ch
+  total += family.conv_cost(size, specs[-1].out_ch, final_ch, 1)[0]
+  return total + family.linear_cost(final_ch, num_classes)
+
+
+FAMILY = family.Family(
+    name='NFNet', title='NFNet', model=NFNet, variants=NFNET_VARIANTS,
+    prefixes=('', 'NFNet-'),
+    # DeepMind's released arguments, with the paper's training value of stochastic
+    # depth (0.25, section 3); drop_rate None = the variant's.
+    defaults=dict(width=1.0, se_ratio=0.5, alpha=0.2, stochdepth_rate=0.25,
+                  drop_rate=None, activation='gelu', final_conv_mult=2,
+                  use_two_convs=True, group_size=128),
+    root='NFNet', block='nf_block', eval_view='resize_crop_32', count_flops=count_flops)

@@ -6,7 +6,9 @@ that the NFNet paper (arXiv 2102.06171) builds on: scaled weight standardization
 gamma-scaled activations, squeeze-excite and stochastic depth.
 """
 import contextlib
-from typing import Callable, Optional, Sequence, Union
+import dataclasses
+import math
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import haiku as hk
 import jax
@@ -266,6 +268,53 @@ def residual_merge(branch: jax.Array, shortcut: jax.Array, alpha: float,
   branch = stochastic_depth(branch, stochdepth_rate, is_training)
   skip_gain = hk.get_parameter('skip_gain', (), branch.dtype, init=skip_init)
   return branch * skip_gain * alpha + shortcut, branch
+
+
+# ---------------------------------------------------------------------------
+# Signal bookkeeping (2101.08692 section 4): what every NF family's blocks share.
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """Everything that fixes one residual block's shapes and signal bookkeeping."""
+  in_ch: int
+  out_ch: int
+  stride: int
+  bottleneck_ch: int
+  groups: int
+  beta: float
+  stochdepth_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlace:
+  """Where a block sits, and the two scalars the bookkeeping gives it."""
+  stage: int              # 0-based stage
+  index_in_stage: int     # 0 for a stage's first (transition) block
+  index: int              # 0-based over the whole network
+  beta: float             # 1 / expected std of the block's input
+  stochdepth_rate: float  # stochdepth_rate * index / number of blocks
+
+
+def signal_plan(depths: Sequence[int], alpha: float,
+                stochdepth_rate: float) -> Iterator[BlockPlace]:
+  """Each block's place, beta and stochastic-depth rate, in order.
+
+  The expected variance of the residual stream starts at 1, grows by alpha^2 with each
+  block, and restarts at 1 (+ alpha^2) after each stage's first block, whose shortcut
+  sees the normalised input `act(x) * beta`. beta = 1 / expected std, so every residual
+  branch sees a unit-variance input. The stochastic-depth rate grows linearly with the
+  block's index over the whole network.
+  """
+  num_blocks = sum(depths)
+  expected_std, index = 1.0, 0
+  for stage, depth in enumerate(depths):
+    for index_in_stage in range(depth):
+      yield BlockPlace(stage, index_in_stage, index, 1.0 / expected_std,
+                       stochdepth_rate * index / num_blocks)
+      if index_in_stage == 0:
+        expected_std = 1.0
+      expected_std = math.sqrt(expected_std ** 2 + alpha ** 2)
+      index += 1
 
 
 def signal_stats(x: jax.Array) -> dict:

@@ -1,5 +1,5 @@
-"""NF-RegNet-B0..B8: normalizer-free RegNets (Brock, De, Smith 2021, arXiv 2101.08692),
-as specified in shared/reference/nfnet-spec.md section 2.
+"""NF-RegNet-B0..B8: normalizer-free RegNets (Brock, De, Smith 2021, arXiv 2101.08692,
+section 5 and appendix; DeepMind's released nf_regnet.py).
 
 Module and parameter names (Haiku's defaults for the classes below):
 
@@ -27,17 +27,16 @@ int(bottleneck * se_ratio); every block whose stride is 2 or whose channels
 change has a `conv_shortcut`, the very first block (36 -> 36, stride 2) included;
 final conv 1280 * 330 // 440 = 960 channels.
 """
-import math
 from typing import Any, Callable, Optional
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnet_jax import flops, layers, nfnet
-from nfnet_jax.nfnet import BlockSpec
+from nfnet_jax.models import family, layers
 
-# Spec section 2: widths (before x width), depths, train/test sizes, dropout.
+# Widths (before x width), depths, train/test sizes and dropout of DeepMind's released
+# NF-RegNet table (nf_regnet.py).
 _B_WIDTHS = {
     'B0': [48, 104, 208, 440], 'B1': [48, 104, 208, 440], 'B2': [56, 112, 232, 488],
     'B3': [56, 128, 248, 528], 'B4': [64, 144, 288, 616], 'B5': [80, 168, 336, 704],
@@ -59,36 +58,26 @@ NF_REGNET_VARIANTS = {
     for name, (train, test, drop) in _B_SIZES.items()}
 
 
-def variant_params(variant: str) -> dict:
-  return nfnet.lookup_variant(NF_REGNET_VARIANTS, 'NF-RegNet', variant)
-
-
 def block_specs(variant: str = 'B0', width: float = 0.75, expansion: float = 2.25,
                 group_size: int = 8, alpha: float = 0.2,
-                stochdepth_rate: float = 0.1) -> tuple[int, list[BlockSpec]]:
+                stochdepth_rate: float = 0.1) -> tuple[int, list[layers.BlockSpec]]:
   """Returns (stem output channels, one BlockSpec per block)."""
-  params = variant_params(variant)
+  params = family.lookup_variant(NF_REGNET_VARIANTS, 'NF-RegNet', variant)
   widths = [int(w * width) for w in params['width']]
-  num_blocks = sum(params['depth'])
   stem_ch = widths[0]
-  specs, in_ch, index, expected_std = [], stem_ch, 0, 1.0
-  for stage_width, stage_depth in zip(widths, params['depth']):
-    for block_index in range(stage_depth):
-      # The bottleneck is sized from the block's INPUT channels (inverted
-      # bottleneck, as EfficientNet/RegNet), the very first block unexpanded,
-      # then rounded down to whole groups.
-      mid = int(in_ch * (1.0 if index == 0 else expansion))
-      groups = max(1, mid // group_size)
-      specs.append(BlockSpec(
-          in_ch=in_ch, out_ch=stage_width,
-          stride=2 if block_index == 0 else 1,
-          bottleneck_ch=groups * group_size, groups=groups,
-          beta=1.0 / expected_std,
-          stochdepth_rate=stochdepth_rate * index / num_blocks))
-      if block_index == 0:
-        expected_std = 1.0
-      expected_std = math.sqrt(expected_std ** 2 + alpha ** 2)
-      in_ch, index = stage_width, index + 1
+  specs, in_ch = [], stem_ch
+  for place in layers.signal_plan(params['depth'], alpha, stochdepth_rate):
+    # The bottleneck is sized from the block's INPUT channels (inverted bottleneck, as
+    # EfficientNet/RegNet), the very first block unexpanded, then rounded down to
+    # whole groups.
+    mid = int(in_ch * (1.0 if place.index == 0 else expansion))
+    groups = max(1, mid // group_size)
+    out_ch = widths[place.stage]
+    specs.append(layers.BlockSpec(
+        in_ch=in_ch, out_ch=out_ch, stride=2 if place.index_in_stage == 0 else 1,
+        bottleneck_ch=groups * group_size, groups=groups, beta=place.beta,
+        stochdepth_rate=place.stochdepth_rate))
+    in_ch = out_ch
   return stem_ch, specs
 
 
@@ -154,7 +143,7 @@ class NFRegNet(hk.Module):
     super().__init__(name=name)
     self.num_classes = num_classes
     self.variant = variant
-    params = variant_params(variant)
+    params = family.lookup_variant(NF_REGNET_VARIANTS, 'NF-RegNet', variant)
     self.drop_rate = params['drop_rate'] if drop_rate is None else drop_rate
     self.activation = layers.scaled_activation(activation)
     stem_ch, self.specs = block_specs(variant, width, expansion, group_size, alpha,
@@ -184,26 +173,34 @@ class NFRegNet(hk.Module):
 
 def count_flops(variant: str = 'B0', image_size: Optional[int] = None,
                 num_classes: int = 1000, width: float = 0.75, expansion: float = 2.25,
-                group_size: int = 8, se_ratio: float = 0.5) -> flops.Cost:
-  """Parameters and multiply-accumulates of one image's forward pass at
-  `image_size` (default: the variant's test size), from the same BlockSpecs that
-  build the model (conventions of `nfnet_jax.flops`)."""
-  size = image_size or variant_params(variant)['test_imsize']
+                group_size: int = 8, se_ratio: float = 0.5, **unused_kwargs) -> family.Cost:
+  """Parameters and multiply-accumulates of one image's forward pass at `image_size`
+  (default: the variant's test size), from the same BlockSpecs that build the model
+  (conventions of `family.conv_cost`)."""
   stem_ch, specs = block_specs(variant, width, expansion, group_size)
-  total, size = flops.conv_cost(size, 3, stem_ch, 3, 2)
+  size = image_size or NF_REGNET_VARIANTS[variant]['test_imsize']
+  total, size = family.conv_cost(size, 3, stem_ch, 3, 2)
   for spec in specs:
     mid = spec.bottleneck_ch
-    total += flops.conv_cost(size, spec.in_ch, mid, 1)[0]                   # conv0
-    cost, out_size = flops.conv_cost(size, mid, mid, 3, spec.stride, spec.groups)
-    total += cost                                                           # conv1
+    total += family.conv_cost(size, spec.in_ch, mid, 1)[0]                    # conv0
+    cost, side = family.conv_cost(size, mid, mid, 3, spec.stride, spec.groups)
+    total += cost                                                             # conv1
     if se_ratio and se_ratio > 0:
-      hidden = max(1, int(mid * se_ratio))
-      total += flops.linear_cost(mid, hidden) + flops.linear_cost(hidden, mid)
-    total += flops.conv_cost(out_size, mid, spec.out_ch, 1)[0]              # conv2
-    if spec.stride > 1 or spec.in_ch != spec.out_ch:                        # conv_shortcut
-      total += flops.conv_cost(out_size, spec.in_ch, spec.out_ch, 1)[0]
-    total += flops.Cost(params=1, macs=0)                                   # skip_gain
-    size = out_size
+      total += family.squeeze_excite_cost(mid, max(1, int(mid * se_ratio)))
+    total += family.conv_cost(side, mid, spec.out_ch, 1)[0]                   # conv2
+    if spec.stride > 1 or spec.in_ch != spec.out_ch:                          # conv_shortcut
+      total += family.conv_cost(side, spec.in_ch, spec.out_ch, 1)[0]
+    total += family.SKIP_GAIN
+    size = side
   final_ch = final_conv_channels(specs[-1].out_ch)
-  total += flops.conv_cost(size, specs[-1].out_ch, final_ch, 1)[0]
-  return total + flops.linear_cost(final_ch, num_classes)
+  total += family.conv_cost(size, specs[-1].out_ch, final_ch, 1)[0]
+  return total + family.linear_cost(final_ch, num_classes)
+
+
+FAMILY = family.Family(
+    name='NFRegNet', title='NF-RegNet', model=NFRegNet, variants=NF_REGNET_VARIANTS,
+    prefixes=('NF-RegNet-', ''),
+    # DeepMind's released NF_RegNet arguments; drop_rate None = the variant's.
+    defaults=dict(width=0.75, expansion=2.25, group_size=8, se_ratio=0.5, alpha=0.2,
+                  stochdepth_rate=0.1, drop_rate=None, activation='silu'),
+    root='NF_RegNet', block='nf_block', eval_view='crop_resize', count_flops=count_flops)

@@ -1,5 +1,5 @@
 """NF-ResNet-50..600: normalizer-free pre-activation ResNets (Brock, De, Smith 2021,
-arXiv 2101.08692), as specified in shared/reference/nfnet-spec.md section 2.
+arXiv 2101.08692, section 4 and appendix).
 
 Module and parameter names (Haiku's defaults for the classes below):
 
@@ -24,17 +24,15 @@ has 25,557,048 parameters: a BN ResNet-50's 25,557,032 (each WS conv's gain and
 bias take the place of a BatchNorm's scale and offset) plus one `skip_gain` per
 block (16).
 """
-import math
 from typing import Any, Callable, Optional
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnet_jax import flops, layers, nfnet
-from nfnet_jax.nfnet import BlockSpec
+from nfnet_jax.models import family, layers
 
-# Spec section 2: blocks per stage. Stage output channels are `width` (the same for
+# Blocks per stage (2101.08692, appendix; DeepMind's nf_resnet.py). Stage output channels are `width` (the same for
 # every depth) x the width multiplier (default 4); the bottleneck is a quarter of that.
 # Every variant trains and evaluates at 224 px (the released ResNet experiment's size).
 _DEPTHS = {
@@ -52,37 +50,25 @@ _STRIDES = [1, 2, 2, 2]          # the stem's max-pool already halved the input
 BOTTLENECK_RATIO = 0.25
 
 
-def variant_params(variant: str) -> dict:
-  return nfnet.lookup_variant(NF_RESNET_VARIANTS, 'NF-ResNet', variant)
-
-
 def block_specs(variant: str = 'ResNet50', width: float = 4, alpha: float = 0.2,
-                stochdepth_rate: float = 0.1) -> tuple[int, list[BlockSpec]]:
+                stochdepth_rate: float = 0.1) -> tuple[int, list[layers.BlockSpec]]:
   """Returns (stem output channels, one BlockSpec per block); groups are always 1.
 
   The stem has 16 x width channels (64 at the default width 4), a quarter of the
   first stage's, so narrow test models shrink it too.
   """
-  params = variant_params(variant)
-  depths = params['depth']
+  params = family.lookup_variant(NF_RESNET_VARIANTS, 'NF-ResNet', variant)
   widths = [int(w * width) for w in params['width']]
   stem_ch = int(16 * width)
-  num_blocks = sum(depths)
-  specs, in_ch, index, expected_std = [], stem_ch, 0, 1.0
-  for stage_width, stage_depth, stage_stride in zip(widths, depths, _STRIDES):
-    for block_index in range(stage_depth):
-      specs.append(BlockSpec(
-          in_ch=in_ch, out_ch=stage_width,
-          stride=stage_stride if block_index == 0 else 1,
-          bottleneck_ch=max(1, int(stage_width * BOTTLENECK_RATIO)), groups=1,
-          beta=1.0 / expected_std,
-          stochdepth_rate=stochdepth_rate * index / num_blocks))
-      # Same bookkeeping as NFNet: a transition block's shortcut restarts the
-      # variance at 1; every block adds alpha^2.
-      if block_index == 0:
-        expected_std = 1.0
-      expected_std = math.sqrt(expected_std ** 2 + alpha ** 2)
-      in_ch, index = stage_width, index + 1
+  specs, in_ch = [], stem_ch
+  for place in layers.signal_plan(params['depth'], alpha, stochdepth_rate):
+    out_ch = widths[place.stage]
+    specs.append(layers.BlockSpec(
+        in_ch=in_ch, out_ch=out_ch,
+        stride=_STRIDES[place.stage] if place.index_in_stage == 0 else 1,
+        bottleneck_ch=max(1, int(out_ch * BOTTLENECK_RATIO)), groups=1,
+        beta=place.beta, stochdepth_rate=place.stochdepth_rate))
+    in_ch = out_ch
   return stem_ch, specs
 
 
@@ -174,26 +160,35 @@ class NFResNet(hk.Module):
                                   is_training, outputs)
 
 
-def count_flops(variant: str = 'ResNet50', image_size: int = 224,
+def count_flops(variant: str = 'ResNet50', image_size: Optional[int] = None,
                 num_classes: int = 1000, width: float = 4, use_se: bool = False,
-                se_ratio: float = 0.25) -> flops.Cost:
-  """Parameters and multiply-accumulates of one image's forward pass, from the
-  same BlockSpecs that build the model (conventions of `nfnet_jax.flops`)."""
+                se_ratio: float = 0.25, **unused_kwargs) -> family.Cost:
+  """Parameters and multiply-accumulates of one image's forward pass, from the same
+  BlockSpecs that build the model (conventions of `family.conv_cost`)."""
   stem_ch, specs = block_specs(variant, width)
-  total, size = flops.conv_cost(image_size, 3, stem_ch, 7, 2)
-  size = math.ceil(size / 2)                                       # max-pool
+  size = image_size or NF_RESNET_VARIANTS[variant]['test_imsize']
+  total, size = family.conv_cost(size, 3, stem_ch, 7, 2)
+  size = family.out_size(size, 2)                                          # max-pool
   for spec in specs:
     mid = spec.bottleneck_ch
-    total += flops.conv_cost(size, spec.in_ch, mid, 1)[0]          # conv0
-    cost, out_size = flops.conv_cost(size, mid, mid, 3, spec.stride)
-    total += cost                                                  # conv1
-    total += flops.conv_cost(out_size, mid, spec.out_ch, 1)[0]     # conv2
-    if spec.stride > 1 or spec.in_ch != spec.out_ch:               # conv_shortcut
-      total += flops.conv_cost(size, spec.in_ch, spec.out_ch, 1, spec.stride)[0]
+    total += family.conv_cost(size, spec.in_ch, mid, 1)[0]                 # conv0
+    cost, side = family.conv_cost(size, mid, mid, 3, spec.stride)
+    total += cost                                                          # conv1
+    total += family.conv_cost(side, mid, spec.out_ch, 1)[0]                # conv2
+    if spec.stride > 1 or spec.in_ch != spec.out_ch:                       # conv_shortcut
+      total += family.conv_cost(size, spec.in_ch, spec.out_ch, 1, spec.stride)[0]
     if use_se:
-      hidden = max(1, int(spec.out_ch * se_ratio))
-      total += flops.linear_cost(spec.out_ch, hidden)
-      total += flops.linear_cost(hidden, spec.out_ch)
-    total += flops.Cost(params=1, macs=0)                          # skip_gain
-    size = out_size
-  return total + flops.linear_cost(specs[-1].out_ch, num_classes)
+      total += family.squeeze_excite_cost(spec.out_ch, max(1, int(spec.out_ch * se_ratio)))
+    total += family.SKIP_GAIN
+    size = side
+  return total + family.linear_cost(specs[-1].out_ch, num_classes)
+
+
+FAMILY = family.Family(
+    name='NFResNet', title='NF-ResNet', model=NFResNet, variants=NF_RESNET_VARIANTS,
+    prefixes=('NF-', ''),
+    # DeepMind's released NF_ResNet arguments (drop_rate 0.0: its ResNet experiment's).
+    defaults=dict(width=4.0, alpha=0.2, stochdepth_rate=0.1, drop_rate=0.0,
+                  activation='relu', use_se=False, se_ratio=0.25),
+    root='NF_ResNet', block='nf_res_block', eval_view='crop_resize',
+    count_flops=count_flops)

@@ -1,0 +1,137 @@
+"""The model families, by name, and building a model from a config.
+
+Adding a family: write its file (variant table, blocks, network, cost counter, `FAMILY`)
+and add `FAMILY` to `FAMILIES` below. Everything else reads the record.
+"""
+from typing import Any, Mapping, Optional
+
+import haiku as hk
+import jax
+import jmp
+import ml_collections
+
+from nfnet_jax.models import nf_regnet, nf_resnet, nfnet
+from nfnet_jax.models.family import Cost, Family
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    nfnet.FAMILY,
+    nf_resnet.FAMILY,
+    nf_regnet.FAMILY,
+)}
+
+
+def _model_names() -> dict[str, tuple[Family, str]]:
+  names: dict[str, tuple[Family, str]] = {}
+  for fam in FAMILIES.values():
+    for name, key in fam.names().items():
+      if name in names:
+        raise ValueError(f'Model name {name!r} is both {names[name][0].title} and '
+                         f'{fam.title}: give one family another prefix.')
+      names[name] = (fam, key)
+  return names
+
+
+_NAMES = _model_names()
+DTYPES = ('float32', 'bfloat16')
+
+
+def family(name: str) -> Family:
+  """The family record for `config.model.name` ('NFNet', 'NFResNet', 'NFRegNet')."""
+  if name not in FAMILIES:
+    raise ValueError(f'Unknown model family {name!r}; valid: {", ".join(FAMILIES)}.')
+  return FAMILIES[name]
+
+
+def resolve(model_name: str) -> tuple[Family, str]:
+  """(family, variant-table key) of any model name: 'F0', 'NF-RegNet-B0', 'B0', ..."""
+  if model_name not in _NAMES:
+    listed = '; '.join(
+        f'{fam.title}: {", ".join(fam.canonical_name(k) for k in fam.variants)}'
+        for fam in FAMILIES.values())
+    raise ValueError(f'Unknown variant {model_name!r}; valid variants are {listed} '
+                     '(NF-ResNet and NF-RegNet variants also by their short names, '
+                     'e.g. ResNet50, B0).')
+  return _NAMES[model_name]
+
+
+def family_of_variant(variant: str) -> str:
+  """'NFNet', 'NFResNet' or 'NFRegNet': the family `variant` names."""
+  return resolve(variant)[0].name
+
+
+def variant_params(variant: str) -> Mapping[str, Any]:
+  """The variant's row of its family's table (depths, widths, train/test sizes, ...)."""
+  fam, key = resolve(variant)
+  return fam.variants[key]
+
+
+def canonical_name(variant: str) -> str:
+  """'NF-RegNet-B0' for 'B0', 'F0' for 'NFNet-F0', ...: the name tools print and store."""
+  fam, key = resolve(variant)
+  return fam.canonical_name(key)
+
+
+def family_of_root(root: str) -> Optional[Family]:
+  """The family whose parameter trees live under the Haiku module `root`, or None."""
+  return next((fam for fam in FAMILIES.values() if fam.root == root), None)
+
+
+def model_variant(model_config: ml_collections.ConfigDict) -> tuple[Family, str, dict]:
+  """(family, variant key, the other model arguments) of a config's `model` section;
+  an error when `model.name` and `model.kwargs.variant` name different families."""
+  kwargs = dict(model_config.kwargs)
+  named = family(model_config.name)
+  fam, key = resolve(kwargs.pop('variant'))
+  if fam is not named:
+    raise ValueError(f'model.kwargs.variant={key!r} is an {fam.name} variant but '
+                     f'model.name is {named.name!r}: set one to match the other.')
+  return fam, key, kwargs
+
+
+def count_flops(variant: str = 'F0', image_size: Optional[int] = None,
+                num_classes: int = 1000, **model_kwargs) -> Cost:
+  """Parameters and multiply-accumulates of one image's forward pass of any family's
+  variant (paper table 3), analytically: `count_flops('F7', 608)` is instant.
+
+  `image_size` defaults to the variant's test size; `model_kwargs` are the model's
+  shape arguments (width, group_size, ...), defaulting to the family's.
+  """
+  fam, key = resolve(variant)
+  return fam.count_flops(key, image_size, num_classes, **model_kwargs)
+
+
+def mixed_precision_policy(dtype: str) -> jmp.Policy:
+  """float32 master params; compute in `dtype`; float32 outputs (logits for the loss)."""
+  if dtype not in DTYPES:
+    raise ValueError(f'Unknown dtype {dtype!r}; valid: {", ".join(DTYPES)}.')
+  return jmp.get_policy(f'params=float32,compute={dtype},output=float32')
+
+
+def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
+                dtype: str = 'float32') -> hk.Transformed:
+  """A pure (init, apply) pair: apply(params, rng, images, is_training, ...) -> dict.
+
+  With dtype='bfloat16', haiku casts the float32 parameters and the inputs to
+  bfloat16 inside the model and its output back to float32 (the paper's
+  mixed-precision recipe, section 3); gradients then flow back to float32 parameters.
+  """
+  model_cls = family(model_config.name).model
+  kwargs = dict(model_config.kwargs)
+  policy = mixed_precision_policy(dtype)
+
+  def forward(images, is_training: bool, return_metrics: bool = False):
+    with hk.mixed_precision.push_policy(model_cls, policy):
+      model = model_cls(num_classes, **kwargs)
+      return model(images, is_training, return_metrics=return_metrics)
+
+  return hk.transform(forward)
+
+
+def model_signature(model_config: ml_collections.ConfigDict, num_classes: int) -> dict:
+  """What identifies a parameter tree: a checkpoint of another signature won't fit."""
+  return {'family': model_config.name, 'num_classes': int(num_classes),
+          **dict(model_config.kwargs)}
+
+
+def count_params(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))
