@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
 ]
 
 TEST_REQUIRES = [
+    "ruff>=0.17,<0.18",
     "pytest>=9.0,<10",
     "pytest-xdist>=3.8,<4",
     "hypothesis>=6.150,<7",
@@ -43,8 +44,9 @@ setuptools.setup(
         "console_scripts": [
             "nfnet-train=nfnet_jax.train:run_main",
             "nfnet-benchmark=nfnet_jax.benchmark:run_main",
-            "nfnet-convert=nfnet_jax.convert:main",
-            "nfnet-classify=nfnet_jax.classify:main",
+            "nfnet-throughput=nfnet_jax.throughput:run_main",
+            "nfnet-convert=nfnet_jax.convert:run_main",
+            "nfnet-classify=nfnet_jax.classify:run_main",
         ],
     },
 )

@@ -62,15 +62,14 @@ def get_config(arg='F0'):
     config.eval.batch_size = 60
     return config
 
-  # Any family's variant (F0.., ResNet50.., B0..): its released model arguments, with
-  # the fine-tuning regularisation above.
-  config.model = config_lib.model_config(variant)   # unknown variant -> lists them all
+  # Any family's variant (F0.., NF-ResNet50.., NF-RegNet-B0..): its released model
+  # arguments and evaluation view, with the fine-tuning regularisation above.
+  family, key = models.resolve(variant)         # unknown variant -> lists them all
+  config.model = config_lib.model_config(variant)
   config.model.kwargs.update(stochdepth_rate=0.1, drop_rate=0.25)
-  params = models.variant_params(variant)
-  config.data.update(image_size=params['train_imsize'], eval_image_size=params['test_imsize'])
-  if config.model.name != 'NFNet':
-    # Their released experiments evaluate with the `crop_resize` view.
-    config.data.eval_preprocess = 'crop_resize'
+  params = family.variants[key]
+  config.data.update(image_size=params['train_imsize'], eval_image_size=params['test_imsize'],
+                     eval_preprocess=family.eval_view)
   config.train.update(batch_size=512, num_epochs=30.0, log_every_steps=50,
                       eval_every_steps=1000)
   return config

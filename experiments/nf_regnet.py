@@ -6,12 +6,10 @@ Command (on every host of a Cloud TPU slice; launch/train_tpu.sh and docs/tpu.md
   launch/train_tpu.sh --project P --zone Z --workdir gs://BUCKET/b0 \
       --config experiments/nf_regnet.py:B0 --tfds-data-dir gs://BUCKET/tensorflow_datasets
 
-Expected result: no figure is given here. The spec holds no NF-RegNet accuracy, the
-stored copies of the paper (Brock, De & Smith 2021, arXiv 2101.08692) that we could read
-stop before its tables, and this machine has neither ImageNet nor an accelerator, so we
-have not run this config to completion. The paper compares NF-RegNets with EfficientNets
-of equal FLOPs (EfficientNet-B0 77.1 ... B7 84.7 top-1, spec section 4). Read
-`eval_ema_top1` in <workdir>/metrics.jsonl.
+Expected result: no ImageNet figure is stated here: this config has not been run to
+completion on ImageNet. arXiv 2101.08692 compares NF-RegNets with EfficientNets of equal
+FLOPs (the NFNet paper's table 3 lists EfficientNet-B0 at 77.1 ... B7 at 84.7 top-1).
+Read `eval_ema_top1` in <workdir>/metrics.jsonl.
 
 Measured here instead, the same recipe scaled down to the embedded digits (`:digits`,
 see `digits_config`):
@@ -40,8 +38,8 @@ Data: TFDS imagenet2012 5.x in data_dir (docs/imagenet.md). Any other TFDS datas
 image folder works too: --config.data.name=tfds:NAME or folder (--config.data.folder=...).
 """
 from nfnet_jax import config as config_lib
+from nfnet_jax import models
 
-IMAGENET_TRAIN_EXAMPLES = config_lib.IMAGENET_TRAIN_EXAMPLES
 
 
 def weight_decay(variant: str) -> float:
@@ -53,7 +51,7 @@ def weight_decay(variant: str) -> float:
 def get_config(arg='B0'):
   if arg == 'digits':
     return digits_config()
-  variant = arg or 'B0'
+  _, variant = models.resolve(arg or 'B0')      # 'NF-RegNet-B3' or 'B3' -> 'B3'
   # The released NF_RegNet defaults (width 0.75, expansion 2.25, group size 8, SE 0.5,
   # alpha 0.2, stochastic depth 0.1, SiLU, the variant's dropout), ImageNet at the
   # variant's train/test sizes.

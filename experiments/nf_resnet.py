@@ -10,10 +10,9 @@ Command (on every host of a Cloud TPU slice; launch/train_tpu.sh and docs/tpu.md
 Expected result: no figure is given here. The NFNet paper (arXiv 2102.06171, section 3)
 says NF-ResNets trained this way with dropout and stochastic depth match batch-normalised
 pre-activation ResNets at batch 1024 (a BN ResNet-50 gets about 76-77% top-1 with this
-plain 90-epoch recipe; the spec's 78.6 is the NFNet paper's stronger recipe). The NF-ResNet
-paper's own tables (arXiv 2101.08692) were not in the stored material we could read, and
-this machine has neither ImageNet nor an accelerator, so we have not run this config to
-completion. Read `eval_top1` (and `eval_ema_top1`) in <workdir>/metrics.jsonl.
+plain 90-epoch recipe; the 78.6 of the NFNet paper's table 3 comes from a stronger recipe).
+This config has not been run to completion on ImageNet. Read `eval_top1` (and
+`eval_ema_top1`) in <workdir>/metrics.jsonl.
 
 Measured here instead, the same recipe scaled down to the embedded digits (`:digits`,
 see `digits_config`):
@@ -39,7 +38,6 @@ NF_ResNet; the release has no separate NF-ResNet experiment):
 """
 from nfnet_jax import config as config_lib
 
-IMAGENET_TRAIN_EXAMPLES = config_lib.IMAGENET_TRAIN_EXAMPLES
 
 
 def get_config(arg='ResNet50'):

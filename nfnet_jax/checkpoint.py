@@ -1,7 +1,7 @@
 """Checkpointing for the training loop: a thin layer over Orbax.
 
 ``Checkpointer`` wraps :class:`orbax.checkpoint.CheckpointManager` and adds the
-two guarantees a training script needs on top of it:
+guarantees a training script needs on top of it:
 
 * **A workdir belongs to one model.**  The first time a workdir is used, a
   JSON *model signature* (family, variant, width, number of classes, ...) is
@@ -12,11 +12,19 @@ two guarantees a training script needs on top of it:
 * **Restores are checked.**  ``restore`` compares the shapes and dtypes stored
   in the checkpoint's metadata with the target state before reading any data,
   and names the offending parameter path (with both shapes) on a mismatch.
+* **Labels keep their meaning.**  ``check_and_write_class_index`` pins label ->
+  class name in ``<workdir>/class_index.json`` and refuses a resumed run whose
+  dataset's classes differ.
+
+``should_save(step)`` is the one place that decides when to save (the interval,
+or a preemption notice Orbax has received); ``save`` then writes unconditionally,
+so the caller can check the state (e.g. for NaNs) in between.
 
 On-disk layout::
 
     <workdir>/
       model_signature.json        # written once, atomically (tmp file + rename)
+      class_index.json            # label -> class name, written once, atomically
       checkpoints/
         <step>/                   # one finalized Orbax step directory
           state/                  # the train-state pytree (OCDBT/tensorstore)
@@ -44,10 +52,10 @@ Typical use::
     ckpt = Checkpointer(workdir, model_signature=sig, save_interval_steps=1000)
     if ckpt.latest_step() is not None:
       state = ckpt.restore(state)          # `state` gives structure/shapes
-    for step in range(int(state['step']), total_steps):
+    for step in range(int(state['step']) + 1, total_steps + 1):
       state = train_step(state, batch)
-      ckpt.save(step + 1, state)           # no-op unless step % interval == 0
-    ckpt.save(total_steps, state, force=True)
+      if ckpt.should_save(step) or step == total_steps:
+        ckpt.save(step, state)
     ckpt.close()
 """
 
@@ -55,15 +63,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nfnet_jax import fileio
+
 __all__ = ['Checkpointer', 'CheckpointMismatchError', 'SIGNATURE_FILENAME',
-           'CHECKPOINT_SUBDIR']
+           'CHECKPOINT_SUBDIR', 'CLASS_INDEX_FILE', 'check_and_write_class_index',
+           'read_class_index']
 
 SIGNATURE_FILENAME = 'model_signature.json'
 CHECKPOINT_SUBDIR = 'checkpoints'
@@ -145,12 +156,6 @@ def _finalized_step_dirs(ckpt_dir: epath.Path) -> list[int]:
   return sorted(steps)
 
 
-def _write_text_atomically(path: epath.Path, text: str) -> None:
-  tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
-  tmp.write_text(text)
-  tmp.rename(path)
-
-
 # ---------------------------------------------------------------------------
 # Pytree helpers.
 # ---------------------------------------------------------------------------
@@ -206,11 +211,6 @@ def _leaf_shape_dtype(x):
   return tuple(x.shape), np.dtype(x.dtype)
 
 
-def _fmt_shape(shape) -> str:
-  return '(' + ', '.join(str(d) for d in shape) + (',)' if len(shape) == 1
-                                                    else ')')
-
-
 class Checkpointer:
   """Saves and restores the train state under ``<workdir>/checkpoints``.
 
@@ -221,9 +221,8 @@ class Checkpointer:
       different signature (or checkpoints saved with one) raises
       :class:`CheckpointMismatchError` here, before anything is written.
     max_to_keep: number of most recent checkpoints kept on disk.
-    save_interval_steps: ``save(step, ...)`` writes only when
-      ``step % save_interval_steps == 0`` (or on preemption, or with
-      ``force=True``).
+    save_interval_steps: ``should_save(step)`` is True when
+      ``step % save_interval_steps == 0`` (or on preemption).
     async_save: write in a background thread; ``save`` returns once the
       arrays have been copied to host memory (host-local device arrays are
       fetched with one ``jax.device_get``).
@@ -241,7 +240,7 @@ class Checkpointer:
       raise ValueError(
           f'save_interval_steps must be >= 1, got {save_interval_steps}.')
     # Orbax refuses relative paths (the quickstart's `--workdir workdirs/digits` is one).
-    self._workdir = epath.Path(workdir if '://' in str(workdir) else os.path.abspath(workdir))
+    self._workdir = epath.Path(workdir if fileio.is_remote(workdir) else os.path.abspath(workdir))
     self._ckpt_dir = self._workdir / CHECKPOINT_SUBDIR
     self._signature_path = self._workdir / SIGNATURE_FILENAME
     self._signature = _normalize_signature(model_signature)
@@ -260,8 +259,8 @@ class Checkpointer:
     if jax.process_index() == 0:
       self._ckpt_dir.mkdir(parents=True, exist_ok=True)
       if not self._signature_path.exists():
-        _write_text_atomically(
-            self._signature_path,
+        fileio.atomic_write_text(
+            str(self._signature_path),
             json.dumps(self._signature, indent=2, sort_keys=True) + '\n')
 
     # 3. The Orbax manager.
@@ -318,15 +317,6 @@ class Checkpointer:
         f'{SIGNATURE_FILENAME}); cannot verify that they belong to the '
         'requested model. ' + _FIX_HINT.format(workdir=self._workdir))
 
-  @property
-  def model_signature(self) -> dict:
-    return dict(self._signature)
-
-  @property
-  def directory(self) -> epath.Path:
-    """``<workdir>/checkpoints``."""
-    return self._ckpt_dir
-
   # -- queries --------------------------------------------------------------
 
   def latest_step(self) -> int | None:
@@ -338,17 +328,22 @@ class Checkpointer:
 
   # -- save -----------------------------------------------------------------
 
-  def save(self, step: int, state, *, force: bool = False) -> bool:
-    """Saves `state` at `step` if the save interval (or `force`) says so.
+  def should_save(self, step: int) -> bool:
+    """Whether to save at `step`: at the save interval, or when a preemption
+    notice has arrived (Orbax syncs that decision across hosts), unless `step`
+    is saved already. Must be called on every process at every step."""
+    step = int(step)
+    return (step not in self._manager.all_steps()
+            and self._manager.should_save(step))
 
-    Must be called on every process. Returns True if a save was started.
-    A step that already has a checkpoint is never overwritten (returns
-    False), so a forced final save right after a periodic one is harmless.
+  def save(self, step: int, state) -> bool:
+    """Saves `state` at `step` (asynchronously by default); the caller decides
+    when (`should_save`). Must be called on every process. A step that already
+    has a checkpoint is never overwritten (returns False), so a final save right
+    after a periodic one is harmless. Returns True if a save was started.
     """
     step = int(step)
     if step in self._manager.all_steps():
-      return False
-    if not force and not self._manager.should_save(step):
       return False
     return self._manager.save(
         step,
@@ -454,13 +449,13 @@ class Checkpointer:
       found_dtype = getattr(md, 'dtype', None)
       found_dtype = np.dtype(found_dtype) if found_dtype is not None else None
       if found_shape != shape:
-        problems.append(f'  {name}: expected shape {_fmt_shape(shape)}, found '
-                        f'{_fmt_shape(found_shape)} in the checkpoint')
+        problems.append(f'  {name}: expected shape {fileio.fmt_shape(shape)}, found '
+                        f'{fileio.fmt_shape(found_shape)} in the checkpoint')
       elif (dtype is not None and found_dtype is not None
             and found_dtype != dtype):
         problems.append(f'  {name}: expected dtype {dtype}, found '
                         f'{found_dtype} in the checkpoint (shape '
-                        f'{_fmt_shape(shape)})')
+                        f'{fileio.fmt_shape(shape)})')
     for key in stored:
       if key not in seen:
         problems.append(f'  {"/".join(key)}: in the checkpoint but not in the '
@@ -495,3 +490,54 @@ class Checkpointer:
     self.close()
     return False
 
+
+
+# ---------------------------------------------------------------------------
+# The class index kept next to the checkpoints.
+# ---------------------------------------------------------------------------
+
+CLASS_INDEX_FILE = 'class_index.json'
+
+
+def check_and_write_class_index(dataset: str, class_names: Sequence[str],
+                                workdir: str, *, write: bool = True) -> None:
+  """Pins label -> class name for a workdir: written on first use, checked on
+  every resume.
+
+  A checkpoint's classifier rows mean nothing without the class order they were
+  trained with (an image folder's classes are sorted names: adding a class
+  silently shifts every label after it). A workdir whose index differs from the
+  dataset's is refused before anything in it changes. Only ``write=True``
+  (process 0) writes; the write is atomic.
+  """
+  path = os.path.join(workdir, CLASS_INDEX_FILE)
+  record = {'dataset': dataset, 'num_classes': len(class_names),
+            'class_names': list(class_names)}
+  exists = (fileio.gfile().exists(path) if fileio.is_remote(path)
+            else os.path.exists(path))
+  if not exists:
+    if write:
+      fileio.atomic_write_text(path, json.dumps(record, indent=1))
+    return
+  try:
+    found = json.loads(fileio.read_text(path))
+  except ValueError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); restore it from a backup or '
+                     'use a new --workdir.') from None
+  if found.get('class_names') != record['class_names']:
+    old, new = found.get('class_names') or [], record['class_names']
+    diff = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b),
+                min(len(old), len(new)))
+    raise ValueError(
+        f'{workdir} was trained on {found.get("num_classes")} classes of '
+        f'{found.get("dataset")!r}, but {dataset!r} now has {len(new)} classes '
+        f'that differ from label {diff} on ({old[diff:diff + 1]} vs '
+        f'{new[diff:diff + 1]}). Labels would silently change meaning: restore the '
+        "dataset's classes, or train in a new --workdir (fine-tune from the old "
+        'checkpoint to keep its weights).')
+
+
+def read_class_index(workdir: str) -> list[str]:
+  """The class names (by label) a workdir was trained with."""
+  return list(json.loads(fileio.read_text(os.path.join(workdir, CLASS_INDEX_FILE)))
+              ['class_names'])

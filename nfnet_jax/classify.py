@@ -5,18 +5,15 @@
 
 Weights: DeepMind's released `F{k}_haiku.npz` (read with the restricted unpickler) or a
 file written by `nfnet-convert`. Each image gets the evaluation preprocessing the
-published accuracies were measured with (at the variant's test size, `resize_crop_32`
-for NFNets and `crop_resize` for NF-ResNets/NF-RegNets as in DeepMind's experiments; see
-nfnet_jax.data.preprocess), then the top-k ImageNet classes (the 1000 names ship with
+published accuracies were measured with (at the variant's test size, each family's
+`Family.eval_view`: `resize_crop_32` for NFNets and `crop_resize` for NF-ResNets and
+NF-RegNets, as in DeepMind's experiments; see nfnet_jax.data.preprocess), then the top-k ImageNet classes (the 1000 names ship with
 the package). For weights fine-tuned on your own classes pass --class-index with the
 `class_index.json` of the training workdir (or the workdir itself) and --num-classes is
 taken from it. Folders are searched recursively for .jpg/.jpeg/.png/.gif/.bmp files.
 Images that do not decode are reported (and the exit status is 1) without stopping the
 others.
 """
-from __future__ import annotations
-
-import argparse
 import json
 import os
 import sys
@@ -26,15 +23,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 
+from nfnet_jax import checkpoint
+from nfnet_jax import cli
+from nfnet_jax import data
 from nfnet_jax import models
-from nfnet_jax import pretrained
-from nfnet_jax.data.folder import IMAGE_EXTENSIONS
-from nfnet_jax.data.pipeline import EVAL_METHODS
-
-
-# The evaluation view each family's published accuracies were measured with.
-EVAL_VIEW = {'NFNet': 'resize_crop_32', 'NFResNet': 'crop_resize', 'NFRegNet': 'crop_resize'}
+from nfnet_jax import weights
 
 
 def find_images(inputs: Sequence[str]) -> list[str]:
@@ -45,7 +40,8 @@ def find_images(inputs: Sequence[str]) -> list[str]:
       for dirpath, dirnames, files in os.walk(item):
         dirnames.sort()   # a stable order, whatever the file system's
         found += sorted(os.path.join(dirpath, f) for f in files
-                        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
+                        if f.lower().endswith(data.IMAGE_EXTENSIONS)
+                        and not f.startswith('.'))
     elif os.path.exists(item):
       found.append(item)
     else:
@@ -56,11 +52,9 @@ def find_images(inputs: Sequence[str]) -> list[str]:
 def load_class_names(class_index: Optional[str]) -> list[str]:
   """ImageNet's 1000 names (first synonym), or a training workdir's class_index.json."""
   if class_index:
-    from nfnet_jax import data  # pylint: disable=g-import-not-at-top
     workdir = class_index if os.path.isdir(class_index) else os.path.dirname(class_index)
-    return data.read_class_index(workdir or '.')
-  from nfnet_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-  return [name.split(',')[0] for name in tfds_source.imagenet_classes()[1]]
+    return checkpoint.read_class_index(workdir or '.')
+  return [name.split(',')[0] for name in data.imagenet_classes()[1]]
 
 
 def classify(paths: Sequence[str], params, *, variant: str = 'F0',
@@ -70,14 +64,12 @@ def classify(paths: Sequence[str], params, *, variant: str = 'F0',
              model_kwargs: Optional[dict] = None) -> list[dict]:
   """Top-k predictions per image: [{'path', 'predictions': [{'label', 'class',
   'probability'}]}, or {'path', 'error'} for an image that does not decode]."""
-  from nfnet_jax import data  # pylint: disable=g-import-not-at-top
-  image_size = image_size or models.variant_params(variant)['test_imsize']
-  family = models.family_of_variant(variant)
-  method = method or EVAL_VIEW[family]
+  family, key = models.resolve(variant)
+  image_size = image_size or family.variants[key]['test_imsize']
+  method = method or family.eval_view
   num_classes = len(class_names)
   model_config = ml_collections.ConfigDict(dict(
-      name=family,
-      kwargs=dict(variant=variant, **(model_kwargs or {}))))
+      name=family.name, kwargs=dict(variant=key, **(model_kwargs or {}))))
   model = models.build_model(model_config, num_classes, dtype)
   predict = jax.jit(lambda p, x: jax.nn.softmax(
       model.apply(p, None, x, is_training=False)['logits'].astype(jnp.float32)))
@@ -114,43 +106,46 @@ def classify(paths: Sequence[str], params, *, variant: str = 'F0',
   return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog='nfnet-classify', description=__doc__.split('\n\n')[0])
-  p.add_argument('images', nargs='+', help='image files or folders')
-  p.add_argument('--weights', required=True, help='F{k}_haiku.npz or a converted .npz')
-  p.add_argument('--variant', default=None,
-                 help='F0..F7+, ResNet50..ResNet600 or B0..B8 (default: from the weights file)')
-  p.add_argument('--top-k', type=int, default=5)
-  p.add_argument('--batch-size', type=int, default=16)
-  p.add_argument('--image-size', type=int, default=0,
-                 help="evaluation size (default: the variant's test size)")
-  p.add_argument('--eval-preprocess', default=None, choices=EVAL_METHODS,
-                 help="default: the variant family's (NFNet resize_crop_32, else crop_resize)")
-  p.add_argument('--crop-pct', type=float, default=0.875)
-  p.add_argument('--class-index', default=None,
-                 help="class_index.json of a training workdir (default: ImageNet's 1000)")
-  p.add_argument('--dtype', default='float32', choices=models.DTYPES)
-  p.add_argument('--width', type=float, default=None, help='width the weights were made with')
-  p.add_argument('--group-size', type=int, default=None)
-  p.add_argument('--json', action='store_true', help='print one JSON list instead of text')
-  args = p.parse_args(argv)
-  model_kwargs = {k: v for k, v in (('width', args.width), ('group_size', args.group_size))
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_string('weights', None, 'F{k}_haiku.npz or a converted .npz',
+                      required=True, flag_values=values)
+  flags.DEFINE_string('variant', None, 'F0..F7+, NF-ResNet50.. (ResNet50..) or '
+                      'NF-RegNet-B0.. (B0..); default: from the weights file',
+                      flag_values=values)
+  flags.DEFINE_integer('top_k', 5, 'how many classes to list per image', flag_values=values)
+  flags.DEFINE_integer('batch_size', 16, 'images per forward pass', flag_values=values)
+  flags.DEFINE_integer('image_size', 0, "evaluation size (default: the variant's test size)",
+                       flag_values=values)
+  flags.DEFINE_enum('eval_preprocess', None, list(data.EVAL_METHODS),
+                    "default: the variant's family's (NFNet resize_crop_32, else "
+                    'crop_resize)', flag_values=values)
+  flags.DEFINE_float('crop_pct', 0.875, 'for --eval-preprocess crop_pct', flag_values=values)
+  flags.DEFINE_string('class_index', None, "class_index.json of a training workdir (or the "
+                      "workdir; default: ImageNet's 1000)", flag_values=values)
+  flags.DEFINE_enum('dtype', 'float32', list(models.DTYPES), 'compute dtype',
+                    flag_values=values)
+  flags.DEFINE_float('width', None, 'width the weights were made with', flag_values=values)
+  flags.DEFINE_integer('group_size', None, 'group size the weights were made with',
+                       flag_values=values)
+  flags.DEFINE_bool('json', False, 'print one JSON list instead of text', flag_values=values)
+
+
+def _classify_cli(f: flags.FlagValues, images: list[str]) -> int:
+  if not images:
+    raise cli.UserError('give image files or folders to classify.')
+  model_kwargs = {k: v for k, v in (('width', f.width), ('group_size', f.group_size))
                   if v is not None}
-  try:
-    class_names = load_class_names(args.class_index)
-    paths = find_images(args.images)
-    if not paths:
-      raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {args.images}.')
-    params, variant = pretrained.load_pretrained_with_variant(
-        args.weights, args.variant, num_classes=len(class_names), **model_kwargs)
-    results = classify(paths, params, variant=variant, class_names=class_names,
-                       image_size=args.image_size, method=args.eval_preprocess,
-                       crop_pct=args.crop_pct, top_k=args.top_k, batch_size=args.batch_size,
-                       dtype=args.dtype, model_kwargs=model_kwargs)
-  except (ValueError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  if args.json:
+  class_names = load_class_names(f.class_index)
+  paths = find_images(images)
+  if not paths:
+    raise FileNotFoundError(f'no images ({", ".join(data.IMAGE_EXTENSIONS)}) in {images}.')
+  params, variant = weights.load_pretrained_with_variant(
+      f.weights, f.variant, num_classes=len(class_names), **model_kwargs)
+  results = classify(paths, params, variant=variant, class_names=class_names,
+                     image_size=f.image_size, method=f.eval_preprocess,
+                     crop_pct=f.crop_pct, top_k=f.top_k, batch_size=f.batch_size,
+                     dtype=f.dtype, model_kwargs=model_kwargs)
+  if f.json:
     print(json.dumps(results, indent=1))
   else:
     for r in results:
@@ -163,5 +158,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 1 if any('error' in r for r in results) else 0
 
 
-if __name__ == '__main__':
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`nfnet-classify [flags] IMAGE_OR_FOLDER...`; returns the exit status."""
+  return cli.run(_classify_cli, define_flags, argv,
+                 user_errors=(cli.UserError, ValueError, OSError))
+
+
+def run_main():
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  run_main()

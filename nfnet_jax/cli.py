@@ -1,15 +1,19 @@
 """What every command-line tool shares: absl flags, dashed flag names, one-line errors.
 
-Each tool defines its flags with absl (`flags.DEFINE_*`, underscores in the names) in a
-`define_flags()` function and its work in `main(argv)`, then calls `cli.run(main,
-define_flags)`. `--batch-per-device` and `--batch_per_device` are then the same flag.
-A `UserError` (bad input the user can fix; each tool may name more exception types)
-prints one line and exits with status 1; `--verbose` shows the traceback as well.
+A tool defines its flags in `define_flags(flag_values)` (absl `flags.DEFINE_*` with
+`flag_values=`, underscores in the names) and its work in a function of the parsed
+flags and the positional arguments; `main(argv=None)` is then
+`cli.run(work, define_flags, argv)`, which parses into a fresh `FlagValues` (so a tool
+can be called more than once in one process, as tests do) and returns the exit status.
+`--batch-per-device` and `--batch_per_device` are the same flag. Exceptions of the
+types the tool names (bad input the user can fix) print one line and give status 1;
+`--verbose` shows the traceback instead. The trainer, which needs absl's app (logging,
+multi-host start-up), parses the global flags with `app.run` and the same `normalize_argv`.
 """
 import sys
 from typing import Callable, Optional, Sequence
 
-from absl import app, flags
+from absl import flags
 
 
 class UserError(Exception):
@@ -32,24 +36,31 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
   return out
 
 
-def run(main: Callable[[list[str]], Optional[int]], define_flags: Callable[[], None],
+def run(work: Callable[[flags.FlagValues, list[str]], Optional[int]],
+        define_flags: Callable[[flags.FlagValues], None],
         argv: Optional[Sequence[str]] = None,
-        user_errors: tuple[type[BaseException], ...] = (UserError,)) -> None:
-  """Defines the tool's flags, parses `argv` (default: sys.argv) and calls `main`.
-
-  Exceptions of the `user_errors` types are printed as one line (exit status 1).
-  """
-  define_flags()
-  if 'verbose' not in flags.FLAGS:
-    flags.DEFINE_bool('verbose', False, 'Show the traceback of errors.')
-
-  def guarded(args):
-    try:
-      return main(args)
-    except user_errors as e:
-      if flags.FLAGS.verbose:
-        raise
-      print(f'error: {e}', file=sys.stderr)
-      return 1
-
-  app.run(guarded, argv=normalize_argv(sys.argv if argv is None else argv))
+        user_errors: tuple[type[BaseException], ...] = (UserError,)) -> int:
+  """Parses `argv` (default: sys.argv[1:]) with the tool's flags and calls
+  `work(flag_values, positional_args)`; returns the exit status (its return value, 0
+  by default; 1 for one of `user_errors`; 2 for bad flags)."""
+  values = flags.FlagValues()
+  args = normalize_argv(['nfnet_jax', *(sys.argv[1:] if argv is None else argv)])
+  saved, sys.argv = sys.argv, args
+  try:  # ml_collections' config flags find their `--config.x=` overrides in sys.argv
+    define_flags(values)
+  finally:
+    sys.argv = saved
+  flags.DEFINE_bool('verbose', False, 'Show the traceback of errors.', flag_values=values)
+  try:
+    positional = values(args)[1:]
+    values.validate_all_flags()
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  try:
+    return work(values, positional) or 0
+  except user_errors as e:
+    if values.verbose:
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    return 1

@@ -16,14 +16,21 @@ def is_remote(path) -> bool:
   return '://' in os.fspath(path)
 
 
-def gfile():
-  """TensorFlow's gfile, with TensorFlow kept off the accelerators (JAX owns them)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # slow: only when needed
+def tensorflow():
+  """TensorFlow, kept off the accelerators (JAX owns them). Imported on first use:
+  it takes seconds, and training on local files with the embedded data never needs it
+  for file access."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     tf.config.set_visible_devices([], 'GPU')
   except (RuntimeError, ValueError):
     pass  # TensorFlow already initialised its devices; nothing more can be done here.
-  return tf.io.gfile
+  return tf
+
+
+def gfile():
+  """TensorFlow's gfile: local paths, gs:// and the other file systems TF knows."""
+  return tensorflow().io.gfile
 
 
 def fmt_shape(shape) -> str:

@@ -1,4 +1,4 @@
-"""Classification loss and accuracy for NFNet training (spec section 3).
+"""Classification loss and accuracy for NFNet training (arXiv 2102.06171 section 3).
 
 Training runs the forward pass in bfloat16; as in the paper, the logits are
 cast to float32 before the softmax so that the loss (and its gradient) is

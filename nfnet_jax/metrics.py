@@ -8,8 +8,7 @@
       {"step": 1000, "train/loss": 2.31, "train/top1": 0.42, "img/s": 5120.5}
 
 * the same scalars to TensorBoard under ``<workdir>/tensorboard``
-  (view with ``tensorboard --logdir <workdir>/tensorboard``; the viewer is the
-  separate ``tensorboard`` package, which writing does not need).
+  (view with ``tensorboard --logdir <workdir>/tensorboard``).
 
 ``progress(step, **postfix)`` drives a tqdm bar over ``total_steps`` that shows
 the elapsed time, the ETA and the given postfix (loss, top-1, img/s, ...).
@@ -32,9 +31,9 @@ Conventions:
   step.
 * Only the main process (default: ``jax.process_index() == 0``) does anything;
   on the other processes every method is a no-op and no file is created.
-* ``tensorflow`` is imported lazily (only when TensorBoard logging or a remote
-  workdir needs it) and is hidden from GPUs so it cannot take accelerator
-  memory from JAX.
+* ``tensorflow`` (for ``tf.summary`` and remote files) is imported when the
+  logger starts and is hidden from GPUs so it cannot take accelerator memory
+  from JAX (``fileio.tensorflow``).
 * Local workdirs are appended to and flushed on every ``write``. Remote
   workdirs (``gs://...``), which do not support appending, are rewritten
   (tmp file + rename) at most every ``flush_secs`` and on ``close``.
@@ -52,39 +51,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from nfnet_jax import fileio
+
 __all__ = ['MetricsLogger', 'read_metrics', 'METRICS_FILENAME',
            'TENSORBOARD_SUBDIR']
 
 METRICS_FILENAME = 'metrics.jsonl'
 TENSORBOARD_SUBDIR = 'tensorboard'
 _NON_FINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
-
-
-def _import_tensorflow():
-  """Imports TF and hides the GPUs from it (JAX owns the accelerators)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except (RuntimeError, ValueError):
-    pass  # TF already initialised its devices elsewhere; nothing we can do.
-  return tf
-
-
-def _scalar_summary_metadata():
-  """Metadata that makes TensorBoard's Scalars dashboard show a summary.
-
-  `tf.summary.scalar` needs the `tensorboard` package (not a dependency of
-  tensorflow-cpu); `tf.summary.write` with this metadata writes the same
-  records (float32 scalar tensor, plugin "scalars") with core TF only.
-  """
-  from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-  return summary_pb2.SummaryMetadata(
-      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'),
-      data_class=summary_pb2.DATA_CLASS_SCALAR).SerializeToString()
-
-
-def _is_remote(path: str) -> bool:
-  return '://' in path
 
 
 def _to_python(key: str, value: Any) -> bool | int | float:
@@ -127,8 +101,8 @@ def read_metrics(workdir_or_file: str) -> list[dict[str, Any]]:
   path = workdir_or_file
   if not path.endswith('.jsonl'):
     path = os.path.join(path, METRICS_FILENAME)
-  if _is_remote(path):
-    text = _import_tensorflow().io.gfile.GFile(path, 'r').read()
+  if fileio.is_remote(path):
+    text = fileio.read_text(path)
   else:
     with open(path, encoding='utf-8') as f:
       text = f.read()
@@ -171,7 +145,6 @@ class MetricsLogger:
     self._bar = None
     self._tf = None
     self._tb_writer = None
-    self._scalar_metadata = None
     self._file = None
     self._remote_lines: list[str] | None = None
     self._remote_dirty = False
@@ -181,8 +154,8 @@ class MetricsLogger:
     if not self._active:
       return
 
-    if _is_remote(self._workdir):
-      self._tf = _import_tensorflow()
+    if fileio.is_remote(self._workdir):
+      self._tf = fileio.tensorflow()
       gfile = self._tf.io.gfile
       gfile.makedirs(self._workdir)
       self._remote_lines = []
@@ -196,10 +169,9 @@ class MetricsLogger:
 
     if tensorboard:
       if self._tf is None:
-        self._tf = _import_tensorflow()
+        self._tf = fileio.tensorflow()
       self._tb_writer = self._tf.summary.create_file_writer(
           self.tensorboard_dir, flush_millis=int(self._flush_secs * 1000))
-      self._scalar_metadata = _scalar_summary_metadata()
 
   @staticmethod
   def _drop_incomplete_last_line(path: str) -> None:
@@ -263,8 +235,7 @@ class MetricsLogger:
       tf = self._tf
       with self._tb_writer.as_default(step=step):
         for key, value in values.items():
-          tf.summary.write(key, tf.constant(float(value), tf.float32),
-                           metadata=self._scalar_metadata)
+          tf.summary.scalar(key, float(value))
 
     if time.monotonic() - self._last_flush >= self._flush_secs:
       self.flush()
@@ -277,11 +248,8 @@ class MetricsLogger:
     if self._file is not None:
       self._file.flush()
     if self._remote_lines is not None and self._remote_dirty:
-      gfile = self._tf.io.gfile
-      tmp = self.metrics_path + f'.tmp-{os.getpid()}'
-      with gfile.GFile(tmp, 'w') as f:
-        f.write(''.join(l + '\n' for l in self._remote_lines))
-      gfile.rename(tmp, self.metrics_path, overwrite=True)
+      fileio.atomic_write_text(self.metrics_path,
+                               ''.join(l + '\n' for l in self._remote_lines))
       self._remote_dirty = False
     if self._tb_writer is not None:
       self._tb_writer.flush()

@@ -59,7 +59,7 @@ def global_norm(tree: PyTree) -> jax.Array:
 # 'NFNet/~/nf_block_3/~/conv1'.
 _SUBMODULE_SEP = "/~/"
 
-# Parameter names that the recipe (spec section 3) excludes from weight decay:
+# Parameter names that the recipe (arXiv 2102.06171 section 3; DeepMind's optim.py) excludes from weight decay:
 # the WSConv2D gains and biases, the biases of every hk.Linear (squeeze-excite
 # and classifier alike, Haiku calls them 'b'), and each block's scalar
 # ``skip_gain``.  Everything else is a weight and is decayed.
@@ -261,7 +261,7 @@ def sgd_agc(
 ) -> optax.GradientTransformation:
   """SGD with Nesterov momentum, coupled weight decay and AGC (the NFNet recipe).
 
-  Per parameter, in this order (spec section 3):
+  Per parameter, in this order (arXiv 2102.06171 section 3 and appendix C):
 
   1. AGC (:func:`adaptive_grad_clip`) on every parameter except the
      classifier weight (:func:`agc_mask`); skipped when ``clipping`` is None
@@ -317,7 +317,7 @@ def warmup_cosine_schedule(
     scale_by_batch: bool = True,
     end_lr: float = 0.0,
 ) -> optax.Schedule:
-  """Linear warmup from 0, then cosine decay to ``end_lr`` (spec section 3: 0).
+  """Linear warmup from 0, then cosine decay to ``end_lr`` (arXiv 2102.06171 section 3: 0).
 
   The peak learning rate is ``base_lr * batch_size / 256`` when
   ``scale_by_batch`` (the linear scaling rule: 0.1 x 4096 / 256 = 1.6 in the
@@ -363,7 +363,7 @@ def warmup_cosine_schedule(
 
 
 def ema_decay(step, max_decay: float = 0.99999) -> jax.Array:
-  """EMA decay ``min(max_decay, (1 + step) / (10 + step))`` (spec section 3).
+  """EMA decay ``min(max_decay, (1 + step) / (10 + step))`` (arXiv 2102.06171 appendix C).
 
   The step-dependent warm-up makes early EMA values track the fast-moving
   parameters instead of staying near the initialisation.  ``step`` may be a

@@ -5,32 +5,45 @@
         --config.train.batch_size=4096
     python -m nfnet_jax.train --config experiments/digits.py --workdir /tmp/digits --mode eval
 
-The loop runs in clearly separated stages: build data, build model and
-optimizer, restore, loop (train step, log, evaluate, save), final evaluation and
-save. The per-device steps are pure functions; parallel.py maps them over devices.
+The file reads top to bottom: the optimizer and the train state, the per-device steps
+(pure functions; parallel.py maps them over devices), evaluation of a split, the setup
+shared by training and evaluation, the training loop in its stages (build data, build
+model and optimizer, restore, loop: step, log, evaluate, save; final evaluation and
+export), evaluation on its own, and the command line.
 """
-import logging
-import os
-import tempfile
+import dataclasses
+import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from nfnet_jax import checkpoint as checkpoint_lib
+from nfnet_jax import cli
 from nfnet_jax import data
 from nfnet_jax import losses
 from nfnet_jax import metrics as metrics_lib
 from nfnet_jax import models
 from nfnet_jax import optim
 from nfnet_jax import parallel
+from nfnet_jax import weights as weights_lib
 
 AXIS = parallel.AXIS
-TrainState = dict  # {'step', 'params', 'opt_state', 'ema_params', 'rng'}
+
+
+class TrainState(NamedTuple):
+  """Everything a step changes; checkpointed as a dict of these fields."""
+  step: jax.Array          # int32 scalar: steps taken
+  params: Any              # Haiku parameter tree (float32)
+  opt_state: Any           # optax state of `make_optimizer`'s transformation
+  ema_params: Any          # EMA of params, evaluated beside them
+  rng: jax.Array           # the run's key; each step folds in the step and the device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,8 +89,8 @@ def init_state(rng: jax.Array, model, optimizer, image_size: int) -> TrainState:
     return params, optimizer.init(params)
 
   params, opt_state = _init(params_rng)
-  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': opt_state,
-          'ema_params': jax.tree.map(jnp.copy, params), 'rng': state_rng}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    ema_params=jax.tree.map(jnp.copy, params), rng=state_rng)
 
 
 # ---------------------------------------------------------------------------
@@ -105,10 +118,10 @@ def make_train_step(model, optimizer, schedule, config: ml_collections.ConfigDic
     return loss, logits
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    step, params = state['step'], state['params']
+    step, params = state.step, state.params
     # Same key on every device, then a different stream per device (and step),
     # for stochastic depth and dropout.
-    rng = jax.random.fold_in(jax.random.fold_in(state['rng'], step),
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, step),
                              jax.lax.axis_index(AXIS))
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, model_inputs(batch['images']), batch['labels'], rng)
@@ -116,9 +129,9 @@ def make_train_step(model, optimizer, schedule, config: ml_collections.ConfigDic
     # global-batch gradient, as in the paper. No batch-norm: nothing else syncs.
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     grads = jax.lax.pmean(grads, AXIS)
-    updates, opt_state = optimizer.update(grads, state['opt_state'], params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    ema_params = optim.ema_update(state['ema_params'], new_params, step,
+    ema_params = optim.ema_update(state.ema_params, new_params, step,
                                   config.ema_max_decay)
     metrics = {
         'loss': jax.lax.pmean(loss, AXIS),
@@ -131,8 +144,8 @@ def make_train_step(model, optimizer, schedule, config: ml_collections.ConfigDic
     if clipping:
       metrics['agc_clip_fraction'] = optim.agc_clip_fraction(
           grads, params, clipping, config.optimizer.eps, mask=optim.agc_mask)
-    new_state = {'step': step + 1, 'params': new_params, 'opt_state': opt_state,
-                 'ema_params': ema_params, 'rng': state['rng']}
+    new_state = TrainState(step=step + 1, params=new_params, opt_state=opt_state,
+                           ema_params=ema_params, rng=state.rng)
     return new_state, metrics
 
   return train_step
@@ -158,63 +171,6 @@ def make_eval_step(model, num_classes: int):
 
 
 # ---------------------------------------------------------------------------
-# Pretrained weights in and out.
-# ---------------------------------------------------------------------------
-EXPORT_FILE = 'params_ema.npz'
-
-
-def _variant_and_kwargs(config: ml_collections.ConfigDict) -> tuple[str, dict]:
-  kwargs = dict(config.model.kwargs)
-  variant = kwargs.pop('variant')
-  family = models.family_of_variant(variant)
-  if family != config.model.name:
-    raise ValueError(f'model.kwargs.variant={variant!r} is an {family} variant but '
-                     f'model.name is {config.model.name!r}: set one to match the other.')
-  return variant, kwargs
-
-
-def _load_weights(config, path: str, num_classes: Optional[int]):
-  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
-  variant, kwargs = _variant_and_kwargs(config)
-  params, _ = pretrained.load_pretrained_with_variant(path, variant, num_classes, **kwargs)
-  return params
-
-
-def initial_params(config: ml_collections.ConfigDict, fresh_params, num_classes: int):
-  """The params a fine-tuning run starts from: `config.init_from`'s, except a classifier
-  of another size (new classes), which keeps its fresh initialisation."""
-  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
-  loaded = _load_weights(config, config.init_from, None)
-  variant, kwargs = _variant_and_kwargs(config)
-  head = pretrained.classifier_module(variant, **kwargs)
-  params = {**loaded}
-  if loaded[head]['b'].shape != fresh_params[head]['b'].shape:
-    logging.warning('%s has %d classes and this run %d: the classifier %s starts fresh.',
-                    config.init_from, loaded[head]['b'].shape[0], num_classes, head)
-    params[head] = fresh_params[head]
-  return jax.tree.map(lambda new, old: np.asarray(new, np.asarray(old).dtype),
-                      params, fresh_params)
-
-
-def export_params(config: ml_collections.ConfigDict, state, workdir: str) -> Optional[str]:
-  """Writes the EMA params as a pickle-free `params_ema.npz` next to the checkpoints
-  (for nfnet-classify, --weights and init_from); every family."""
-  if jax.process_index() != 0:
-    return None
-  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
-  variant, _ = _variant_and_kwargs(config)
-  params = parallel.to_host(state['ema_params'])
-  dst = os.path.join(workdir, EXPORT_FILE)
-  if '://' not in workdir:
-    return pretrained.save_converted(params, dst, variant, overwrite=True)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  with tempfile.TemporaryDirectory() as tmp:
-    local = pretrained.save_converted(params, os.path.join(tmp, EXPORT_FILE), variant)
-    tf.io.gfile.copy(local, dst, overwrite=True)
-  return dst
-
-
-# ---------------------------------------------------------------------------
 # Evaluation over a whole split.
 # ---------------------------------------------------------------------------
 def evaluate_split(p_eval_step, state: TrainState, config: ml_collections.ConfigDict,
@@ -225,7 +181,7 @@ def evaluate_split(p_eval_step, state: TrainState, config: ml_collections.Config
   for batch in parallel.prefetch_to_devices(data.eval_iterator(
       config.data, split=split, per_device_batch=per_device, local_devices=num_devices,
       process_index=jax.process_index(), process_count=jax.process_count()), devices):
-    sums = p_eval_step(state['params'], state['ema_params'], batch)
+    sums = p_eval_step(state.params, state.ema_params, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = parallel.to_host(totals)
   count = float(totals.pop('count'))
@@ -237,47 +193,10 @@ def evaluate_split(p_eval_step, state: TrainState, config: ml_collections.Config
 # ---------------------------------------------------------------------------
 # Setup shared by training and evaluation.
 # ---------------------------------------------------------------------------
-def _setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
-           checkpoints: bool = True):
-  info = data.dataset_info(config.data)
-  # Before anything is written: a workdir trained on other classes is refused untouched.
-  data.check_and_write_class_index(info, workdir,
-                                   write=training and jax.process_index() == 0)
-  devices = parallel.local_devices(config.get('num_devices'))
-  model = models.build_model(config.model, info.num_classes, config.dtype)
-  num_train = data.split_size(config.data, data.train_split(config.data))
-  total_steps = total_train_steps(config, num_train)
-  steps_per_epoch = num_train / config.train.batch_size
-  optimizer, schedule = make_optimizer(config, total_steps, steps_per_epoch)
-  ckpt = checkpoint_lib.Checkpointer(
-      workdir, model_signature=models.model_signature(config.model, info.num_classes),
-      max_to_keep=config.checkpoint.max_to_keep,
-      save_interval_steps=config.checkpoint.every_steps) if checkpoints else None
-  state = init_state(jax.random.PRNGKey(config.seed), model, optimizer,
-                     config.data.image_size)
-  # Restore keeps this layout, so restored and fresh states are laid out alike.
-  state = parallel.replicate(state, devices)
-  return info, devices, model, optimizer, schedule, total_steps, ckpt, state
-
-
-def _check_finite(metrics: dict, step: int, ckpt: checkpoint_lib.Checkpointer,
-                  workdir: str) -> None:
-  bad = {k: v for k, v in metrics.items() if not np.all(np.isfinite(v))}
-  if bad:
-    last = ckpt.latest_step()
-    kept = (f'The last good checkpoint (step {last}) in {workdir}/checkpoints is kept '
-            'and nothing after it was saved.' if last is not None
-            else 'No checkpoint had been saved yet.')
-    raise NonFiniteLossError(
-        f'Training diverged at step {step}: non-finite {bad}. {kept} Lower the '
-        'learning rate (--config.optimizer.base_lr), keep AGC on '
-        '(--config.optimizer.clipping), or check the input data.')
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Catches config mistakes before anything expensive (or irreversible) runs."""
   models.mixed_precision_policy(config.dtype)
-  _variant_and_kwargs(config)
+  models.model_variant(config.model)
   if config.train.batch_size < 1 or config.eval.batch_size < 1:
     raise ValueError('train.batch_size and eval.batch_size must be positive.')
   if not config.train.get('num_steps') and not config.train.get('num_epochs'):
@@ -285,6 +204,63 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ('log_every_steps', 'eval_every_steps'):
     if config.train[key] < 1:
       raise ValueError(f'train.{key} must be >= 1, got {config.train[key]}.')
+
+
+@dataclasses.dataclass
+class Setup:
+  """What training and evaluation build before their first step."""
+  info: data.DatasetInfo
+  devices: list
+  model: Any                  # hk.Transformed
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  total_steps: int
+  checkpointer: Optional[checkpoint_lib.Checkpointer]
+  state: TrainState           # freshly initialised, replicated over `devices`
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
+          checkpoints: bool = True) -> Setup:
+  validate_config(config)
+  info = data.dataset_info(config.data)
+  # Before anything is written: a workdir trained on other classes is refused untouched.
+  checkpoint_lib.check_and_write_class_index(
+      info.name, info.class_names, workdir, write=training and jax.process_index() == 0)
+  devices = parallel.local_devices(config.get('num_devices'))
+  model = models.build_model(config.model, info.num_classes, config.dtype)
+  num_train = data.split_size(config.data, data.train_split(config.data))
+  total_steps = total_train_steps(config, num_train)
+  optimizer, schedule = make_optimizer(config, total_steps,
+                                       num_train / config.train.batch_size)
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir, model_signature=models.model_signature(config.model, info.num_classes),
+      max_to_keep=config.checkpoint.max_to_keep,
+      save_interval_steps=config.checkpoint.every_steps) if checkpoints else None
+  state = init_state(jax.random.PRNGKey(config.seed), model, optimizer,
+                     config.data.image_size)
+  # Restore keeps this layout, so restored and fresh states are laid out alike.
+  return Setup(info=info, devices=devices, model=model, optimizer=optimizer,
+               schedule=schedule, total_steps=total_steps, checkpointer=checkpointer,
+               state=parallel.replicate(state, devices))
+
+
+def restore(checkpointer: checkpoint_lib.Checkpointer, state: TrainState) -> TrainState:
+  """The newest checkpoint, in `state`'s layout (the checkpoint holds its fields)."""
+  return TrainState(**checkpointer.restore(state._asdict()))
+
+
+def check_finite(metrics: dict, step: int, checkpointer: checkpoint_lib.Checkpointer,
+                 workdir: str) -> None:
+  bad = {k: v for k, v in metrics.items() if not np.all(np.isfinite(v))}
+  if bad:
+    last = checkpointer.latest_step()
+    kept = (f'The last good checkpoint (step {last}) in {workdir}/checkpoints is kept '
+            'and nothing after it was saved.' if last is not None
+            else 'No checkpoint had been saved yet.')
+    raise NonFiniteLossError(
+        f'Training diverged at step {step}: non-finite {bad}. {kept} Lower the '
+        'learning rate (--config.optimizer.base_lr), keep AGC on '
+        '(--config.optimizer.clipping), or check the input data.')
 
 
 # ---------------------------------------------------------------------------
@@ -296,21 +272,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Returns the final evaluation metrics.
   """
-  validate_config(config)
   # 1. Data, model, optimizer, checkpoints.
-  info, devices, model, optimizer, schedule, total_steps, ckpt, state = _setup(
-      config, workdir, training=True)
+  run = setup(config, workdir, training=True)
+  ckpt, devices, num_classes = run.checkpointer, run.devices, run.info.num_classes
   num_devices = len(devices)
   per_device = parallel.per_device_batch_size(config.train.batch_size, num_devices)
 
   # 2. Restore: a restarted run continues from its newest checkpoint; a new one may
   # start from pretrained weights (fine-tuning).
+  state = run.state
   if ckpt.latest_step() is not None:
-    state = parallel.replicate(ckpt.restore(state), devices)
+    state = parallel.replicate(restore(ckpt, state), devices)
   elif config.get('init_from'):
-    params = initial_params(config, parallel.to_host(state['params']), info.num_classes)
-    state = parallel.replicate({**state, 'params': params, 'ema_params': params}, devices)
-  start_step = int(state['step'])
+    params = weights_lib.initial_params(config.model, config.init_from,
+                                    parallel.to_host(state.params), num_classes)
+    state = parallel.replicate(state._replace(params=params, ema_params=params), devices)
+  start_step = int(state.step)
 
   # A resumed run draws a fresh shuffle rather than replaying the first batches.
   train_iter = parallel.prefetch_to_devices(data.train_iterator(
@@ -318,30 +295,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       seed=config.seed + start_step, process_index=jax.process_index(),
       process_count=jax.process_count()), devices)
   p_train_step = parallel.map_train_step(
-      make_train_step(model, optimizer, schedule, config, info.num_classes), devices)
-  p_eval_step = parallel.map_eval_step(make_eval_step(model, info.num_classes), devices)
-  logger = metrics_lib.MetricsLogger(workdir, total_steps=total_steps,
+      make_train_step(run.model, run.optimizer, run.schedule, config, num_classes),
+      devices)
+  p_eval_step = parallel.map_eval_step(make_eval_step(run.model, num_classes), devices)
+  logger = metrics_lib.MetricsLogger(workdir, total_steps=run.total_steps,
                                      progress_bar=progress_bar)
   if start_step == 0:
-    logger.write(0, {'num_params': models.count_params(state['params']),
+    logger.write(0, {'num_params': models.count_params(state.params),
                      'num_devices': num_devices * jax.process_count(),
-                     'total_steps': total_steps})
+                     'total_steps': run.total_steps})
 
   # 3. The loop.
-  eval_metrics = {}
-  shown = {}
+  eval_metrics, shown = {}, {}
   try:
     timer_step, timer_start = start_step, time.perf_counter()
-    for step in range(start_step + 1, total_steps + 1):
-      batch = next(train_iter)
-      state, metrics = p_train_step(state, batch)
+    for step in range(start_step + 1, run.total_steps + 1):
+      state, metrics = p_train_step(state, next(train_iter))
 
-      is_last = step == total_steps
-      saving = step % config.checkpoint.every_steps == 0 or is_last
+      is_last = step == run.total_steps
+      # The one place that decides to save (the interval, a preemption notice or the
+      # end); every process reaches the same decision (Orbax coordinates the hosts).
+      saving = ckpt.should_save(step) or is_last
       if step % config.train.log_every_steps == 0 or saving or step == start_step + 1:
         metrics = parallel.to_host(metrics)
-        # Never save a diverged state: check before the checkpoint below.
-        _check_finite(metrics, step, ckpt, workdir)
+        # Never save a diverged state: the check runs before every save.
+        check_finite(metrics, step, ckpt, workdir)
         now = time.perf_counter()
         images_per_sec = ((step - timer_step) * config.train.batch_size
                           / max(now - timer_start, 1e-9))
@@ -356,52 +334,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logger.progress(step, **shown)
 
       if step % config.train.eval_every_steps == 0 or is_last:
-        eval_metrics = evaluate_split(p_eval_step, state, config,
-                                      config.eval.split, devices)
+        eval_metrics = evaluate_split(p_eval_step, state, config, config.eval.split,
+                                      devices)
         logger.write(step, eval_metrics)
         timer_step, timer_start = step, time.perf_counter()
 
-      # Every process calls save (orbax coordinates the hosts).
-      ckpt.save(step, state, force=is_last)
+      if saving:
+        ckpt.save(step, state._asdict())
 
-    if not eval_metrics:   # resumed at the very end: evaluate the final state
-      eval_metrics = evaluate_split(p_eval_step, state, config,
-                                    config.eval.split, devices)
-      logger.write(int(state['step']), eval_metrics)
-    export_params(config, state, workdir)
+    # 4. Final evaluation (when resumed at the very end) and export.
+    if not eval_metrics:
+      eval_metrics = evaluate_split(p_eval_step, state, config, config.eval.split,
+                                    devices)
+      logger.write(int(state.step), eval_metrics)
+    weights_lib.export_params(config.model, parallel.to_host(state.ema_params), workdir)
   finally:
-    ckpt.wait_until_finished()
     ckpt.close()
     logger.close()
   return eval_metrics
 
 
+# ---------------------------------------------------------------------------
+# Evaluation on its own.
+# ---------------------------------------------------------------------------
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              split: Optional[str] = None, weights: Optional[str] = None) -> dict[str, float]:
   """Evaluates the newest checkpoint in `workdir` (raw and EMA parameters), or the
   parameters in a `weights` file (released or converted .npz; raw = EMA = the file's)."""
-  validate_config(config)
-  info, devices, model, _, _, total_steps, ckpt, state = _setup(
-      config, workdir, training=False, checkpoints=not weights)
+  run = setup(config, workdir, training=False, checkpoints=not weights)
+  state = run.state
   if weights:   # no checkpoint involved: nothing but metrics is written to workdir
-    params = _load_weights(config, weights, info.num_classes)
-    state = {**state, 'params': params, 'ema_params': params}
+    params = weights_lib.load_for_model(config.model, weights, run.info.num_classes)
+    state = state._replace(params=params, ema_params=params)
   else:
     try:
-      if ckpt.latest_step() is None:
+      if run.checkpointer.latest_step() is None:
         raise FileNotFoundError(
             f'No checkpoint in {workdir}/checkpoints to evaluate. Train first '
             f'(python -m nfnet_jax.train --config ... --workdir {workdir}) or point '
             '--workdir at a training run.')
-      state = ckpt.restore(state)
+      state = restore(run.checkpointer, state)
     finally:
-      ckpt.close()
-  state = parallel.replicate(state, devices)
-  p_eval_step = parallel.map_eval_step(make_eval_step(model, info.num_classes), devices)
-  results = evaluate_split(p_eval_step, state, config, split or config.eval.split, devices)
-  with metrics_lib.MetricsLogger(workdir, total_steps=total_steps,
+      run.checkpointer.close()
+  state = parallel.replicate(state, run.devices)
+  p_eval_step = parallel.map_eval_step(make_eval_step(run.model, run.info.num_classes),
+                                       run.devices)
+  results = evaluate_split(p_eval_step, state, config, split or config.eval.split,
+                           run.devices)
+  with metrics_lib.MetricsLogger(workdir, total_steps=run.total_steps,
                                  progress_bar=False) as logger:
-    logger.write(int(state['step']), results)
+    logger.write(int(state.step), results)
   return results
 
 
@@ -423,8 +405,33 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   jax.distributed.initialize(**kwargs)
 
 
-def main(argv):
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+def define_flags(values: flags.FlagValues) -> None:
+  config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config file, e.g. experiments/digits.py or '
+      'experiments/nfnet.py:F0; override fields with --config.train.batch_size=...',
+      lock_config=True, flag_values=values)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs '
+                      '(local, or gs://... shared by all hosts).', flag_values=values)
+  flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                    'train (resumes automatically) or eval (newest checkpoint).',
+                    flag_values=values)
+  flags.DEFINE_string('weights', None, 'With --mode eval: evaluate this weights file '
+                      "(DeepMind's F{k}_haiku.npz or a converted .npz) instead of the "
+                      'newest checkpoint.', flag_values=values)
+  flags.DEFINE_bool('distributed', False, 'Multi-host job (e.g. a TPU pod slice): call '
+                    'jax.distributed.initialize() first. Start the same command on '
+                    'every host.', flag_values=values)
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for '
+                      'multi-process jobs outside Cloud TPU (implies --distributed).',
+                      flag_values=values)
+  flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.',
+                       flag_values=values)
+  flags.DEFINE_integer('process_id', None, 'With --coordinator_address.',
+                       flag_values=values)
+  flags.mark_flags_as_required(['config', 'workdir'], flag_values=values)
+
+
+def main(argv) -> None:
   del argv
   flags_ = flags.FLAGS
   # Orbax narrates every save at INFO; keep the console for the progress bar.
@@ -444,28 +451,10 @@ def main(argv):
 
 
 def run_main():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file(
-      'config', None, 'Experiment config file, e.g. experiments/digits.py or '
-      'experiments/nfnet.py:F0; override fields with --config.train.batch_size=...',
-      lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs '
-                      '(local, or gs://... shared by all hosts).')
-  flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                    'train (resumes automatically) or eval (newest checkpoint).')
-  flags.DEFINE_string('weights', None, 'With --mode eval: evaluate this weights file '
-                      '(DeepMind\'s F{k}_haiku.npz or a converted .npz) instead of the '
-                      'newest checkpoint.')
-  flags.DEFINE_bool('distributed', False, 'Multi-host job (e.g. a TPU pod slice): call '
-                    'jax.distributed.initialize() first. Start the same command on '
-                    'every host.')
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for '
-                      'multi-process jobs outside Cloud TPU (implies --distributed).')
-  flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
-  flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  # absl's app (not cli.run): it sets up absl logging, which the multi-host start-up
+  # and Orbax report through.
+  define_flags(flags.FLAGS)
+  app.run(main, argv=cli.normalize_argv(sys.argv))
 
 
 if __name__ == '__main__':

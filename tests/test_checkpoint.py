@@ -98,7 +98,7 @@ def test_numpy_target_masked_state_typed_key_python_step(tmp_path):
            'rng': jax.random.key(42)}
   with Checkpointer(str(tmp_path), model_signature=SIG,
                     async_save=False) as ckpt:
-    assert ckpt.save(3, state, force=True)
+    assert ckpt.save(3, state)
     target = jax.tree.map(lambda x: x, state)
     target['params'] = jax.tree.map(
         lambda p: np.zeros(p.shape, p.dtype), params)
@@ -121,11 +121,13 @@ def test_numpy_target_masked_state_typed_key_python_step(tmp_path):
 def test_max_to_keep_interval_latest_and_resume(tmp_path):
   ckpt = Checkpointer(str(tmp_path), model_signature=SIG, max_to_keep=2,
                       save_interval_steps=2)
-  saved = [s for s in range(1, 8) if ckpt.save(s, make_state(step=s, seed=s))]
+  saved = [s for s in range(1, 8)
+           if ckpt.should_save(s) and ckpt.save(s, make_state(step=s, seed=s))]
   assert saved == [2, 4, 6]
-  assert ckpt.save(7, make_state(step=7, seed=7), force=True)
-  # A forced final save at an already-saved step is a no-op, not an error.
-  assert not ckpt.save(7, make_state(step=7, seed=7), force=True)
+  assert not ckpt.should_save(6)      # saved already
+  assert ckpt.save(7, make_state(step=7, seed=7))   # the final save, off the interval
+  # A final save at an already-saved step is a no-op, not an error.
+  assert not ckpt.save(7, make_state(step=7, seed=7))
   ckpt.close()
   steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()
                  if p.name.isdigit())

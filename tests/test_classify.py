@@ -17,7 +17,8 @@ from PIL import Image
 from nfnet_jax import classify
 from nfnet_jax import data
 from nfnet_jax import models
-from nfnet_jax import pretrained
+from nfnet_jax import checkpoint
+from nfnet_jax import weights
 
 NARROW = dict(width=0.0625, group_size=8)
 SIZE = 32
@@ -32,7 +33,7 @@ def _weights(tmp_path, num_classes, bias):
   params['NFNet/~/linear'] = {'w': np.zeros_like(params['NFNet/~/linear']['w']),
                               'b': np.asarray(bias, np.float32)}
   path = str(tmp_path / 'weights.npz')
-  pretrained.save_converted(params, path, 'F0')
+  weights.save_converted(params, path, 'F0')
   return path
 
 
@@ -54,8 +55,7 @@ def _softmax(x):
 
 
 def test_imagenet_names_ship_with_the_package():
-  from nfnet_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-  wnids, names = tfds_source.imagenet_classes()
+  wnids, names = data.imagenet_classes()
   assert len(wnids) == len(set(wnids)) == len(names) == 1000
   # The label order of TFDS imagenet2012 (an independent copy of the WordNet ids).
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -95,8 +95,7 @@ def test_cli_ranks_by_the_known_logits_with_padding_and_errors(tmp_path, capsys)
 
 def test_cli_with_a_workdirs_class_index_and_clear_errors(tmp_path, capsys):
   workdir = tmp_path / 'run'
-  data.check_and_write_class_index(
-      data.DatasetInfo('folder', 3, {'train': 9}, ('ant', 'bee', 'cat')), str(workdir))
+  checkpoint.check_and_write_class_index('folder', ('ant', 'bee', 'cat'), str(workdir))
   weights = _weights(tmp_path, 3, [0.0, 2.0, 1.0])
   good, _ = _images(tmp_path / 'in')
   base = ['--weights', weights, '--width', '0.0625', '--group-size', '8',

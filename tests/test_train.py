@@ -22,8 +22,10 @@ from nfnet_jax import metrics as metrics_lib
 from nfnet_jax import models
 from nfnet_jax import parallel
 from nfnet_jax import train
+from nfnet_jax import weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGENET_TRAIN = 1_281_167   # images in ILSVRC-2012's training set
 
 
 def tiny_config(**train_overrides):
@@ -56,8 +58,8 @@ def test_data_parallel_step_equals_single_device_step():
   model, optimizer, schedule = _model_and_steps(config)
   state = train.init_state(jax.random.PRNGKey(0), model, optimizer, 16)
   # Non-zero skip gains, so that every parameter gets a gradient.
-  state['params'] = jax.tree_util.tree_map_with_path(
-      lambda path, p: p + 0.5 if 'skip_gain' in str(path) else p, state['params'])
+  state = state._replace(params=jax.tree_util.tree_map_with_path(
+      lambda path, p: p + 0.5 if 'skip_gain' in str(path) else p, state.params))
   assert float(schedule(0)) > 0
   rng = np.random.default_rng(0)
   images = rng.normal(size=(16, 16, 16, 3)).astype(np.float32)
@@ -72,14 +74,14 @@ def test_data_parallel_step_equals_single_device_step():
   state1, metrics1 = one(copy(state), {'images': images[None], 'labels': labels[None]})
 
   moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
-                       state1['params'], state['params'])
+                       state1.params, state.params)
   assert max(jax.tree.leaves(moved)) > 1e-4, 'the step should change the params'
   for name in ('params', 'ema_params', 'opt_state'):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 state8[name], state1[name])
+                 getattr(state8, name), getattr(state1, name))
   for key in ('loss', 'top1', 'grad_norm', 'param_norm', 'agc_clip_fraction'):
     np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=1e-5)
-  assert int(state8['step']) == 1
+  assert int(state8.step) == 1
 
 
 def test_eval_counts_every_example_once_and_matches_direct_computation():
@@ -87,11 +89,12 @@ def test_eval_counts_every_example_once_and_matches_direct_computation():
   model, optimizer, _ = _model_and_steps(config)
   state = train.init_state(jax.random.PRNGKey(1), model, optimizer, 16)
   # A trained-looking classifier so that top-1 is not trivially 10%.
-  state['params'] = jax.tree.map(lambda p: p, state['params'])
-  state['params']['NFNet/~/linear']['w'] = jax.random.normal(
-      jax.random.PRNGKey(2), state['params']['NFNet/~/linear']['w'].shape)
-  state['params']['NFNet/~/nf_block_3']['skip_gain'] = jnp.asarray(1.0)
-  state['ema_params'] = jax.tree.map(lambda p: p * 0.5, state['params'])
+  params = jax.tree.map(lambda p: p, state.params)
+  params['NFNet/~/linear']['w'] = jax.random.normal(
+      jax.random.PRNGKey(2), params['NFNet/~/linear']['w'].shape)
+  params['NFNet/~/nf_block_3']['skip_gain'] = jnp.asarray(1.0)
+  state = state._replace(params=params,
+                         ema_params=jax.tree.map(lambda p: p * 0.5, params))
   p_eval = parallel.map_eval_step(train.make_eval_step(model, 10), jax.local_devices())
   results = train.evaluate_split(p_eval, state, config, 'test', jax.local_devices())
 
@@ -100,7 +103,7 @@ def test_eval_counts_every_example_once_and_matches_direct_computation():
                                     local_devices=1))
   assert len(batches) == 1 and batches[0]['mask'].sum() == 360
   images, labels = batches[0]['images'][0], batches[0]['labels'][0]
-  for prefix, params in (('', state['params']), ('ema_', state['ema_params'])):
+  for prefix, params in (('', state.params), ('ema_', state.ema_params)):
     logits = np.asarray(model.apply(params, None, images, is_training=False)['logits'],
                         np.float64)
     order = np.argsort(-logits, axis=-1)
@@ -125,20 +128,20 @@ def test_mixed_precision_computes_in_bfloat16_with_float32_params():
   config.dtype = 'bfloat16'
   model, optimizer, schedule = _model_and_steps(config)
   state = train.init_state(jax.random.PRNGKey(0), model, optimizer, 16)
-  dtypes = {x.dtype for x in jax.tree.leaves(state['params'])}
+  dtypes = {x.dtype for x in jax.tree.leaves(state.params)}
   assert dtypes == {jnp.dtype(jnp.float32)}
   images = jnp.ones((2, 16, 16, 3), jnp.float32)
-  jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, None, images, False))(state['params']))
+  jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, None, images, False))(state.params))
   assert 'conv_general_dilated' in jaxpr or 'dot_general' in jaxpr
   assert 'bf16' in jaxpr
-  out = model.apply(state['params'], None, images, False)
+  out = model.apply(state.params, None, images, False)
   assert out['logits'].dtype == jnp.float32
   step = parallel.map_train_step(train.make_train_step(model, optimizer, schedule, config, 10),
                                  jax.local_devices()[:2])
   new_state, metrics = step(state, {'images': np.ones((2, 1, 16, 16, 3), np.float32),
                                     'labels': np.zeros((2, 1), np.int32)})
-  assert {x.dtype for x in jax.tree.leaves(new_state['params'])} == {jnp.dtype(jnp.float32)}
-  assert {x.dtype for x in jax.tree.leaves(new_state['opt_state'])} <= {
+  assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(new_state.opt_state)} <= {
       jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
   assert np.isfinite(metrics['loss'])
 
@@ -195,9 +198,9 @@ def test_divergence_stops_training_and_keeps_a_finite_checkpoint(tmp_path):
   saved = ckpt.latest_step()
   assert saved is not None and saved <= last_logged
   model, optimizer, _ = _model_and_steps(config)
-  state = ckpt.restore(train.init_state(jax.random.PRNGKey(0), model, optimizer, 16))
+  state = train.restore(ckpt, train.init_state(jax.random.PRNGKey(0), model, optimizer, 16))
   ckpt.close()
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
 def test_global_batch_must_divide_over_devices():
@@ -237,7 +240,7 @@ def test_nfnet_configs_reproduce_the_published_recipe(variant):
           config.data.randaug_magnitude, config.model.kwargs.drop_rate) == spec
   assert config.data.randaug_layers == 4
   assert config.train.batch_size == 4096
-  assert train.total_train_steps(config, nfnet_config.IMAGENET_TRAIN_EXAMPLES) == 112_602
+  assert train.total_train_steps(config, IMAGENET_TRAIN) == 112_602
   assert config.model.kwargs.stochdepth_rate == 0.25
   assert config.label_smoothing == 0.1 and config.ema_max_decay == 0.99999
   opt = config.optimizer
@@ -270,7 +273,7 @@ def test_nf_regnet_configs_carry_the_released_recipe(variant):
   assert (kw.width, kw.expansion, kw.group_size, kw.se_ratio, kw.alpha,
           kw.stochdepth_rate, kw.activation) == (0.75, 2.25, 8, 0.5, 0.2, 0.1, 'silu')
   assert config.train.batch_size == 1024
-  steps = train.total_train_steps(config, nf_regnet_config.IMAGENET_TRAIN_EXAMPLES)
+  steps = train.total_train_steps(config, IMAGENET_TRAIN)
   assert steps == 1_281_167 * 360 // 1024 == 450_410
   opt = config.optimizer
   assert opt.weight_decay == pytest.approx(RELEASED_NF_REGNET_WD[variant], rel=1e-9)
@@ -297,7 +300,7 @@ def test_nf_resnet_configs_carry_the_released_resnet_recipe(variant):
   train.validate_config(config)
   assert config.model.name == 'NFResNet' and config.model.kwargs.variant == variant
   assert (config.data.image_size, config.data.eval_image_size) == (224, 224)
-  steps = train.total_train_steps(config, nf_resnet_config.IMAGENET_TRAIN_EXAMPLES)
+  steps = train.total_train_steps(config, IMAGENET_TRAIN)
   assert steps == 1_281_167 * 90 // 1024 == 112_602
   opt = config.optimizer
   assert (opt.weight_decay, opt.clipping, opt.momentum, opt.nesterov) == (1e-4, 0.0, 0.9,
@@ -338,9 +341,9 @@ def test_variant_of_another_family_is_refused_before_anything_runs(tmp_path):
   with pytest.raises(ValueError, match="'F0' is an NFNet variant but model.name is "
                                        "'NFRegNet'"):
     train.validate_config(config)
-  with pytest.raises(ValueError, match='B0, B1'):
+  with pytest.raises(ValueError, match='NF-RegNet-B0, NF-RegNet-B1'):
     nf_regnet_config.get_config('B9')
-  with pytest.raises(ValueError, match='ResNet50, ResNet101'):
+  with pytest.raises(ValueError, match='NF-ResNet50, NF-ResNet101'):
     nf_resnet_config.get_config('ResNet18')
 
 
@@ -390,14 +393,13 @@ def test_other_families_train_export_evaluate_and_classify(tmp_path, family, roo
   """The training loop, the exported params_ema.npz, --weights evaluation, fine-tuning
   to new classes and nfnet-classify work for NF-ResNets and NF-RegNets as for NFNets."""
   from nfnet_jax import classify  # pylint: disable=g-import-not-at-top
-  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
   config = tiny_family_config(family)
   workdir = str(tmp_path / 'run')
   final = train.train_and_evaluate(config, workdir, progress_bar=False)
   assert np.isfinite(final['eval_loss']) and final['eval_count'] == 360
-  exported = os.path.join(workdir, train.EXPORT_FILE)
+  exported = os.path.join(workdir, weights.EXPORT_FILE)
   width = config.model.kwargs.width
-  params = pretrained.load_pretrained(exported, num_classes=None, width=width)
+  params = weights.load_pretrained(exported, num_classes=None, width=width)
   assert {m.split('/~/')[0] for m in params} == {root}
 
   from_checkpoint = train.evaluate(config, workdir)
@@ -410,8 +412,8 @@ def test_other_families_train_export_evaluate_and_classify(tmp_path, family, roo
   config3.init_from = exported
   model, optimizer, _ = _model_and_steps(config3, num_classes=3)
   fresh = jax.tree.map(np.asarray, train.init_state(
-      jax.random.PRNGKey(7), model, optimizer, 32)['params'])
-  start = train.initial_params(config3, fresh, 3)
+      jax.random.PRNGKey(7), model, optimizer, 32).params)
+  start = weights.initial_params(config3.model, config3.init_from, fresh, 3)
   head = f'{root}/~/linear'
   for module in start:
     source = fresh if module == head else params
@@ -453,7 +455,7 @@ def test_finetune_configs_take_every_family(variant, family):
   assert config.data.eval_preprocess == 'crop_resize'
   sizes = {'B3': (288, 320), 'ResNet101': (224, 224)}[variant]
   assert (config.data.image_size, config.data.eval_image_size) == sizes
-  with pytest.raises(ValueError, match='NFNet: F0, .*NFResNet: ResNet50, .*NFRegNet: B0'):
+  with pytest.raises(ValueError, match='NFNet: F0, .*NF-ResNet: NF-ResNet50, .*NF-RegNet: NF-RegNet-B0'):
     finetune_config.get_config('B10')
 
 
@@ -476,7 +478,7 @@ def test_quickstart_command_trains_digits(tmp_path):
   assert final['eval_top1'] >= 0.9, final
   assert any(r.get('agc_clip_fraction', 0) > 0 for r in records), 'AGC should clip sometimes'
   assert os.path.isdir(os.path.join(workdir, 'tensorboard'))
-  assert os.path.isfile(os.path.join(workdir, train.EXPORT_FILE))
+  assert os.path.isfile(os.path.join(workdir, weights.EXPORT_FILE))
 
 
 @pytest.mark.slow
@@ -523,12 +525,11 @@ def test_trains_on_an_image_folder_with_the_papers_augmentation(tmp_path):
 def test_exported_weights_evaluate_like_the_checkpoint_and_seed_fine_tuning(tmp_path):
   """params_ema.npz is written at the end of training; `--weights` evaluates it through
   the normal eval path; init_from starts a run with new classes from it."""
-  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   config = tiny_config(num_steps=2)
   train.train_and_evaluate(config, workdir, progress_bar=False)
-  exported = os.path.join(workdir, train.EXPORT_FILE)
-  params = pretrained.load_pretrained(exported, 'F0', 10, width=0.0625, group_size=8)
+  exported = os.path.join(workdir, weights.EXPORT_FILE)
+  params = weights.load_pretrained(exported, 'F0', 10, width=0.0625, group_size=8)
 
   from_checkpoint = train.evaluate(config, workdir)
   from_weights = train.evaluate(config, str(tmp_path / 'eval_only'), weights=exported)
@@ -544,8 +545,8 @@ def test_exported_weights_evaluate_like_the_checkpoint_and_seed_fine_tuning(tmp_
   config3.init_from = exported
   model, optimizer, _ = _model_and_steps(config3, num_classes=3)
   fresh = jax.tree.map(np.asarray, train.init_state(
-      jax.random.PRNGKey(7), model, optimizer, 16)['params'])
-  start = train.initial_params(config3, fresh, 3)
+      jax.random.PRNGKey(7), model, optimizer, 16).params)
+  start = weights.initial_params(config3.model, config3.init_from, fresh, 3)
   assert sorted(start) == sorted(fresh)
   for module in start:
     source = fresh if module == 'NFNet/~/linear' else params
@@ -554,5 +555,5 @@ def test_exported_weights_evaluate_like_the_checkpoint_and_seed_fine_tuning(tmp_
   assert start['NFNet/~/linear']['w'].shape[1] == 3
 
   config3.model.kwargs.width = 0.125   # weights of another width: a clear error
-  with pytest.raises(pretrained.ParamsMismatchError, match=r'final_conv/w: expected shape'):
-    train.initial_params(config3, fresh, 3)
+  with pytest.raises(weights.ParamsMismatchError, match=r'final_conv/w: expected shape'):
+    weights.initial_params(config3.model, config3.init_from, fresh, 3)
