@@ -6,7 +6,7 @@ from nfnet_jax.losses import softmax_cross_entropy
 from nfnet_jax.models import (NF_REGNET_VARIANTS, NF_RESNET_VARIANTS, NFNET_VARIANTS,
                               NFBlock, NFNet, NFRegNet, NFResNet, SqueezeExcite, WSConv2D,
                               count_flops, scaled_activation)
-from nfnet_jax.pretrained import load_pretrained
+from nfnet_jax.weights import load_pretrained
 from nfnet_jax.optim import (adaptive_grad_clip, agc_mask, ema_update, sgd_agc,
                              warmup_cosine_schedule, weight_decay_mask)
 

@@ -2,51 +2,63 @@
 pickle-free .npz that `np.load(path, allow_pickle=False)` reads.
 
   python -m nfnet_jax.convert --variant F0 F0_haiku.npz F0_params.npz
+  python -m nfnet_jax.convert [--variant V] [--num-classes N] [--width W]
+      [--group-size G] [--overwrite] [--no-verify-md5] SRC DST
 
-The released file is read with nfnet_jax.pretrained's restricted unpickler (nothing in
-it is executed) and checked against the model before anything is written. The output
-is written atomically and an existing one is kept unless --overwrite.
+The released file is read with nfnet_jax.weights' restricted unpickler (nothing in it
+is executed) and checked against the model before anything is written. The output is
+written atomically (locally or to gs://) and an existing one is kept unless --overwrite.
 """
-import argparse
 import sys
 from typing import Optional, Sequence
 
-from nfnet_jax import pretrained
+from absl import flags
+
+from nfnet_jax import cli
+from nfnet_jax import weights
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m nfnet_jax.convert',
-      description='Convert a released NFNet checkpoint to a pickle-free .npz.')
-  parser.add_argument('src', help='released F{k}_haiku.npz (or a converted .npz)')
-  parser.add_argument('dst', help='output .npz')
-  parser.add_argument('--variant', default=None,
-                      help="variant, e.g. F0 (or ResNet50, B0 for converted files of "
-                      "the other families; default: from the file)")
-  parser.add_argument('--num-classes', type=int, default=1000,
-                      help='classifier size to check against (default 1000)')
-  parser.add_argument('--width', type=float, default=None,
-                      help='width multiplier the weights were made with (default 1.0)')
-  parser.add_argument('--group-size', type=int, default=None,
-                      help='group width the weights were made with (default 128)')
-  parser.add_argument('--overwrite', action='store_true', help='replace an existing DST')
-  parser.add_argument('--no-verify-md5', dest='verify_md5', action='store_false',
-                      help='skip the MD5 comparison with the (unverified) list')
-  args = parser.parse_args(argv)
-  model_kwargs = {k: v for k, v in (('width', args.width), ('group_size', args.group_size))
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_string('variant', None, 'variant, e.g. F0 (or NF-ResNet50 / ResNet50, '
+                      'NF-RegNet-B0 / B0 for converted files of the other families); '
+                      'default: from the file', flag_values=values)
+  flags.DEFINE_integer('num_classes', 1000, 'classifier size to check against',
+                       flag_values=values)
+  flags.DEFINE_float('width', None, 'width multiplier the weights were made with '
+                     "(default: the family's)", flag_values=values)
+  flags.DEFINE_integer('group_size', None, 'group width the weights were made with '
+                       "(default: the family's)", flag_values=values)
+  flags.DEFINE_bool('overwrite', False, 'replace an existing DST', flag_values=values)
+  flags.DEFINE_bool('no_verify_md5', False, 'skip the MD5 comparison with the '
+                    '(unverified) list of the released files', flag_values=values)
+
+
+def _convert_cli(f: flags.FlagValues, positional: list[str]) -> int:
+  if len(positional) != 2:
+    raise cli.UserError(f'expected SRC and DST, got {len(positional)} positional '
+                        'argument(s): python -m nfnet_jax.convert [flags] SRC DST')
+  src, dst = positional
+  model_kwargs = {k: v for k, v in (('width', f.width), ('group_size', f.group_size))
                   if v is not None}
-  try:
-    summary = pretrained.convert(args.src, args.dst, args.variant,
-                                 overwrite=args.overwrite, num_classes=args.num_classes,
-                                 verify_md5=args.verify_md5, **model_kwargs)
-  except (ValueError, OSError) as e:  # PretrainedError, unknown variant, FileExistsError
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  family = pretrained.family_of(summary['variant'])
-  print(f"wrote {summary['dst']}: {family}-{summary['variant']}, {summary['arrays']} arrays, "
-        f"{summary['values']:,} parameters, md5 {summary['md5']}")
+  summary = weights.convert(src, dst, f.variant, overwrite=f.overwrite,
+                            num_classes=f.num_classes, verify_md5=not f.no_verify_md5,
+                            **model_kwargs)
+  print(f"wrote {summary['dst']}: {summary['family']}-{summary['key']}, "
+        f"{summary['arrays']} arrays, {summary['values']:,} parameters, "
+        f"md5 {summary['md5']}")
   return 0
 
 
-if __name__ == '__main__':
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`nfnet-convert [flags] SRC DST`; returns the exit status (1 after one `error: ...`
+  line for a bad file, an unknown variant or an existing DST)."""
+  return cli.run(_convert_cli, define_flags, argv,
+                 user_errors=(cli.UserError, ValueError, OSError))
+
+
+def run_main():
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  run_main()

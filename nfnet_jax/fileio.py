@@ -52,7 +52,8 @@ def atomic_write(path, write: Callable[[BinaryIO], None], *, overwrite: bool = T
                           'replace it')
   if is_remote(path):
     fs = gfile()
-    tmp = f'{path}.tmp-{os.getpid()}'
+    head, base = path.rsplit('/', 1)
+    tmp = f'{head}/.{base}.tmp-{os.getpid()}'
     try:
       with fs.GFile(tmp, 'wb') as f:
         write(f)

@@ -49,7 +49,9 @@ import sys
 import time
 from typing import Any, Mapping
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
 from nfnet_jax import fileio
 
@@ -134,7 +136,6 @@ class MetricsLogger:
                is_main_process: bool | None = None, tensorboard: bool = True,
                progress_bar: bool = True, flush_secs: float = 30.0):
     if is_main_process is None:
-      import jax  # pylint: disable=g-import-not-at-top
       is_main_process = jax.process_index() == 0
     self._active = bool(is_main_process)
     self._workdir = str(workdir)
@@ -265,7 +266,6 @@ class MetricsLogger:
       return
     step = int(step)
     if self._bar is None:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       interactive = getattr(sys.stderr, 'isatty', lambda: False)()
       self._bar = tqdm(
           total=self._total_steps, initial=step, unit='step',
