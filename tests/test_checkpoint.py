@@ -1,5 +1,6 @@
 """Tests for nfnet_jax.checkpoint."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -308,6 +309,23 @@ def test_process_killed_during_async_save_keeps_previous(tmp_path):
     np.testing.assert_array_equal(restored['w'], float(latest))
     if latest == 2:  # the save finished before the kill: step 1 still there
       assert ckpt.all_steps() == [1, 2]
+
+
+def test_class_index_written_once_and_a_changed_dataset_refused(tmp_path):
+  workdir = tmp_path / 'work'
+  classes = ('ant', 'bee', 'cat')
+  ckpt_lib.check_and_write_class_index('folder', classes, str(workdir), write=False)
+  assert not workdir.exists()          # a non-writing process leaves no trace
+  ckpt_lib.check_and_write_class_index('folder', classes, str(workdir))
+  path = workdir / ckpt_lib.CLASS_INDEX_FILE
+  written = path.read_bytes()
+  assert json.loads(written)['class_names'] == ['ant', 'bee', 'cat']
+  assert ckpt_lib.read_class_index(str(workdir)) == ['ant', 'bee', 'cat']
+  ckpt_lib.check_and_write_class_index('folder', classes, str(workdir))  # same: fine
+  grown = ('ant', 'ape', 'bee', 'cat')
+  with pytest.raises(ValueError, match=r"differ from label 1 on \(\['bee'\] vs \['ape'\]\)"):
+    ckpt_lib.check_and_write_class_index('folder', grown, str(workdir))
+  assert path.read_bytes() == written   # untouched
 
 
 def test_module_constants():

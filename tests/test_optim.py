@@ -1,7 +1,8 @@
 """Tests for nfnet_jax.optim: AGC, parameter groups, SGD+AGC, schedule, EMA.
 
-The NumPy references below are written from the spec (section 3 of
-nfnet-spec.md), independently of the implementation:
+The NumPy references below are written from the paper's definition of AGC
+(arXiv 2102.06171 section 4.1, eq. 3, and appendix C), independently of the
+implementation:
 
   unit-wise norm: per output unit (HWIO conv: axes 0,1,2; IO linear: axis 0);
   scalars and vectors (after squeezing size-1 axes) use the whole-tensor norm.
@@ -37,7 +38,7 @@ AGC_SHAPES = {
 
 
 # ---------------------------------------------------------------------------
-# Independent NumPy reference (from the spec text).
+# Independent NumPy reference (from the paper's equations).
 # ---------------------------------------------------------------------------
 
 
@@ -241,18 +242,18 @@ def test_masked_agc_pairs_each_grad_with_its_own_param():
 # ---------------------------------------------------------------------------
 
 
-def _tree(spec):
+def _tree(layout):
   """{module: [param names]} -> Haiku-style params with small arrays."""
   return {
       mod: {name: np.zeros((2,), np.float32) for name in names}
-      for mod, names in spec.items()
+      for mod, names in layout.items()
   }
 
 
 CONV = ["w", "gain", "bias"]
 LIN = ["w", "b"]
 
-NFNET_SPEC = {
+NFNET_LAYOUT = {
     "NFNet/~/stem_conv0": CONV,
     "NFNet/~/stem_conv1": CONV,
     "NFNet/~/stem_conv2": CONV,
@@ -273,7 +274,7 @@ NFNET_SPEC = {
     "NFNet/~/linear": LIN,
 }
 
-NF_RESNET_SPEC = {
+NF_RESNET_LAYOUT = {
     "NF_ResNet/~/initial_conv": CONV,
     "NF_ResNet/~/nf_res_block": ["skip_gain"],
     "NF_ResNet/~/nf_res_block/~/conv0": CONV,
@@ -285,7 +286,7 @@ NF_RESNET_SPEC = {
     "NF_ResNet/~/linear": LIN,
 }
 
-NF_REGNET_SPEC = {
+NF_REGNET_LAYOUT = {
     "NF_RegNet/~/initial_conv": CONV,
     "NF_RegNet/~/nf_block": ["skip_gain"],
     "NF_RegNet/~/nf_block/~/conv0": CONV,
@@ -302,18 +303,18 @@ def _true_pairs(mask):
   return {(m, n) for m, d in mask.items() for n, v in d.items() if v}
 
 
-def _all_pairs(spec):
-  return {(m, n) for m, names in spec.items() for n in names}
+def _all_pairs(layout):
+  return {(m, n) for m, names in layout.items() for n in names}
 
 
 @pytest.mark.parametrize(
-    "top,spec,block",
-    [("NFNet", NFNET_SPEC, "nf_block_11"),
-     ("NF_ResNet", NF_RESNET_SPEC, "nf_res_block"),
-     ("NF_RegNet", NF_REGNET_SPEC, "nf_block")],
+    "top,layout,block",
+    [("NFNet", NFNET_LAYOUT, "nf_block_11"),
+     ("NF_ResNet", NF_RESNET_LAYOUT, "nf_res_block"),
+     ("NF_RegNet", NF_REGNET_LAYOUT, "nf_block")],
 )
-def test_masks_select_the_right_parameters(top, spec, block):
-  params = _tree(spec)
+def test_masks_select_the_right_parameters(top, layout, block):
+  params = _tree(layout)
   agc = optim.agc_mask(params)
   wd = optim.weight_decay_mask(params)
   for mask in (agc, wd):
@@ -322,11 +323,11 @@ def test_masks_select_the_right_parameters(top, spec, block):
 
   classifier = f"{top}/~/linear"
   # AGC: everything except the classifier weight (its bias IS clipped).
-  assert _true_pairs(agc) == _all_pairs(spec) - {(classifier, "w")}
+  assert _true_pairs(agc) == _all_pairs(layout) - {(classifier, "w")}
   assert agc[classifier]["b"] is True
 
   # Weight decay: exactly the weights, written out by hand.
-  expected_wd = {(m, "w") for m, names in spec.items() if "w" in names}
+  expected_wd = {(m, "w") for m, names in layout.items() if "w" in names}
   assert _true_pairs(wd) == expected_wd
   assert wd[classifier] == {"w": True, "b": False}
   for se in ("linear", "linear_1"):
@@ -507,7 +508,7 @@ def test_agc_clip_fraction(seed, clipping, eps, log_pscale, log_gscale,
 
 
 def test_agc_clip_fraction_masks_classifier_weight():
-  params = _tree(NFNET_SPEC)
+  params = _tree(NFNET_LAYOUT)
   params = jax.tree.map(lambda x: np.ones((4, 3), np.float32), params)
   grads = jax.tree.map(lambda x: np.zeros_like(x), params)
   grads["NFNet/~/linear"]["w"] = np.full((4, 3), 100.0, np.float32)

@@ -508,7 +508,7 @@ def test_trains_on_an_image_folder_with_the_papers_augmentation(tmp_path):
   records = [r for r in metrics_lib.read_metrics(workdir) if 'loss' in r]
   assert [r['step'] for r in records] == [1, 2, 3]
   assert all(np.isfinite(r['loss']) and r['loss'] > 0 for r in records)
-  assert data.read_class_index(workdir) == ['crow', 'gull', 'wren']
+  assert checkpoint_lib.read_class_index(workdir) == ['crow', 'gull', 'wren']
 
   # A new class would shift the labels under the checkpoint: refused, nothing changed.
   (root / 'dove').mkdir()

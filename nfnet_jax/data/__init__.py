@@ -5,36 +5,54 @@
     for batch in eval_iterator(cfg, split='test', per_device_batch=..., local_devices=...): ...
     image = eval_image(open('cat.jpg', 'rb').read(), 256)   # the paper's eval view, NumPy
 
-See ``pipeline`` for the batch format and ``default_data_config`` for the config fields.
-Sources: 'digits' (embedded, the default; ``digits``), 'imagenet2012' and 'tfds:<name>'
-(``tfds_source``), 'folder' (your images; ``folder``). Preprocessing ops live in
-``preprocess`` (decode, crops, resizes), ``mixing`` (MixUp/CutMix) and ``randaugment``.
-"""
-from nfnet_jax.data.pipeline import check_and_write_class_index
-from nfnet_jax.data.pipeline import DatasetInfo
-from nfnet_jax.data.pipeline import dataset_info
-from nfnet_jax.data.pipeline import default_data_config
-from nfnet_jax.data.pipeline import eval_image_size
-from nfnet_jax.data.pipeline import eval_iterator
-from nfnet_jax.data.pipeline import eval_steps
-from nfnet_jax.data.pipeline import get_source
-from nfnet_jax.data.pipeline import known_datasets
-from nfnet_jax.data.pipeline import MEAN_RGB
-from nfnet_jax.data.pipeline import read_class_index
-from nfnet_jax.data.pipeline import split_size
-from nfnet_jax.data.pipeline import STDDEV_RGB
-from nfnet_jax.data.pipeline import train_iterator
-from nfnet_jax.data.pipeline import train_split
-from nfnet_jax.data.preprocess import eval_image
-# Importing a source module registers it.
-from nfnet_jax.data import digits  # pylint: disable=g-bad-import-order
-from nfnet_jax.data import tfds_source
-from nfnet_jax.data import folder
-from nfnet_jax.data.tfds_source import DatasetNotPreparedError
+Modules: ``sources`` (the DataSource interface, the registry of sources and
+``default_data_config``, the config fields), ``pipeline`` (the iterators and the batch
+format), ``preprocess`` (decoding, crops, resizes, normalisation), ``augment``
+(MixUp/CutMix and RandAugment), and the sources ``digits`` (embedded, the default),
+``tfds_source`` ('imagenet2012', 'tfds:<name>') and ``folder`` (your images).
 
-__all__ = [
-    'check_and_write_class_index', 'DatasetInfo', 'dataset_info', 'DatasetNotPreparedError',
-    'default_data_config', 'eval_image', 'eval_image_size', 'eval_iterator', 'eval_steps',
-    'get_source', 'known_datasets', 'MEAN_RGB', 'read_class_index', 'split_size',
-    'STDDEV_RGB', 'train_iterator', 'train_split', 'digits', 'tfds_source', 'folder',
-]
+The names below are handed on from their modules when first used, so that importing
+one module (``preprocess`` to classify an image, ``digits`` to write a folder) does not
+import the others.
+"""
+
+import importlib
+
+_HOMES = {
+  'DatasetInfo': 'sources',
+  'dataset_info': 'sources',
+  'default_data_config': 'sources',
+  'eval_image_size': 'sources',
+  'get_source': 'sources',
+  'known_datasets': 'sources',
+  'split_size': 'sources',
+  'train_split': 'sources',
+  'eval_iterator': 'pipeline',
+  'eval_steps': 'pipeline',
+  'train_iterator': 'pipeline',
+  'EVAL_METHODS': 'preprocess',
+  'eval_image': 'preprocess',
+  'MEAN_RGB': 'preprocess',
+  'STDDEV_RGB': 'preprocess',
+  'IMAGE_EXTENSIONS': 'folder',
+  'DatasetNotPreparedError': 'tfds_source',
+  'imagenet_classes': 'tfds_source',
+}
+_MODULES = ('augment', 'digits', 'folder', 'pipeline', 'preprocess', 'sources', 'tfds_source')
+
+__all__ = sorted(_HOMES) + list(_MODULES)
+
+
+def __getattr__(name):
+  if name in _HOMES:
+    value = getattr(importlib.import_module(f'{__name__}.{_HOMES[name]}'), name)
+  elif name in _MODULES:
+    value = importlib.import_module(f'{__name__}.{name}')
+  else:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))

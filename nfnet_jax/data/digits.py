@@ -15,20 +15,28 @@ to S x S (image_size for training, eval_image_size for evaluation) -> [train wit
 zero-pad round(max_shift * S) px per side and random-crop back to S x S, i.e. a random
 translation; no flips] -> 3 identical RGB channels. The pipeline then normalises with the
 ImageNet mean/std (and would mix and RandAugment if the config asked for it).
+
+As a command, writes the test digits as an image folder (see ``write_folder``):
+
+    python -m nfnet_jax.data.digits --write-folder ROOT [--task parity|digits]
 """
+
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import os
-from typing import Mapping
+import sys
+from typing import Mapping, Sequence
 
+from absl import flags
 import ml_collections
 import numpy as np
+from PIL import Image
 import tensorflow as tf
 
-from nfnet_jax.data import pipeline
+from nfnet_jax import cli
+from nfnet_jax.data import sources
 
 NAME = 'digits'
 NUM_CLASSES = 10
@@ -41,7 +49,9 @@ _SPLIT_SALT = b'nfnet_jax/digits/v1:'
 
 @functools.lru_cache(maxsize=1)
 def _load_raw() -> tuple[np.ndarray, np.ndarray]:
+  # scikit-learn takes about a second to import; only the first load needs it.
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
   digits = datasets.load_digits()
   images = digits.images.astype(np.uint8)  # Exact: the values are integers 0..16.
   labels = digits.target.astype(np.int32)
@@ -63,13 +73,13 @@ def _split_indices() -> dict[str, np.ndarray]:
   quotas = counts * NUM_TEST / counts.sum()
   per_class = np.floor(quotas).astype(int)
   remainder_order = sorted(range(NUM_CLASSES), key=lambda c: (-(quotas[c] - per_class[c]), c))
-  for c in remainder_order[:NUM_TEST - per_class.sum()]:
+  for c in remainder_order[: NUM_TEST - per_class.sum()]:
     per_class[c] += 1
   test = []
   for c in range(NUM_CLASSES):
     members = np.flatnonzero(labels == c)
     members = sorted(members, key=lambda i: hashlib.sha256(_SPLIT_SALT + b'%d' % i).digest())
-    test.extend(members[:per_class[c]])
+    test.extend(members[: per_class[c]])
   is_test = np.zeros(len(labels), bool)
   is_test[test] = True
   out = {'train': np.flatnonzero(~is_test), 'test': np.flatnonzero(is_test)}
@@ -81,8 +91,9 @@ def _split_indices() -> dict[str, np.ndarray]:
 def split_indices(split: str) -> np.ndarray:
   """Indices (into ``load_raw()``) of the examples of ``split``, ascending."""
   if split not in SPLITS:
-    raise ValueError(f'Unknown split {split!r} for dataset {NAME!r}; '
-                     f'valid splits: {", ".join(SPLITS)}.')
+    raise ValueError(
+      f'Unknown split {split!r} for dataset {NAME!r}; valid splits: {", ".join(SPLITS)}.'
+    )
   return _split_indices()[split]
 
 
@@ -93,35 +104,52 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
   return images[idx], labels[idx]
 
 
-class DigitsSource:
-  """The ``pipeline.DataSource`` for digits."""
+class DigitsSource(sources.DataSource):
+  """The ``sources.DataSource`` for digits."""
 
   name = NAME
   train_split = 'train'
 
-  def info(self, data_config: ml_collections.ConfigDict) -> pipeline.DatasetInfo:
+  def info(self, data_config: ml_collections.ConfigDict) -> sources.DatasetInfo:
     del data_config  # The same whatever the preprocessing.
-    return pipeline.DatasetInfo(name=NAME, num_classes=NUM_CLASSES,
-                                num_examples=dict(NUM_EXAMPLES), class_names=CLASS_NAMES)
+    return sources.DatasetInfo(
+      name=NAME, num_classes=NUM_CLASSES, num_examples=dict(NUM_EXAMPLES), class_names=CLASS_NAMES
+    )
 
-  def examples(self, data_config: ml_collections.ConfigDict, split: str, *,
-               process_index: int, process_count: int,
-               shuffle_seed: int | None = None) -> tuple[tf.data.Dataset, int]:
+  def examples(
+    self,
+    data_config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    process_index: int,
+    process_count: int,
+    shuffle_seed: int | None = None,
+  ) -> tuple[tf.data.Dataset, int]:
     del data_config, shuffle_seed  # In memory: the pipeline's shuffle is enough.
     images, labels = load_split(split)
     ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
-    ds, size = pipeline.shard_for_process(ds, process_index, process_count)
+    ds, size = sources.shard_for_process(ds, process_index, process_count)
     return ds, size
 
-  def shard_size(self, data_config: ml_collections.ConfigDict, split: str, *,
-                 process_index: int, process_count: int) -> int:
+  def shard_size(
+    self,
+    data_config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    process_index: int,
+    process_count: int,
+  ) -> int:
     del data_config
     return len(range(process_index, len(split_indices(split)), process_count))
 
-  def preprocess(self, example: Mapping[str, tf.Tensor], data_config: ml_collections.ConfigDict,
-                 *, rng: tf.Tensor | None) -> dict[str, tf.Tensor]:
-    size = int(data_config.image_size if rng is not None
-               else pipeline.eval_image_size(data_config))
+  def preprocess(
+    self,
+    example: Mapping[str, tf.Tensor],
+    data_config: ml_collections.ConfigDict,
+    *,
+    rng: tf.Tensor | None,
+  ) -> dict[str, tf.Tensor]:
+    size = int(data_config.image_size if rng is not None else sources.eval_image_size(data_config))
     image = tf.cast(example['image'], tf.float32) * (255.0 / 16.0)  # 0..16 -> 0..255.
     image = tf.image.resize(image[:, :, None], (size, size), method='bilinear', antialias=False)
     if rng is not None:
@@ -131,14 +159,10 @@ class DigitsSource:
       if pad > 0:  # Background is 0: zero padding extends it.
         image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
         image = tf.image.stateless_random_crop(image, (size, size, 1), seed=rng)
-    return {'images': tf.tile(image, [1, 1, 3]),
-            'labels': tf.cast(example['label'], tf.int32)}
+    return {'images': tf.tile(image, [1, 1, 3]), 'labels': tf.cast(example['label'], tf.int32)}
 
 
-# Run as `python -m nfnet_jax.data.digits`, this file executes a second time as __main__
-# after the package has registered it: reuse that registration.
-SOURCE = (pipeline.get_source(NAME) if __name__ == '__main__'
-          else pipeline.register_source(DigitsSource()))
+SOURCE = DigitsSource()
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,8 +171,8 @@ SOURCE = (pipeline.get_source(NAME) if __name__ == '__main__'
 # ---------------------------------------------------------------------------------------
 
 FOLDER_TASKS = {
-    'digits': lambda y: str(y),
-    'parity': lambda y: ('even', 'odd')[y % 2],
+  'digits': lambda y: str(y),
+  'parity': lambda y: ('even', 'odd')[y % 2],
 }
 
 
@@ -158,10 +182,9 @@ def write_folder(root: str, task: str = 'parity') -> dict[str, int]:
   ones. Classes are the digits ('digits') or 'even'/'odd' ('parity'). Returns counts."""
   if task not in FOLDER_TASKS:
     raise ValueError(f'Unknown task {task!r}; valid: {", ".join(FOLDER_TASKS)}.')
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   images, labels = load_split('test')
   counts = {'train': 0, 'val': 0}
-  for i, (image, label) in enumerate(zip(images, labels)):
+  for i, (image, label) in enumerate(zip(images, labels, strict=True)):
     split = 'train' if i % 2 == 0 else 'val'
     directory = os.path.join(root, split, FOLDER_TASKS[task](int(label)))
     os.makedirs(directory, exist_ok=True)
@@ -171,17 +194,37 @@ def write_folder(root: str, task: str = 'parity') -> dict[str, int]:
   return counts
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(
-      prog='python -m nfnet_jax.data.digits',
-      description='Write the test digits as an image folder (root/{train,val}/<class>/).')
-  parser.add_argument('--write-folder', required=True, metavar='ROOT')
-  parser.add_argument('--task', default='parity', choices=sorted(FOLDER_TASKS))
-  args = parser.parse_args(argv)
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    'write_folder',
+    None,
+    'Root directory: the images go to ROOT/train/<class>/ and ROOT/val/<class>/.',
+    required=True,
+    flag_values=values,
+  )
+  flags.DEFINE_enum(
+    'task',
+    'parity',
+    sorted(FOLDER_TASKS),
+    "Classes: 'parity' (even/odd) or 'digits' (0..9).",
+    flag_values=values,
+  )
+
+
+def _write_folder_cli(args: flags.FlagValues, positional: list[str]) -> None:
+  if positional:
+    raise cli.UserError(f'unexpected arguments: {" ".join(positional)}')
   counts = write_folder(args.write_folder, args.task)
-  print(f'wrote {counts["train"]} train and {counts["val"]} val images ({args.task}) '
-        f'to {args.write_folder}')
+  print(
+    f'wrote {counts["train"]} train and {counts["val"]} val images ({args.task}) '
+    f'to {args.write_folder}'
+  )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m nfnet_jax.data.digits --write-folder ROOT [--task parity|digits]``."""
+  return cli.run(_write_folder_cli, define_flags, argv)
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -26,6 +26,7 @@ form the 'holdout' split and are removed from 'train'.
 Sharding: process p of n reads the p-th contiguous, near-equal range of the sorted,
 checked file list; training shuffles the paths (cheap) before reading the bytes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,9 +39,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from nfnet_jax.data import pipeline
-from nfnet_jax.data import preprocess
-from nfnet_jax.data import tfds_source
+from nfnet_jax import fileio
+from nfnet_jax.data import preprocess, sources
 
 NAME = 'folder'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
@@ -52,17 +52,21 @@ _HOLDOUT_SALT = b'nfnet_jax/folder/holdout/v1:'
 @dataclasses.dataclass(frozen=True)
 class FolderIndex:
   """The checked contents of an image folder."""
+
   root: str
   class_names: tuple[str, ...]
-  files: dict[str, tuple[str, ...]]        # split -> sorted paths (decodable only)
-  labels: dict[str, np.ndarray]            # split -> int32 labels
-  corrupt: dict[str, tuple[str, ...]]      # split -> undecodable paths
+  files: dict[str, tuple[str, ...]]  # split -> sorted paths (decodable only)
+  labels: dict[str, np.ndarray]  # split -> int32 labels
+  corrupt: dict[str, tuple[str, ...]]  # split -> undecodable paths
   num_bytes: dict[str, int]
 
 
 def _subdirs(path: str) -> list[str]:
-  return sorted(d.rstrip('/') for d in tf.io.gfile.listdir(path)
-                if not d.startswith('.') and tf.io.gfile.isdir(os.path.join(path, d)))
+  return sorted(
+    d.rstrip('/')
+    for d in tf.io.gfile.listdir(path)
+    if not d.startswith('.') and tf.io.gfile.isdir(os.path.join(path, d))
+  )
 
 
 def _images_of(class_dir: str) -> tuple[list[str], int]:
@@ -101,24 +105,31 @@ def _holdout_mask(root: str, paths: list[str], fraction: float) -> np.ndarray:
   def u(p):
     rel = os.path.relpath(p, root).replace(os.sep, '/').encode()
     return int.from_bytes(hashlib.sha256(_HOLDOUT_SALT + rel).digest()[:8], 'big') / 2**64
+
   return np.array([u(p) < fraction for p in paths], bool)
 
 
 _INDEX_CACHE: dict[tuple, FolderIndex] = {}
 
 
-def load_index(root: str, holdout_fraction: float = 0.0, *,
-               skip_corrupt: bool = True) -> FolderIndex:
+def load_index(
+  root: str, holdout_fraction: float = 0.0, *, skip_corrupt: bool = True
+) -> FolderIndex:
   """Scans, checks and indexes ``root`` (cached per process)."""
   if not root:
-    raise ValueError("data.name='folder' needs data.folder: the root directory of your "
-                     'images (root/<class>/<image> or root/<split>/<class>/<image>).')
+    raise ValueError(
+      "data.name='folder' needs data.folder: the root directory of your "
+      'images (root/<class>/<image> or root/<split>/<class>/<image>).'
+    )
   if not tf.io.gfile.isdir(root):
     raise FileNotFoundError(f'data.folder={root!r} is not a directory.')
   if not 0.0 <= holdout_fraction < 1.0:
     raise ValueError(f'data.holdout_fraction must be in [0, 1), got {holdout_fraction}.')
-  key = (os.path.abspath(root) if '://' not in root else root, float(holdout_fraction),
-         bool(skip_corrupt))
+  key = (
+    root if fileio.is_remote(root) else os.path.abspath(root),
+    float(holdout_fraction),
+    bool(skip_corrupt),
+  )
   if key in _INDEX_CACHE:
     return _INDEX_CACHE[key]
 
@@ -126,19 +137,23 @@ def load_index(root: str, holdout_fraction: float = 0.0, *,
   split_dirs = [d for d in top if d in SPLIT_DIRS]
   if split_dirs:
     if 'train' not in split_dirs and len(split_dirs) != len(top):
-      raise ValueError(f'{root} mixes split directories {split_dirs} with other '
-                       'directories; use root/<class>/... or root/<split>/<class>/....')
+      raise ValueError(
+        f'{root} mixes split directories {split_dirs} with other '
+        'directories; use root/<class>/... or root/<split>/<class>/....'
+      )
     layout = {s: os.path.join(root, s) for s in split_dirs}
     if holdout_fraction:
-      raise ValueError(f'{root} already has split directories {split_dirs}: leave '
-                       'data.holdout_fraction at 0.')
+      raise ValueError(
+        f'{root} already has split directories {split_dirs}: leave data.holdout_fraction at 0.'
+      )
   else:
     layout = {'train': root}
   class_split = 'train' if 'train' in layout else sorted(layout)[0]
   class_names = tuple(_subdirs(layout[class_split]))
   if not class_names:
-    raise ValueError(f'{layout[class_split]} has no class directories: expected '
-                     '<class>/<image> files below it.')
+    raise ValueError(
+      f'{layout[class_split]} has no class directories: expected <class>/<image> files below it.'
+    )
   label_of = {c: i for i, c in enumerate(class_names)}
 
   files, labels, corrupt, num_bytes = {}, {}, {}, {}
@@ -147,8 +162,10 @@ def load_index(root: str, holdout_fraction: float = 0.0, *,
     classes = _subdirs(split_root)
     unknown = sorted(set(classes) - set(label_of))
     if unknown:
-      raise ValueError(f'Split {split!r} of {root} has classes that {class_split!r} lacks: '
-                       f'{unknown[:10]}. Every class must appear in {class_split}/.')
+      raise ValueError(
+        f'Split {split!r} of {root} has classes that {class_split!r} lacks: '
+        f'{unknown[:10]}. Every class must appear in {class_split}/.'
+      )
     paths, ys = [], []
     for c in classes:
       found, n_other = _images_of(os.path.join(split_root, c))
@@ -156,87 +173,129 @@ def load_index(root: str, holdout_fraction: float = 0.0, *,
       paths += found
       ys += [label_of[c]] * len(found)
     ok = _decodable(paths)
-    bad = tuple(p for p, good in zip(paths, ok) if not good)
+    bad = tuple(p for p, good in zip(paths, ok, strict=True) if not good)
     if bad:
       listing = ', '.join(bad[:10]) + (f' and {len(bad) - 10} more' if len(bad) > 10 else '')
       if not skip_corrupt:
-        raise ValueError(f'{len(bad)} of {len(paths)} images in split {split!r} of {root} do '
-                         f'not decode (corrupt, truncated or not an image): {listing}. Fix '
-                         'or remove them, or set --config.data.skip_corrupt=True to skip them.')
-      logging.warning('Skipping %d of %d images in split %r of %s that do not decode '
-                      '(corrupt, truncated or not an image): %s', len(bad), len(paths), split,
-                      root, listing)
-    keep = [p for p, good in zip(paths, ok) if good]
-    ys = np.asarray([y for y, good in zip(ys, ok) if good], np.int32)
+        raise ValueError(
+          f'{len(bad)} of {len(paths)} images in split {split!r} of {root} do '
+          f'not decode (corrupt, truncated or not an image): {listing}. Fix '
+          'or remove them, or set --config.data.skip_corrupt=True to skip them.'
+        )
+      logging.warning(
+        'Skipping %d of %d images in split %r of %s that do not decode '
+        '(corrupt, truncated or not an image): %s',
+        len(bad),
+        len(paths),
+        split,
+        root,
+        listing,
+      )
+    keep = [p for p, good in zip(paths, ok, strict=True) if good]
+    ys = np.asarray([y for y, good in zip(ys, ok, strict=True) if good], np.int32)
     if split == 'train' and holdout_fraction:
       held = _holdout_mask(root, keep, holdout_fraction)
-      files[HOLDOUT_SPLIT] = tuple(p for p, h in zip(keep, held) if h)
+      files[HOLDOUT_SPLIT] = tuple(p for p, h in zip(keep, held, strict=True) if h)
       labels[HOLDOUT_SPLIT] = ys[held]
-      keep = [p for p, h in zip(keep, held) if not h]
+      keep = [p for p, h in zip(keep, held, strict=True) if not h]
       ys = ys[~held]
     files[split], labels[split], corrupt[split] = tuple(keep), ys, bad
   for split, paths in files.items():
     if not paths:
-      raise ValueError(f'Split {split!r} of {root} has no decodable images '
-                       f'({", ".join(IMAGE_EXTENSIONS)}).')
+      raise ValueError(
+        f'Split {split!r} of {root} has no decodable images ({", ".join(IMAGE_EXTENSIONS)}).'
+      )
     num_bytes[split] = sum(tf.io.gfile.stat(p).length for p in paths)
   if ignored:
-    logging.info('Ignored %d files under %s that are not %s images.', ignored, root,
-                 '/'.join(e[1:] for e in IMAGE_EXTENSIONS))
-  index = FolderIndex(root=root, class_names=class_names, files=files, labels=labels,
-                      corrupt=corrupt, num_bytes=num_bytes)
+    logging.info(
+      'Ignored %d files under %s that are not %s images.',
+      ignored,
+      root,
+      '/'.join(e[1:] for e in IMAGE_EXTENSIONS),
+    )
+  index = FolderIndex(
+    root=root,
+    class_names=class_names,
+    files=files,
+    labels=labels,
+    corrupt=corrupt,
+    num_bytes=num_bytes,
+  )
   _INDEX_CACHE[key] = index
   return index
 
 
-class FolderSource:
-  """The ``pipeline.DataSource`` for image folders."""
+class FolderSource(sources.DataSource):
+  """The ``sources.DataSource`` for image folders."""
 
   name = NAME
   train_split = 'train'
 
   def _index(self, data_config) -> FolderIndex:
-    return load_index(data_config.get('folder', ''),
-                      float(data_config.get('holdout_fraction', 0.0)),
-                      skip_corrupt=bool(data_config.get('skip_corrupt', True)))
+    return load_index(
+      data_config.folder,
+      float(data_config.holdout_fraction),
+      skip_corrupt=bool(data_config.skip_corrupt),
+    )
 
-  def info(self, data_config: ml_collections.ConfigDict) -> pipeline.DatasetInfo:
+  def info(self, data_config: ml_collections.ConfigDict) -> sources.DatasetInfo:
     index = self._index(data_config)
-    return pipeline.DatasetInfo(
-        name=NAME, num_classes=len(index.class_names),
-        num_examples={s: len(f) for s, f in index.files.items()},
-        class_names=index.class_names)
+    return sources.DatasetInfo(
+      name=NAME,
+      num_classes=len(index.class_names),
+      num_examples={s: len(f) for s, f in index.files.items()},
+      class_names=index.class_names,
+    )
 
   def _bounds(self, data_config, split, process_index, process_count):
     index = self._index(data_config)
-    start, end = pipeline.even_shard_bounds(len(index.files[split]), process_index,
-                                            process_count)
+    start, end = sources.even_shard_bounds(len(index.files[split]), process_index, process_count)
     return index, start, end
 
-  def examples(self, data_config: ml_collections.ConfigDict, split: str, *,
-               process_index: int, process_count: int,
-               shuffle_seed: int | None = None) -> tuple[tf.data.Dataset, int]:
+  def examples(
+    self,
+    data_config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    process_index: int,
+    process_count: int,
+    shuffle_seed: int | None = None,
+  ) -> tuple[tf.data.Dataset, int]:
     index, start, end = self._bounds(data_config, split, process_index, process_count)
     ds = tf.data.Dataset.from_tensor_slices(
-        {'path': list(index.files[split][start:end]), 'label': index.labels[split][start:end]})
+      {'path': list(index.files[split][start:end]), 'label': index.labels[split][start:end]}
+    )
     if shuffle_seed is not None:
       # Shuffling paths is free; shuffling decoded-size bytes in a buffer is not.
       ds = ds.shuffle(end - start, seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.map(lambda ex: {'image': tf.io.read_file(ex['path']), 'label': ex['label']},
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+      lambda ex: {'image': tf.io.read_file(ex['path']), 'label': ex['label']},
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
     return ds, end - start
 
-  def shard_size(self, data_config: ml_collections.ConfigDict, split: str, *,
-                 process_index: int, process_count: int) -> int:
+  def shard_size(
+    self,
+    data_config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    process_index: int,
+    process_count: int,
+  ) -> int:
     _, start, end = self._bounds(data_config, split, process_index, process_count)
     return end - start
 
   def approx_bytes(self, data_config: ml_collections.ConfigDict, split: str) -> int:
     return self._index(data_config).num_bytes[split]
 
-  def preprocess(self, example: Mapping[str, tf.Tensor], data_config: ml_collections.ConfigDict,
-                 *, rng: tf.Tensor | None) -> dict[str, tf.Tensor]:
-    return tfds_source.decoded_image_preprocess(example, data_config, rng=rng)
+  def preprocess(
+    self,
+    example: Mapping[str, tf.Tensor],
+    data_config: ml_collections.ConfigDict,
+    *,
+    rng: tf.Tensor | None,
+  ) -> dict[str, tf.Tensor]:
+    return preprocess.decoded_image_preprocess(example, data_config, rng=rng)
 
 
-SOURCE = pipeline.register_source(FolderSource())
+SOURCE = FolderSource()

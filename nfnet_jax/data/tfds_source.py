@@ -4,7 +4,8 @@
     data.name = 'tfds:oxford_flowers102'  # any TFDS dataset with an image and a class label
     data.data_dir = 'gs://bucket/tensorflow_datasets'   # or a local path; '' = TFDS default
 
-ImageNet splits (nfnet-spec section 3):
+ImageNet splits (those of DeepMind's released nfnets/dataset.py, which holds out the
+first 10,000 training images for validation):
     'train'                = TFDS train (1,281,167 images; final runs)
     'train_minus_minival'  = train[10000:]
     'minival'              = train[:10000]  (model selection without touching validation)
@@ -23,6 +24,7 @@ files, and across hosts each example is read exactly once.
 A dataset that is not prepared fails at once with the steps to prepare it
 (``DatasetNotPreparedError``), not with a stack trace from inside TFDS.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,15 +34,14 @@ from typing import Mapping
 import ml_collections
 import tensorflow as tf
 
-from nfnet_jax.data import pipeline
-from nfnet_jax.data import preprocess
+from nfnet_jax.data import preprocess, sources
 
 IMAGENET_SPLITS = {
-    'train': 'train',
-    'train_minus_minival': 'train[10000:]',
-    'minival': 'train[:10000]',
-    'validation': 'validation',
-    'test': 'validation',
+  'train': 'train',
+  'train_minus_minival': 'train[10000:]',
+  'minival': 'train[:10000]',
+  'validation': 'validation',
+  'test': 'validation',
 }
 IMAGENET_VERSION = '5.*.*'
 
@@ -52,8 +53,11 @@ def imagenet_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
   Label order is TFDS imagenet2012's (sorted WordNet ids), which is also the order of the
   released NFNet classifiers. Shipped with the package: no download, no TFDS data.
   """
-  text = importlib.resources.files('nfnet_jax.data').joinpath(
-      'imagenet_classes.tsv').read_text(encoding='utf-8')
+  text = (
+    importlib.resources.files('nfnet_jax.data')
+    .joinpath('imagenet_classes.tsv')
+    .read_text(encoding='utf-8')
+  )
   rows = [line.split('\t') for line in text.splitlines() if line and not line.startswith('#')]
   return tuple(r[0] for r in rows), tuple(r[1] for r in rows)
 
@@ -63,8 +67,10 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 
 def _tfds():
-  # Imported on first use: TFDS takes seconds to import and digits never needs it.
+  # Imported on first use: TFDS takes seconds to import, and a run that does not read a
+  # TFDS dataset (digits, folder) never needs it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   return tfds
 
 
@@ -75,20 +81,27 @@ def _where(data_dir: str) -> str:
 def imagenet_not_prepared_message(data_dir: str) -> str:
   d = data_dir or '~/tensorflow_datasets'
   return (
-      f'ImageNet (TFDS imagenet2012 {IMAGENET_VERSION[0]}.x) is not prepared in '
-      f'{_where(data_dir)}. TFDS cannot download ImageNet: (1) get ILSVRC2012_img_train.tar '
-      f'and ILSVRC2012_img_val.tar from https://image-net.org (registration needed), '
-      f'(2) put both in {d}/downloads/manual/, (3) run `tfds build imagenet2012 '
-      f'--data_dir {d}` (about 1 hour, 150 GB), (4) train with '
-      f'--config.data.data_dir={d} (or a gs:// copy of it). See docs/imagenet.md.')
+    f'ImageNet (TFDS imagenet2012 {IMAGENET_VERSION[0]}.x) is not prepared in '
+    f'{_where(data_dir)}. TFDS cannot download ImageNet: (1) get ILSVRC2012_img_train.tar '
+    f'and ILSVRC2012_img_val.tar from https://image-net.org (registration needed), '
+    f'(2) put both in {d}/downloads/manual/, (3) run `tfds build imagenet2012 '
+    f'--data_dir {d}` (about 1 hour, 150 GB), (4) train with '
+    f'--config.data.data_dir={d} (or a gs:// copy of it). See docs/imagenet.md.'
+  )
 
 
-class TfdsSource:
-  """A ``pipeline.DataSource`` over a TFDS image-classification dataset."""
+class TfdsSource(sources.DataSource):
+  """A ``sources.DataSource`` over a TFDS image-classification dataset."""
 
-  def __init__(self, tfds_name: str, *, name: str | None = None,
-               split_aliases: Mapping[str, str] | None = None, train_split: str = 'train',
-               not_prepared_message=None):
+  def __init__(
+    self,
+    tfds_name: str,
+    *,
+    name: str | None = None,
+    split_aliases: Mapping[str, str] | None = None,
+    train_split: str = 'train',
+    not_prepared_message=None,
+  ):
     self.tfds_name = tfds_name
     self.name = name or f'tfds:{tfds_name}'
     self.train_split = train_split
@@ -99,25 +112,28 @@ class TfdsSource:
 
   def _builder(self, data_config: ml_collections.ConfigDict):
     tfds = _tfds()
-    data_dir = data_config.get('data_dir') or None
+    data_dir = data_config.data_dir or None
     try:
       return tfds.builder(self.tfds_name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
       raise ValueError(
-          f'{self.name!r}: TFDS has no dataset {self.tfds_name.split(":")[0]!r} ({e}). '
-          'See https://www.tensorflow.org/datasets/catalog for names, or use '
-          "data.name='folder' for your own images.") from None
+        f'{self.name!r}: TFDS has no dataset {self.tfds_name.split(":")[0]!r} ({e}). '
+        'See https://www.tensorflow.org/datasets/catalog for names, or use '
+        "data.name='folder' for your own images."
+      ) from None
 
   def _not_prepared_error(self, data_config, detail: str) -> DatasetNotPreparedError:
-    data_dir = data_config.get('data_dir') or ''
+    data_dir = data_config.data_dir or ''
     if self._not_prepared is not None:
       msg = self._not_prepared(data_dir)
     else:
       d = data_dir or '~/tensorflow_datasets'
-      msg = (f'TFDS dataset {self.tfds_name!r} is not prepared in {_where(data_dir)}. '
-             f'Run `tfds build {self.tfds_name} --data_dir {d}` on a machine with network '
-             f'access (copy the result to gs:// for a pod), then pass '
-             f'--config.data.data_dir={d}.')
+      msg = (
+        f'TFDS dataset {self.tfds_name!r} is not prepared in {_where(data_dir)}. '
+        f'Run `tfds build {self.tfds_name} --data_dir {d}` on a machine with network '
+        f'access (copy the result to gs:// for a pod), then pass '
+        f'--config.data.data_dir={d}.'
+      )
     return DatasetNotPreparedError(f'{msg} [TFDS: {detail}]')
 
   def _tfds_split(self, split: str) -> str:
@@ -132,8 +148,11 @@ class TfdsSource:
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
     try:
       ds = builder.as_dataset(
-          split=tfds_split, shuffle_files=shuffle_seed is not None, read_config=read_config,
-          decoders={image_key: tfds.decode.SkipDecoding()})
+        split=tfds_split,
+        shuffle_files=shuffle_seed is not None,
+        read_config=read_config,
+        decoders={image_key: tfds.decode.SkipDecoding()},
+      )
     except AssertionError as e:  # TFDS's "could not find data in ..." when not prepared.
       raise self._not_prepared_error(data_config, str(e).splitlines()[0]) from None
     except (ValueError, KeyError) as e:
@@ -151,23 +170,27 @@ class TfdsSource:
       label = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
       if len(image) != 1 or len(label) != 1:
         raise ValueError(
-            f'{self.name!r} is not an image-classification dataset (features: '
-            f'{list(features)}): need one Image and one ClassLabel feature.')
+          f'{self.name!r} is not an image-classification dataset (features: '
+          f'{list(features)}): need one Image and one ClassLabel feature.'
+        )
       keys = (image[0], label[0])
     image_key, label_key = keys
-    if (not isinstance(features[image_key], tfds.features.Image)
-        or not isinstance(features[label_key], tfds.features.ClassLabel)):
+    if not isinstance(features[image_key], tfds.features.Image) or not isinstance(
+      features[label_key], tfds.features.ClassLabel
+    ):
       raise ValueError(f'{self.name!r}: supervised keys {keys} are not (Image, ClassLabel).')
     return image_key, label_key
 
   def _num_examples(self, data_config, tfds_split) -> int:
     builder = self._builder(data_config)
-    if builder.info.splits:   # Prepared: the metadata knows, no files are opened.
+    if builder.info.splits:  # Prepared: the metadata knows, no files are opened.
       try:
         return int(builder.info.splits[tfds_split].num_examples)
       except (KeyError, ValueError) as e:
-        raise ValueError(f'Bad split {tfds_split!r} for {self.name!r}: {e}. Valid splits: '
-                         f'{", ".join(self._split_names(builder))}.') from None
+        raise ValueError(
+          f'Bad split {tfds_split!r} for {self.name!r}: {e}. Valid splits: '
+          f'{", ".join(self._split_names(builder))}.'
+        ) from None
     # No metadata (not prepared, or TFDS mocked in tests): build the dataset, which
     # raises the not-prepared error or knows its cardinality.
     ds, _ = self._read(data_config, tfds_split)
@@ -182,19 +205,23 @@ class TfdsSource:
 
   # -- the DataSource interface -----------------------------------------------------------
 
-  def info(self, data_config: ml_collections.ConfigDict) -> pipeline.DatasetInfo:
+  def info(self, data_config: ml_collections.ConfigDict) -> sources.DatasetInfo:
     builder = self._builder(data_config)
     _, label_key = self._keys(builder)
     label = builder.info.features[label_key]
     if builder.info.splits:
       names = self._split_names(builder)
-    else:   # Not prepared (-> the clear error below) or mocked.
+    else:  # Not prepared (-> the clear error below) or mocked.
       names = list(self._aliases) or ['train']
     num_examples = {s: self._num_examples(data_config, self._tfds_split(s)) for s in names}
-    return pipeline.DatasetInfo(name=self.name, num_classes=int(label.num_classes),
-                                num_examples=num_examples, class_names=tuple(label.names))
+    return sources.DatasetInfo(
+      name=self.name,
+      num_classes=int(label.num_classes),
+      num_examples=num_examples,
+      class_names=tuple(label.names),
+    )
 
-  def check_split(self, data_config, split: str) -> None:
+  def check_split(self, data_config: ml_collections.ConfigDict, split: str) -> None:
     """Split names are the aliases/TFDS splits, or any TFDS split expression."""
     self._num_examples(data_config, self._tfds_split(split))
 
@@ -204,18 +231,32 @@ class TfdsSource:
       return tfds_split
     return _tfds().even_splits(tfds_split, n=process_count, drop_remainder=False)[process_index]
 
-  def examples(self, data_config: ml_collections.ConfigDict, split: str, *,
-               process_index: int, process_count: int,
-               shuffle_seed: int | None = None) -> tuple[tf.data.Dataset, int]:
-    ds, _ = self._read(data_config, self._process_split(split, process_index, process_count),
-                       shuffle_seed=shuffle_seed)
+  def examples(
+    self,
+    data_config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    process_index: int,
+    process_count: int,
+    shuffle_seed: int | None = None,
+  ) -> tuple[tf.data.Dataset, int]:
+    ds, _ = self._read(
+      data_config,
+      self._process_split(split, process_index, process_count),
+      shuffle_seed=shuffle_seed,
+    )
     n = int(ds.cardinality())
     return ds, (n if n >= 0 else None)
 
-  def shard_size(self, data_config: ml_collections.ConfigDict, split: str, *,
-                 process_index: int, process_count: int) -> int:
-    return self._num_examples(
-        data_config, self._process_split(split, process_index, process_count))
+  def shard_size(
+    self,
+    data_config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    process_index: int,
+    process_count: int,
+  ) -> int:
+    return self._num_examples(data_config, self._process_split(split, process_index, process_count))
 
   def approx_bytes(self, data_config: ml_collections.ConfigDict, split: str) -> int | None:
     builder = self._builder(data_config)
@@ -224,34 +265,26 @@ class TfdsSource:
     except (KeyError, ValueError, TypeError):
       return None
 
-  def preprocess(self, example: Mapping[str, tf.Tensor], data_config: ml_collections.ConfigDict,
-                 *, rng: tf.Tensor | None) -> dict[str, tf.Tensor]:
-    return decoded_image_preprocess(example, data_config, rng=rng)
+  def preprocess(
+    self,
+    example: Mapping[str, tf.Tensor],
+    data_config: ml_collections.ConfigDict,
+    *,
+    rng: tf.Tensor | None,
+  ) -> dict[str, tf.Tensor]:
+    return preprocess.decoded_image_preprocess(example, data_config, rng=rng)
 
 
-def decoded_image_preprocess(example, data_config, *, rng):
-  """Encoded image bytes + label -> the paper's per-image train or eval preprocessing.
-
-  Shared by every source whose examples are {'image': encoded bytes, 'label': int}.
-  """
-  if rng is not None:
-    image = preprocess.train_image(example['image'], rng, int(data_config.image_size))
-  else:
-    image = preprocess.eval_crop(
-        example['image'], pipeline.eval_image_size(data_config),
-        method=data_config.get('eval_preprocess', 'resize_crop_32'),
-        crop_pct=float(data_config.get('crop_pct', 0.875)))
-  return {'images': image, 'labels': tf.cast(example['label'], tf.int32)}
-
-
-IMAGENET = pipeline.register_source(TfdsSource(
-    f'imagenet2012:{IMAGENET_VERSION}', name='imagenet2012', split_aliases=IMAGENET_SPLITS,
-    train_split='train', not_prepared_message=imagenet_not_prepared_message))
+IMAGENET = TfdsSource(
+  f'imagenet2012:{IMAGENET_VERSION}',
+  name='imagenet2012',
+  split_aliases=IMAGENET_SPLITS,
+  train_split='train',
+  not_prepared_message=imagenet_not_prepared_message,
+)
 
 
 @functools.lru_cache(maxsize=None)
-def _generic(tfds_name: str) -> TfdsSource:
+def generic_source(tfds_name: str) -> TfdsSource:
+  """The source of data.name = 'tfds:<tfds_name>' (one per name)."""
   return TfdsSource(tfds_name)
-
-
-pipeline.register_source_prefix('tfds', _generic)

@@ -4,20 +4,20 @@ The images are random floats, so an output pixel equal to the partner's pixel is
 pasted pixel (collisions have probability ~0); the labels are distinct classes, so each
 example's own mixing weight can be read back from its label.
 """
+
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import numpy as np
 import pytest
 import scipy.stats
 import tensorflow as tf
-from hypothesis import given
-from hypothesis import settings
-from hypothesis import strategies as st
 
-from nfnet_jax.data import mixing
-from nfnet_jax.data import pipeline
+from nfnet_jax.data import sources
+from nfnet_jax.data.augment import mixing
 
-pipeline.hide_gpus_from_tensorflow()
+sources.hide_gpus_from_tensorflow()
 
 
 def _batch(batch_size, height, width, channels=3, seed=0):
@@ -50,10 +50,10 @@ def _check_mixup(images, labels, num_classes, out_images, out_labels):
       continue
     lam = float(out_labels[i, labels[i]])
     assert 0.0 <= lam <= 1.0
-    np.testing.assert_allclose(out_labels[i], lam * eye[i] + (1 - lam) * eye[partner],
-                               atol=1e-6)
-    np.testing.assert_allclose(out_images[i], lam * images[i] + (1 - lam) * images[partner],
-                               rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(out_labels[i], lam * eye[i] + (1 - lam) * eye[partner], atol=1e-6)
+    np.testing.assert_allclose(
+      out_images[i], lam * images[i] + (1 - lam) * images[partner], rtol=1e-5, atol=1e-3
+    )
     lams.append(lam)
   return lams
 
@@ -82,8 +82,9 @@ def _check_cutmix(images, labels, num_classes, out_images, out_labels):
       if idx.size:
         assert idx[-1] - idx[0] + 1 == idx.size, 'the box is contiguous'
     fraction = pasted.sum() / (height * width)
-    np.testing.assert_allclose(out_labels[i], (1 - fraction) * eye[i] + fraction * eye[partner],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      out_labels[i], (1 - fraction) * eye[i] + fraction * eye[partner], atol=1e-6
+    )
     fractions.append(fraction)
   return fractions
 
@@ -99,43 +100,50 @@ def test_one_hot():
 
 
 @settings(max_examples=20, deadline=None)
-@given(batch_size=st.integers(1, 9), height=st.integers(1, 20), width=st.integers(1, 20),
-       seed=st.integers(0, 2**31 - 1))
-def test_mixup_is_a_convex_combination_with_the_reversed_batch(batch_size, height, width,
-                                                               seed):
+@given(
+  batch_size=st.integers(1, 9),
+  height=st.integers(1, 20),
+  width=st.integers(1, 20),
+  seed=st.integers(0, 2**31 - 1),
+)
+def test_mixup_is_a_convex_combination_with_the_reversed_batch(batch_size, height, width, seed):
   images, labels, num_classes = _batch(batch_size, height, width, seed=seed % 1000)
-  out_images, out_labels = mixing.mixup(images, labels, _seed(seed), 0.2,
-                                        num_classes=num_classes)
+  out_images, out_labels = mixing.mixup(images, labels, _seed(seed), 0.2, num_classes=num_classes)
   assert out_images.dtype == tf.float32 and out_images.shape == images.shape
   assert out_labels.shape == (batch_size, num_classes)
   _check_mixup(images, labels, num_classes, out_images.numpy(), out_labels.numpy())
 
 
 @settings(max_examples=25, deadline=None)
-@given(batch_size=st.integers(1, 9), height=st.integers(1, 24), width=st.integers(1, 24),
-       seed=st.integers(0, 2**31 - 1))
-def test_cutmix_pastes_one_box_and_weights_labels_by_its_area(batch_size, height, width,
-                                                              seed):
+@given(
+  batch_size=st.integers(1, 9),
+  height=st.integers(1, 24),
+  width=st.integers(1, 24),
+  seed=st.integers(0, 2**31 - 1),
+)
+def test_cutmix_pastes_one_box_and_weights_labels_by_its_area(batch_size, height, width, seed):
   images, labels, num_classes = _batch(batch_size, height, width, seed=seed % 1000)
-  out_images, out_labels = mixing.cutmix(images, labels, _seed(seed),
-                                         num_classes=num_classes)
+  out_images, out_labels = mixing.cutmix(images, labels, _seed(seed), num_classes=num_classes)
   assert out_images.shape == images.shape and out_labels.shape == (batch_size, num_classes)
   _check_cutmix(images, labels, num_classes, out_images.numpy(), out_labels.numpy())
 
 
 @settings(max_examples=20, deadline=None)
-@given(batch_size=st.integers(1, 11), height=st.integers(2, 16), width=st.integers(2, 16),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+  batch_size=st.integers(1, 11),
+  height=st.integers(2, 16),
+  width=st.integers(2, 16),
+  seed=st.integers(0, 2**31 - 1),
+)
 def test_first_half_mixup_second_half_cutmix(batch_size, height, width, seed):
   images, labels, num_classes = _batch(batch_size, height, width, seed=seed % 1000)
-  out_images, out_labels = mixing.mixup_cutmix(images, labels, _seed(seed), alpha=0.2,
-                                               num_classes=num_classes)
+  out_images, out_labels = mixing.mixup_cutmix(
+    images, labels, _seed(seed), alpha=0.2, num_classes=num_classes
+  )
   out_images, out_labels = out_images.numpy(), out_labels.numpy()
   half = (batch_size + 1) // 2  # The extra example of an odd batch goes to MixUp.
-  _check_mixup(images[:half], labels[:half], num_classes, out_images[:half],
-               out_labels[:half])
-  _check_cutmix(images[half:], labels[half:], num_classes, out_images[half:],
-                out_labels[half:])
+  _check_mixup(images[:half], labels[:half], num_classes, out_images[:half], out_labels[:half])
+  _check_cutmix(images[half:], labels[half:], num_classes, out_images[half:], out_labels[half:])
 
 
 def test_halves_really_differ():
@@ -153,17 +161,20 @@ def test_alpha_zero_and_cutmix_off():
   images, labels, num_classes = _batch(6, 10, 9)
   eye = _one_hot(labels, num_classes)
   # Neither: identity with one-hot labels.
-  out_images, out_labels = mixing.mixup_cutmix(images, labels, _seed(0), alpha=0.0,
-                                               cutmix=False, num_classes=num_classes)
+  out_images, out_labels = mixing.mixup_cutmix(
+    images, labels, _seed(0), alpha=0.0, cutmix=False, num_classes=num_classes
+  )
   np.testing.assert_array_equal(out_images.numpy(), images)
   np.testing.assert_array_equal(out_labels.numpy(), eye)
   # Only CutMix: the whole batch.
-  out_images, out_labels = mixing.mixup_cutmix(images, labels, _seed(0), alpha=0,
-                                               num_classes=num_classes)
+  out_images, out_labels = mixing.mixup_cutmix(
+    images, labels, _seed(0), alpha=0, num_classes=num_classes
+  )
   _check_cutmix(images, labels, num_classes, out_images.numpy(), out_labels.numpy())
   # Only MixUp: the whole batch.
-  out_images, out_labels = mixing.mixup_cutmix(images, labels, _seed(0), alpha=0.2,
-                                               cutmix=False, num_classes=num_classes)
+  out_images, out_labels = mixing.mixup_cutmix(
+    images, labels, _seed(0), alpha=0.2, cutmix=False, num_classes=num_classes
+  )
   _check_mixup(images, labels, num_classes, out_images.numpy(), out_labels.numpy())
   # mixup itself with alpha 0 is the identity.
   out_images, out_labels = mixing.mixup(images, labels, _seed(0), 0.0, num_classes=num_classes)
@@ -182,16 +193,16 @@ def test_soft_labels_are_mixed_too():
     # Recover lam from the pixels (least squares), then check the labels with it.
     a, b = images[i].ravel() - images[3 - i].ravel(), out_images[i].ravel() - images[3 - i].ravel()
     lam = float(a @ b / (a @ a))
-    np.testing.assert_allclose(out_labels[i], lam * soft[i] + (1 - lam) * soft[3 - i],
-                               atol=1e-4)
+    np.testing.assert_allclose(out_labels[i], lam * soft[i] + (1 - lam) * soft[3 - i], atol=1e-4)
 
 
 def test_determinism_per_seed():
   images, labels, num_classes = _batch(6, 8, 8)
-  run = lambda s: [t.numpy() for t in mixing.mixup_cutmix(images, labels, _seed(s),
-                                                          num_classes=num_classes)]
+  run = lambda s: [
+    t.numpy() for t in mixing.mixup_cutmix(images, labels, _seed(s), num_classes=num_classes)
+  ]
   first, again, other = run(7), run(7), run(8)
-  for a, b in zip(first, again):
+  for a, b in zip(first, again, strict=True):
     np.testing.assert_array_equal(a, b)
   assert not np.array_equal(first[1], other[1])
 
@@ -200,16 +211,19 @@ def test_graph_mode_in_tf_data_matches_eager():
   images, labels, num_classes = _batch(10, 8, 8)
   # drop_remainder=False: the batch dimension is unknown while tracing.
   ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(5)
-  ds = ds.enumerate().map(lambda i, b: mixing.mixup_cutmix(
-      b[0], b[1], tf.random.experimental.stateless_fold_in(_seed(1), i),
-      num_classes=num_classes))
+  ds = ds.enumerate().map(
+    lambda i, b: mixing.mixup_cutmix(
+      b[0], b[1], tf.random.experimental.stateless_fold_in(_seed(1), i), num_classes=num_classes
+    )
+  )
   batches = list(ds.as_numpy_iterator())
   assert len(batches) == 2
   for i, (out_images, out_labels) in enumerate(batches):
     # int64 like enumerate's counter: stateless_fold_in's result depends on the dtype.
     seed = tf.random.experimental.stateless_fold_in(_seed(1), tf.constant(i, tf.int64))
-    eager = mixing.mixup_cutmix(images[5 * i:5 * i + 5], labels[5 * i:5 * i + 5], seed,
-                                num_classes=num_classes)
+    eager = mixing.mixup_cutmix(
+      images[5 * i : 5 * i + 5], labels[5 * i : 5 * i + 5], seed, num_classes=num_classes
+    )
     np.testing.assert_allclose(out_images, eager[0].numpy(), rtol=1e-6, atol=1e-4)
     np.testing.assert_allclose(out_labels, eager[1].numpy(), atol=1e-6)
 
@@ -251,20 +265,27 @@ def test_bad_arguments():
 
 
 @settings(max_examples=15, deadline=None)
-@given(batch_size=st.integers(1, 9), height=st.integers(2, 12), width=st.integers(2, 12),
-       seed=st.integers(0, 2**31 - 1))
-def test_uint8_batches_stay_uint8_and_equal_the_rounded_float_result(batch_size, height,
-                                                                     width, seed):
+@given(
+  batch_size=st.integers(1, 9),
+  height=st.integers(2, 12),
+  width=st.integers(2, 12),
+  seed=st.integers(0, 2**31 - 1),
+)
+def test_uint8_batches_stay_uint8_and_equal_the_rounded_float_result(
+  batch_size, height, width, seed
+):
   # The training pipeline mixes uint8 batches: CutMix must move pixels exactly and MixUp
   # must round the float mix (per pixel, to the nearest level).
   rng = np.random.default_rng(seed % 1000)
   images = rng.integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)
   labels = rng.permutation(batch_size + 3)[:batch_size].astype(np.int32)
-  out8, labels8 = mixing.mixup_cutmix(images, labels, _seed(seed), alpha=0.2,
-                                      num_classes=batch_size + 3)
-  out32, labels32 = mixing.mixup_cutmix(images.astype(np.float32), labels, _seed(seed),
-                                        alpha=0.2, num_classes=batch_size + 3)
+  out8, labels8 = mixing.mixup_cutmix(
+    images, labels, _seed(seed), alpha=0.2, num_classes=batch_size + 3
+  )
+  out32, labels32 = mixing.mixup_cutmix(
+    images.astype(np.float32), labels, _seed(seed), alpha=0.2, num_classes=batch_size + 3
+  )
   assert out8.dtype == tf.uint8
   np.testing.assert_array_equal(labels8.numpy(), labels32.numpy())
-  expected = np.rint(out32.numpy())    # NumPy rounds half to even, like tf.round
+  expected = np.rint(out32.numpy())  # NumPy rounds half to even, like tf.round
   np.testing.assert_array_equal(out8.numpy(), expected.astype(np.uint8))

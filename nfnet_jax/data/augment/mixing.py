@@ -1,6 +1,6 @@
 """Batch-level MixUp and CutMix (graph-mode safe, stateless randomness).
 
-NFNet recipe (nfnet-spec section 3): the first half of every batch gets MixUp
+NFNet recipe (arXiv 2102.06171 section 3): the first half of every batch gets MixUp
 (alpha = 0.2), the second half CutMix; RandAugment runs after mixing.
 
 Conventions shared by every function here:
@@ -32,6 +32,7 @@ pixel; it covers rows [cy - h // 2, cy - h // 2 + h) and the analogous columns, 
 to the image. The box takes the partner's pixels; the label weight of the partner is the
 pasted area after clipping, (y1 - y0) * (x1 - x0) / (H * W), not the nominal 1 - lam.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,12 @@ def _as_images(images: Any) -> tf.Tensor:
 
 
 def _check_alpha(alpha: Any) -> float:
-  if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-      or not math.isfinite(alpha) or alpha < 0):
+  if (
+    isinstance(alpha, bool)
+    or not isinstance(alpha, (int, float))
+    or not math.isfinite(alpha)
+    or alpha < 0
+  ):
     raise ValueError(f'alpha must be a finite number >= 0, got {alpha!r}.')
   return float(alpha)
 
@@ -86,8 +91,14 @@ def sample_beta(seed: tf.Tensor, alpha: float, shape) -> tf.Tensor:
   return tf.cast(lam, tf.float32)
 
 
-def mixup(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, alpha: float, *,
-          num_classes: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+def mixup(
+  images: tf.Tensor,
+  labels: tf.Tensor,
+  seed: tf.Tensor,
+  alpha: float,
+  *,
+  num_classes: int | None = None,
+) -> tuple[tf.Tensor, tf.Tensor]:
   """MixUp with the reversed batch, one lam ~ Beta(alpha, alpha) per example.
 
   Returns (images [B, H, W, C] of the input dtype, labels float32 [B, num_classes]).
@@ -100,14 +111,15 @@ def mixup(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, alpha: float, *
   lam = sample_beta(seed, alpha, tf.shape(images)[:1])
   lam_labels = lam[:, None]
   mixed = _blend_with_partner(images, lam)
-  if images.dtype == tf.uint8:   # a convex combination of 0..255 stays in 0..255
+  if images.dtype == tf.uint8:  # a convex combination of 0..255 stays in 0..255
     mixed = tf.cast(tf.round(mixed), tf.uint8)
   labels = lam_labels * labels + (1.0 - lam_labels) * tf.reverse(labels, [0])
   return mixed, labels
 
 
-def cutmix_boxes(seed: tf.Tensor, batch_size: tf.Tensor, height: tf.Tensor,
-                 width: tf.Tensor) -> tf.Tensor:
+def cutmix_boxes(
+  seed: tf.Tensor, batch_size: tf.Tensor, height: tf.Tensor, width: tf.Tensor
+) -> tf.Tensor:
   """The clipped CutMix boxes [y0, y1, x0, x1] per example (int32 [batch_size, 4]); the
   box is rows y0 <= y < y1, columns x0 <= x < x1 (possibly empty)."""
   seed_lam, seed_y, seed_x = _split(seed, 3)
@@ -116,19 +128,24 @@ def cutmix_boxes(seed: tf.Tensor, batch_size: tf.Tensor, height: tf.Tensor,
   side = tf.sqrt(1.0 - lam)
   box_h = tf.cast(tf.floor(side * tf.cast(height, tf.float32)), tf.int32)
   box_w = tf.cast(tf.floor(side * tf.cast(width, tf.float32)), tf.int32)
-  centre_y = tf.random.stateless_uniform(shape, seed_y, minval=0, maxval=height,
-                                         dtype=tf.int32)
-  centre_x = tf.random.stateless_uniform(shape, seed_x, minval=0, maxval=width,
-                                         dtype=tf.int32)
+  centre_y = tf.random.stateless_uniform(shape, seed_y, minval=0, maxval=height, dtype=tf.int32)
+  centre_x = tf.random.stateless_uniform(shape, seed_x, minval=0, maxval=width, dtype=tf.int32)
   top = centre_y - box_h // 2
   left = centre_x - box_w // 2
-  return tf.stack([tf.clip_by_value(top, 0, height), tf.clip_by_value(top + box_h, 0, height),
-                   tf.clip_by_value(left, 0, width), tf.clip_by_value(left + box_w, 0, width)],
-                  axis=1)
+  return tf.stack(
+    [
+      tf.clip_by_value(top, 0, height),
+      tf.clip_by_value(top + box_h, 0, height),
+      tf.clip_by_value(left, 0, width),
+      tf.clip_by_value(left + box_w, 0, width),
+    ],
+    axis=1,
+  )
 
 
-def cutmix(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, *,
-           num_classes: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+def cutmix(
+  images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, *, num_classes: int | None = None
+) -> tuple[tf.Tensor, tf.Tensor]:
   """CutMix with the reversed batch, one box per example (see the module docstring).
 
   Returns (images [B, H, W, C] of the input dtype, labels float32 [B, num_classes]).
@@ -162,8 +179,7 @@ def _paste_partner_boxes(images: tf.Tensor, boxes: tf.Tensor) -> tf.Tensor:
   return tf.where(tf.broadcast_to(in_box, shape), tf.reverse(images, [0]), images)
 
 
-def _cutmix(images: tf.Tensor, labels: tf.Tensor,
-            seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _cutmix(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   shape = tf.shape(images)
   batch_size, height, width = shape[0], shape[1], shape[2]
   boxes = cutmix_boxes(seed, batch_size, height, width)
@@ -175,9 +191,15 @@ def _cutmix(images: tf.Tensor, labels: tf.Tensor,
   return images, labels
 
 
-def mixup_cutmix(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, *,
-                 alpha: float = 0.2, cutmix: bool = True,
-                 num_classes: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+def mixup_cutmix(
+  images: tf.Tensor,
+  labels: tf.Tensor,
+  seed: tf.Tensor,
+  *,
+  alpha: float = 0.2,
+  cutmix: bool = True,
+  num_classes: int | None = None,
+) -> tuple[tf.Tensor, tf.Tensor]:
   """MixUp on the first ceil(B / 2) examples, CutMix on the other floor(B / 2).
 
   An odd batch gives the extra example to MixUp. Each half is mixed within itself (with
@@ -198,8 +220,9 @@ def mixup_cutmix(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, *,
     return _cutmix(images, labels, seed)
   seed_mixup, seed_cutmix = _split(seed, 2)
   num_mixup = (tf.shape(images)[0] + 1) // 2
-  mixed_images, mixed_labels = mixup(images[:num_mixup], labels[:num_mixup], seed_mixup,
-                                     alpha)
+  mixed_images, mixed_labels = mixup(images[:num_mixup], labels[:num_mixup], seed_mixup, alpha)
   cut_images, cut_labels = _cutmix(images[num_mixup:], labels[num_mixup:], seed_cutmix)
-  return (tf.concat([mixed_images, cut_images], axis=0),
-          tf.concat([mixed_labels, cut_labels], axis=0))
+  return (
+    tf.concat([mixed_images, cut_images], axis=0),
+    tf.concat([mixed_labels, cut_labels], axis=0),
+  )
