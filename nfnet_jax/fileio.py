@@ -6,6 +6,7 @@ Every file the package writes for a reader to trust (weights, the model signatur
 class index, a remote metrics log) is written whole or not at all: to a temporary name in
 the same directory, then renamed over the destination.
 """
+import logging
 import os
 import tempfile
 from typing import BinaryIO, Callable
@@ -16,16 +17,39 @@ def is_remote(path) -> bool:
   return '://' in os.fspath(path)
 
 
-def tensorflow():
-  """TensorFlow, kept off the accelerators (JAX owns them). Imported on first use:
-  it takes seconds, and training on local files with the embedded data never needs it
-  for file access."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+_TF_GPUS_HIDDEN = False
+
+
+def hide_gpus_from_tensorflow() -> None:
+  """Keeps TensorFlow off the accelerators so that JAX gets all their memory.
+
+  Idempotent. Must run before TensorFlow initialises its devices; if it is too late, a
+  warning is logged when TensorFlow can already see a GPU.
+  """
+  global _TF_GPUS_HIDDEN
+  if _TF_GPUS_HIDDEN:
+    return
+  tf = _import_tensorflow()
   try:
     tf.config.set_visible_devices([], 'GPU')
-  except (RuntimeError, ValueError):
-    pass  # TensorFlow already initialised its devices; nothing more can be done here.
+  except RuntimeError:  # TensorFlow's devices are already initialised.
+    if tf.config.get_visible_devices('GPU'):
+      logging.warning('TensorFlow was initialised before nfnet_jax could hide the GPUs '
+                      'from it; it may take accelerator memory that JAX needs.')
+  _TF_GPUS_HIDDEN = True
+
+
+def _import_tensorflow():
+  # Imported on first use: it takes seconds, and the models, the weights tools and
+  # training on local files never need it for file access.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf
+
+
+def tensorflow():
+  """TensorFlow, kept off the accelerators (JAX owns them)."""
+  hide_gpus_from_tensorflow()
+  return _import_tensorflow()
 
 
 def gfile():

@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from nfnet_jax import fileio
 from nfnet_jax.data import preprocess, sources
 from nfnet_jax.data.augment import mixing, randaugment
 
@@ -279,7 +280,7 @@ def train_iterator(
   _check_int('seed', seed, 0)
   split = sources.train_split(data_config)
   sources.validate_split(source, info, split, data_config)
-  sources.hide_gpus_from_tensorflow()
+  fileio.hide_gpus_from_tensorflow()
   ds, shard_size = source.examples(
     data_config, split, process_index=process_index, process_count=process_count, shuffle_seed=seed
   )
@@ -382,7 +383,7 @@ def eval_iterator(
     data_config, per_device_batch, local_devices, process_index, process_count
   )
   sources.validate_split(source, info, split, data_config)
-  sources.hide_gpus_from_tensorflow()
+  fileio.hide_gpus_from_tensorflow()
   ds, shard_size = source.examples(
     data_config, split, process_index=process_index, process_count=process_count
   )

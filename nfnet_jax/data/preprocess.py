@@ -86,6 +86,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from nfnet_jax import fileio
 from nfnet_jax.data import sources
 
 # ImageNet normalisation (as in DeepMind's released nfnets/dataset.py), in 0..255 units.
@@ -456,7 +457,7 @@ def eval_image(
   data = bytes(encoded_image_bytes)
   if not data:
     raise ValueError(f'{_UNDECODABLE}: empty input.')
-  sources.hide_gpus_from_tensorflow()
+  fileio.hide_gpus_from_tensorflow()
   try:
     image = _eval_fn(image_size, method, crop_pct)(tf.constant(data))
   except tf.errors.OpError as e:

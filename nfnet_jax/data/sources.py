@@ -13,8 +13,8 @@ does the rest, the same for every source. The built-in sources, by ``data_config
 functions here and in ``pipeline`` accept a config that lacks some fields and fill them
 from the defaults (``with_defaults``); everything below them reads the fields directly.
 
-TensorFlow is used for the input pipeline only: ``hide_gpus_from_tensorflow`` keeps it
-off the accelerators, which belong to JAX.
+TensorFlow is used for the input pipeline only: ``fileio.hide_gpus_from_tensorflow``
+keeps it off the accelerators, which belong to JAX.
 """
 
 from __future__ import annotations
@@ -342,24 +342,5 @@ def shard_for_process(
   return ds, size
 
 
-_TF_GPUS_HIDDEN = False
 
 
-def hide_gpus_from_tensorflow() -> None:
-  """Keeps TensorFlow off the accelerators so that JAX gets all their memory.
-
-  Idempotent. Must run before TensorFlow initialises its devices; if it is too late, a
-  warning is logged when TensorFlow can already see a GPU.
-  """
-  global _TF_GPUS_HIDDEN
-  if _TF_GPUS_HIDDEN:
-    return
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError:  # TensorFlow's devices are already initialised.
-    if tf.config.get_visible_devices('GPU'):
-      logging.warning(
-        'TensorFlow was initialised before nfnet_jax.data could hide the GPUs '
-        'from it; it may take accelerator memory that JAX needs.'
-      )
-  _TF_GPUS_HIDDEN = True

@@ -15,8 +15,8 @@ Module and parameter names (Haiku's defaults for the classes below):
 
 These are the names of DeepMind's released Haiku code (deepmind-research/nfnets,
 nf_regnet.py: top module `NF_RegNet`, block class `NFBlock`, hence `nf_block`),
-checked against it line by line; tests/test_nf_regnet.py pins every path and
-shape. Our block class is `NFRegNetBlock` (NFNet's is `NFBlock`) and names its
+checked against it line by line; tests/models/test_nf_regnet.py pins every path
+and shape. Our block class is `NFRegNetBlock` (NFNet's is `NFBlock`) and names its
 instances `nf_block` so the paths match.
 
 Shapes that fix the parameter count (NF-RegNet-B0, 1000 classes: 8,595,372):
@@ -113,8 +113,8 @@ class NFRegNetBlock(hk.Module):
   def __call__(self, x: jax.Array, is_training: bool):
     act = self.activation
     out = act(x) * self.beta
-    # Downsampling shortcut as NFNet's NFBlock: 2x2 average pool, then the 1x1
-    # projection. (The spec is silent here; shapes and counts do not depend on it.)
+    # Downsampling shortcut as the released nf_regnet.py's NFBlock (and NFNet's):
+    # 2x2 average pool, then the 1x1 projection.
     shortcut = layers.pooled_shortcut(x, out, self.stride, self.conv_shortcut)
     out = self.conv0(out)
     out = self.conv1(act(out))

@@ -15,7 +15,7 @@ Module and parameter names (Haiku's defaults for the classes below):
 
 These are the names of DeepMind's released Haiku code (deepmind-research/nfnets,
 nf_resnet.py: top module `NF_ResNet`, block class `NFResBlock`, classifier an
-unnamed `hk.Linear`), checked against it line by line; tests/test_nf_resnet.py
+unnamed `hk.Linear`), checked against it line by line; tests/models/test_nf_resnet.py
 pins every path and shape. The SE block's two layers are unnamed `hk.Linear`s in
 a `SqueezeExcite`, hence `linear` and `linear_1`.
 

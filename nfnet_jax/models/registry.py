@@ -115,8 +115,9 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
   bfloat16 inside the model and its output back to float32 (the paper's
   mixed-precision recipe, section 3); gradients then flow back to float32 parameters.
   """
-  model_cls = family(model_config.name).model
-  kwargs = dict(model_config.kwargs)
+  # model_variant resolves any of the variant's names (and refuses another family's).
+  fam, key, kwargs = model_variant(model_config)
+  model_cls, kwargs = fam.model, dict(variant=key, **kwargs)
   policy = mixed_precision_policy(dtype)
 
   def forward(images, is_training: bool, return_metrics: bool = False):
@@ -128,9 +129,10 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
 
 
 def model_signature(model_config: ml_collections.ConfigDict, num_classes: int) -> dict:
-  """What identifies a parameter tree: a checkpoint of another signature won't fit."""
-  return {'family': model_config.name, 'num_classes': int(num_classes),
-          **dict(model_config.kwargs)}
+  """What identifies a parameter tree: a checkpoint of another signature won't fit.
+  The variant is its table key, whichever of its names the config uses."""
+  fam, key, kwargs = model_variant(model_config)
+  return {'family': fam.name, 'num_classes': int(num_classes), 'variant': key, **kwargs}
 
 
 def count_params(params: Any) -> int:

@@ -14,10 +14,11 @@ import pytest
 import scipy.stats
 import tensorflow as tf
 
+from nfnet_jax import fileio
 from nfnet_jax.data import sources
 from nfnet_jax.data.augment import mixing
 
-sources.hide_gpus_from_tensorflow()
+fileio.hide_gpus_from_tensorflow()
 
 
 def _batch(batch_size, height, width, channels=3, seed=0):

@@ -21,9 +21,10 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from nfnet_jax import fileio
 from nfnet_jax.data import preprocess, sources
 
-sources.hide_gpus_from_tensorflow()
+fileio.hide_gpus_from_tensorflow()
 
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255

@@ -1,77 +1,44 @@
-"""Tests for nfnet_jax.layers against independent references.
+"""Tests for nfnet_jax.models.layers against independent references.
 
-Every expected value is computed here from the spec (shared/reference/nfnet-spec.md,
-section 1): numerical integration for the activation gammas, float64 NumPy for
-weight standardization, an explicit-loop convolution for WSConv2D, a NumPy
-squeeze-excite. Nothing is copied from running the code under test.
+Every expected value is computed from the definitions in 2101.08692 (section 4)
+and 2102.06171 (section 3), or from DeepMind's released base.py: numerical
+integration for the activation gammas, float64 NumPy (tests/helpers.py) for
+weight standardization, convolution, squeeze-excite and pooling, and an
+independent recurrence for the signal bookkeeping. Nothing is copied from
+running the code under test.
 """
+
+import math
+
 import haiku as hk
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-from scipy import integrate, special
+from scipy import integrate, signal, special
 
-from nfnet_jax import layers
+from nfnet_jax.models import layers
+from tests import helpers
+from tests.helpers import GAMMAS, NP_ACTIVATIONS, np_conv, np_standardize
 
 FAST = settings(max_examples=20, deadline=None)
 seeds = st.integers(0, 2**31 - 1)
 
+
 # ---------------------------------------------------------------------------
 # Gamma-scaled activations.
 # ---------------------------------------------------------------------------
-# The spec's table, typed in from the spec (not from layers.py).
-SPEC_GAMMAS = {
-    'gelu': 1.7015043497085571, 'relu': 1.7139588594436646,
-    'silu': 1.7881293296813965, 'elu': 1.2716004848480225,
-    'celu': 1.270926833152771, 'leaky_relu': 1.70590341091156,
-    'relu6': 1.7131484746932983, 'selu': 1.0008515119552612,
-    'sigmoid': 4.803835391998291, 'softplus': 1.9203323125839233,
-    'tanh': 1.5939117670059204, 'soft_sign': 2.338853120803833,
-    'log_sigmoid': 1.9193484783172607, 'glu': 1.8484294414520264,
-    'log_softmax': 1.0002083778381348, 'identity': 1.0,
-}
-
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
-
-
-def _np_gelu_tanh(x):
-  # The authors call jax.nn.gelu with its default, the tanh approximation.
-  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
-
-
-# Elementwise f, written in NumPy from the textbook definitions (JAX defaults:
-# leaky_relu slope 0.01, celu alpha 1). Vectorised, so usable both in quad and on
-# arrays.
-NP_ACTIVATIONS = {
-    'gelu': _np_gelu_tanh,
-    'relu': lambda x: np.maximum(x, 0.0),
-    'silu': lambda x: x * special.expit(x),
-    'elu': lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
-    'celu': lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
-    'leaky_relu': lambda x: np.where(x > 0, x, 0.01 * x),
-    'relu6': lambda x: np.clip(x, 0.0, 6.0),
-    'selu': lambda x: _SELU_SCALE * np.where(
-        x > 0, x, _SELU_ALPHA * np.expm1(np.minimum(x, 0.0))),
-    'sigmoid': special.expit,
-    'softplus': lambda x: np.logaddexp(0.0, x),
-    'tanh': np.tanh,
-    'soft_sign': lambda x: x / (1.0 + np.abs(x)),
-    'log_sigmoid': lambda x: -np.logaddexp(0.0, -x),
-    'identity': lambda x: x,
-}
-
-
 def _normal_pdf(x):
   return np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
 
 
 def _expect(g):
   """E[g(z)], z ~ N(0, 1), by adaptive quadrature."""
-  return integrate.quad(lambda z: float(g(z)) * _normal_pdf(z), -np.inf, np.inf,
-                        epsabs=1e-13, epsrel=1e-12, limit=200)[0]
+  return integrate.quad(
+    lambda z: float(g(z)) * _normal_pdf(z), -np.inf, np.inf, epsabs=1e-13, epsrel=1e-12, limit=200
+  )[0]
 
 
 def _integrated_gamma(name):
@@ -90,24 +57,23 @@ def _integrated_gamma(name):
   return 1.0 / np.sqrt(m2 - m1 * m1)
 
 
-def test_activation_table_matches_spec():
+def test_activation_table_matches_the_released_one():
   # Plus 'swish', the released NF_RegNet's default name for SiLU.
-  assert set(layers.ACTIVATION_GAMMAS) == set(SPEC_GAMMAS) | {'swish'}
-  for name, gamma in SPEC_GAMMAS.items():
+  assert set(layers.ACTIVATION_GAMMAS) == set(GAMMAS) | {'swish'}
+  for name, gamma in GAMMAS.items():
     assert layers.ACTIVATION_GAMMAS[name] == pytest.approx(gamma, rel=1e-7), name
 
 
 def test_swish_is_scaled_silu():
   x = np.linspace(-6, 6, 101).astype(np.float32)
-  want = NP_ACTIVATIONS['silu'](x.astype(np.float64)) * SPEC_GAMMAS['silu']
-  np.testing.assert_allclose(layers.scaled_activation('swish')(x), want, rtol=1e-6,
-                             atol=1e-6)
+  want = NP_ACTIVATIONS['silu'](x.astype(np.float64)) * GAMMAS['silu']
+  np.testing.assert_allclose(layers.scaled_activation('swish')(x), want, rtol=1e-6, atol=1e-6)
 
 
 GAMMA_RTOL = 1.5e-3
 
 
-@pytest.mark.parametrize('name', sorted(SPEC_GAMMAS))
+@pytest.mark.parametrize('name', sorted(GAMMAS))
 def test_gamma_is_inverse_std_by_integration(name):
   # The published gammas were estimated by sampling; against exact integrals they
   # are all within 0.12% (glu is the worst, 1.19e-3; most are ~5e-4; selu's exact
@@ -122,9 +88,14 @@ def test_gamma_is_inverse_std_by_integration(name):
 
 def test_gamma_tolerance_can_fail():
   # The tolerance above is tight enough to reject a swapped gamma.
-  for a, b in [('gelu', 'relu'), ('gelu', 'leaky_relu'), ('silu', 'gelu'),
-               ('softplus', 'soft_sign'), ('elu', 'selu')]:
-    assert abs(SPEC_GAMMAS[a] / _integrated_gamma(b) - 1) > GAMMA_RTOL, (a, b)
+  for a, b in [
+    ('gelu', 'relu'),
+    ('gelu', 'leaky_relu'),
+    ('silu', 'gelu'),
+    ('softplus', 'soft_sign'),
+    ('elu', 'selu'),
+  ]:
+    assert abs(GAMMAS[a] / _integrated_gamma(b) - 1) > GAMMA_RTOL, (a, b)
 
 
 def test_log_softmax_std_on_long_vector_is_one():
@@ -135,12 +106,13 @@ def test_log_softmax_std_on_long_vector_is_one():
 
 
 @FAST
-@given(name=st.sampled_from(sorted(NP_ACTIVATIONS)), seed=seeds,
-       scale=st.sampled_from([0.1, 1.0, 5.0]))
+@given(
+  name=st.sampled_from(sorted(NP_ACTIVATIONS)), seed=seeds, scale=st.sampled_from([0.1, 1.0, 5.0])
+)
 def test_scaled_activation_equals_f_times_gamma(name, seed, scale):
   x = (np.random.default_rng(seed).standard_normal((3, 17)) * scale).astype(np.float32)
   got = np.asarray(layers.scaled_activation(name)(jnp.asarray(x)))
-  want = NP_ACTIVATIONS[name](x.astype(np.float64)) * SPEC_GAMMAS[name]
+  want = NP_ACTIVATIONS[name](x.astype(np.float64)) * GAMMAS[name]
   assert got.dtype == np.float32 and got.shape == x.shape
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
@@ -151,14 +123,14 @@ def test_scaled_glu_and_log_softmax(seed):
   x = np.random.default_rng(seed).standard_normal((4, 10)).astype(np.float32)
   x64 = x.astype(np.float64)
   got = np.asarray(layers.scaled_activation('glu')(jnp.asarray(x)))
-  want = x64[:, :5] * special.expit(x64[:, 5:]) * SPEC_GAMMAS['glu']
+  want = x64[:, :5] * special.expit(x64[:, 5:]) * GAMMAS['glu']
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
   got = np.asarray(layers.scaled_activation('log_softmax')(jnp.asarray(x)))
-  want = (x64 - special.logsumexp(x64, axis=-1, keepdims=True)) * SPEC_GAMMAS['log_softmax']
+  want = (x64 - special.logsumexp(x64, axis=-1, keepdims=True)) * GAMMAS['log_softmax']
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize('name', sorted(SPEC_GAMMAS))
+@pytest.mark.parametrize('name', sorted(GAMMAS))
 def test_scaled_activation_keeps_bf16(name):
   x = jnp.linspace(-3, 3, 16, dtype=jnp.bfloat16).reshape(2, 8)
   y = layers.scaled_activation(name)(x)
@@ -168,8 +140,9 @@ def test_scaled_activation_keeps_bf16(name):
 def test_unscaled_activation_fn():
   x = np.linspace(-4, 4, 33).astype(np.float32)
   np.testing.assert_allclose(layers.activation_fn('relu')(x), np.maximum(x, 0))
-  np.testing.assert_allclose(layers.activation_fn('gelu')(x), _np_gelu_tanh(x), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    layers.activation_fn('gelu')(x), helpers.np_gelu_tanh(x), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_unknown_activation_raises():
@@ -182,15 +155,6 @@ def test_unknown_activation_raises():
 # ---------------------------------------------------------------------------
 # Scaled weight standardization.
 # ---------------------------------------------------------------------------
-def np_standardize(w, gain, eps=1e-4):
-  """W_hat = (W - mean) * gain / sqrt(max(var * fan_in, eps)), over H, W, I."""
-  w = np.asarray(w, np.float64)
-  fan_in = w.shape[0] * w.shape[1] * w.shape[2]
-  mean = w.mean(axis=(0, 1, 2), keepdims=True)
-  var = ((w - mean) ** 2).mean(axis=(0, 1, 2), keepdims=True)
-  return (w - mean) * np.asarray(gain, np.float64) / np.sqrt(np.maximum(var * fan_in, eps))
-
-
 # A few fixed HWIO shapes (jit compiles once per shape): 3x3 and 1x1, a 5x3
 # kernel, and grouped-conv shapes whose I is in_ch / groups (e.g. 2 of 8 channels).
 WEIGHT_SHAPES = [(3, 3, 2, 5), (1, 1, 7, 3), (5, 3, 1, 4), (3, 3, 16, 8), (1, 1, 1, 2)]
@@ -198,12 +162,16 @@ _standardize = jax.jit(layers.standardize_weight)
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=st.sampled_from(WEIGHT_SHAPES), seed=seeds,
-       scale=st.sampled_from([1e-4, 1e-3, 0.05, 1.0, 30.0]))
+@given(
+  shape=st.sampled_from(WEIGHT_SHAPES),
+  seed=seeds,
+  scale=st.sampled_from([1e-4, 1e-3, 0.05, 1.0, 30.0]),
+)
 def test_standardize_weight_matches_numpy(shape, seed, scale):
   rng = np.random.default_rng(seed)
-  w = (rng.standard_normal(shape) * scale
-       + rng.uniform(-2, 2, shape[-1]) * scale).astype(np.float32)
+  w = (rng.standard_normal(shape) * scale + rng.uniform(-2, 2, shape[-1]) * scale).astype(
+    np.float32
+  )
   gain = rng.uniform(-2, 2, shape[-1]).astype(np.float32)
   got = np.asarray(_standardize(jnp.asarray(w), jnp.asarray(gain)))
   want = np_standardize(w, gain)
@@ -212,16 +180,20 @@ def test_standardize_weight_matches_numpy(shape, seed, scale):
 
 
 @FAST
-@given(shape=st.sampled_from([s for s in WEIGHT_SHAPES if np.prod(s[:3]) >= 2]),
-       seed=seeds, scale=st.sampled_from([0.05, 1.0, 30.0]))
+@given(
+  shape=st.sampled_from([s for s in WEIGHT_SHAPES if np.prod(s[:3]) >= 2]),
+  seed=seeds,
+  scale=st.sampled_from([0.05, 1.0, 30.0]),
+)
 def test_standardized_weight_moments(shape, seed, scale):
   """gain = 1: each output unit has mean 0 and fan_in * var = 1."""
-  w = (np.random.default_rng(seed).standard_normal(shape) * scale + 0.3 * scale)
-  got = np.asarray(_standardize(jnp.asarray(w, jnp.float32),
-                                jnp.ones(shape[-1], jnp.float32)), np.float64)
+  w = np.random.default_rng(seed).standard_normal(shape) * scale + 0.3 * scale
+  got = np.asarray(
+    _standardize(jnp.asarray(w, jnp.float32), jnp.ones(shape[-1], jnp.float32)), np.float64
+  )
   fan_in = shape[0] * shape[1] * shape[2]
   var = got.var(axis=(0, 1, 2))
-  keep = w.var(axis=(0, 1, 2)) * fan_in > 1e-2   # away from the eps floor
+  keep = w.var(axis=(0, 1, 2)) * fan_in > 1e-2  # away from the eps floor
   np.testing.assert_allclose(got.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
   np.testing.assert_allclose((var * fan_in)[keep], 1.0, rtol=1e-4)
 
@@ -242,58 +214,39 @@ def test_standardize_weight_bf16_in_bf16_out():
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
 
 
-def np_conv_same(x, w, stride=1, groups=1):
-  """NHWC x HWIO convolution with TF 'SAME' padding, by explicit loops, float64."""
-  x = np.asarray(x, np.float64)
-  w = np.asarray(w, np.float64)
-  n, h, wd, c = x.shape
-  kh, kw, cin_g, cout = w.shape
-  assert cin_g * groups == c and cout % groups == 0
-  oh, ow = -(-h // stride), -(-wd // stride)
-  ph = max((oh - 1) * stride + kh - h, 0)
-  pw = max((ow - 1) * stride + kw - wd, 0)
-  xp = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
-  out = np.zeros((n, oh, ow, cout))
-  cout_g = cout // groups
-  for g in range(groups):
-    xg = xp[..., g * cin_g:(g + 1) * cin_g]
-    for oy in range(oh):
-      for ox in range(ow):
-        patch = xg[:, oy * stride:oy * stride + kh, ox * stride:ox * stride + kw, :]
-        for o in range(g * cout_g, (g + 1) * cout_g):
-          out[:, oy, ox, o] = np.sum(patch * w[None, :, :, :, o], axis=(1, 2, 3))
-  return out
-
-
 def test_np_conv_reference_sanity():
-  # The loop reference agrees with scipy on a single-channel stride-1 case.
-  from scipy import signal
+  # The NumPy reference agrees with scipy on a single-channel stride-1 case ...
   rng = np.random.default_rng(0)
   x = rng.standard_normal((1, 6, 5, 1))
   w = rng.standard_normal((3, 3, 1, 1))
   want = signal.correlate2d(x[0, :, :, 0], w[:, :, 0, 0], mode='same')
-  np.testing.assert_allclose(np_conv_same(x, w)[0, :, :, 0], want, rtol=1e-12)
+  np.testing.assert_allclose(np_conv(x, w)[0, :, :, 0], want, rtol=1e-12)
+  # ... with several channels (a sum of per-channel correlations) ...
+  x = rng.standard_normal((1, 6, 5, 4))
+  w = rng.standard_normal((3, 3, 4, 1))
+  want = sum(signal.correlate2d(x[0, :, :, c], w[:, :, c, 0], mode='same') for c in range(4))
+  np.testing.assert_allclose(np_conv(x, w)[0, :, :, 0], want, rtol=1e-12)
+  # ... and grouped: the same as a dense conv with block-diagonal weights.
+  w = rng.standard_normal((3, 3, 2, 6))
+  dense = np.zeros((3, 3, 4, 6))
+  dense[:, :, :2, :3], dense[:, :, 2:, 3:] = w[..., :3], w[..., 3:]
+  for stride in (1, 2):
+    np.testing.assert_allclose(
+      np_conv(x, w, stride, groups=2), np_conv(x, dense, stride), rtol=1e-12
+    )
 
 
 def _wsconv(out_ch, k, stride, groups, name=None):
-  return hk.without_apply_rng(hk.transform(lambda x: layers.WSConv2D(
-      out_ch, k, stride=stride, feature_group_count=groups, name=name)(x)))
+  return hk.without_apply_rng(
+    hk.transform(
+      lambda x: layers.WSConv2D(out_ch, k, stride=stride, feature_group_count=groups, name=name)(x)
+    )
+  )
 
 
 def _random_params(f, x, rng):
-  """Parameters with f.init's tree structure (from eval_shape), filled by NumPy.
-
-  Weights ~ N(0, 1); vectors (gain, bias, b) random, half negative, so that a
-  forgotten gain or bias shows. Avoids jax.random (slow to compile on CPU).
-  """
-  shapes = jax.eval_shape(f.init, jax.random.PRNGKey(0), x)
-  def fill(s):
-    if len(s.shape) == 1:
-      v = rng.uniform(0.5, 1.5, s.shape) * rng.choice([-1.0, 1.0], s.shape)
-    else:
-      v = rng.standard_normal(s.shape)
-    return jnp.asarray(v, s.dtype)
-  return jax.tree_util.tree_map(fill, shapes)
+  """helpers.random_params in f.init's tree structure (from eval_shape)."""
+  return helpers.random_params(jax.eval_shape(f.init, jax.random.PRNGKey(0), x), rng)
 
 
 # A typed 'rbg' key: haiku's initializers then compile much faster on CPU than
@@ -302,10 +255,17 @@ def _init_key(seed=0):
   return jax.random.key(seed, impl='rbg')
 
 
-@pytest.mark.parametrize('k,stride,groups,hw', [
-    (3, 1, 1, (7, 6)), (3, 2, 1, (7, 6)), (3, 1, 2, (6, 6)), (3, 2, 2, (7, 8)),
-    (1, 1, 2, (5, 5)), (1, 2, 1, (5, 6)),
-])
+@pytest.mark.parametrize(
+  'k,stride,groups,hw',
+  [
+    (3, 1, 1, (7, 6)),
+    (3, 2, 1, (7, 6)),
+    (3, 1, 2, (6, 6)),
+    (3, 2, 2, (7, 8)),
+    (1, 1, 2, (5, 5)),
+    (1, 2, 1, (5, 6)),
+  ],
+)
 def test_wsconv_matches_loop_conv(k, stride, groups, hw):
   rng = np.random.default_rng(k * 100 + stride * 10 + groups)
   cin, cout = 4, 6
@@ -317,8 +277,7 @@ def test_wsconv_matches_loop_conv(k, stride, groups, hw):
   assert mod['w'].shape == (k, k, cin // groups, cout)
   assert mod['gain'].shape == (cout,) and mod['bias'].shape == (cout,)
   got = np.asarray(jax.jit(f.apply)(params, x))
-  w_hat = np_standardize(mod['w'], mod['gain'])
-  want = np_conv_same(x, w_hat, stride, groups) + np.asarray(mod['bias'], np.float64)
+  want = helpers.np_wsconv(x, mod, stride, groups)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -337,19 +296,14 @@ def test_wsconv_init():
 
 def test_wsconv_rejects_indivisible_groups():
   with pytest.raises(ValueError):
-    jax.eval_shape(_wsconv(6, 3, 1, 4).init, jax.random.PRNGKey(0),
-                   np.zeros((1, 4, 4, 6), np.float32))
+    jax.eval_shape(
+      _wsconv(6, 3, 1, 4).init, jax.random.PRNGKey(0), np.zeros((1, 4, 4, 6), np.float32)
+    )
 
 
 # ---------------------------------------------------------------------------
 # Conv lowering: 'dense' and 'native' compute the same function.
 # ---------------------------------------------------------------------------
-def _rel_close(a, b, rtol=1e-5):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  scale = max(np.abs(b).max(), 1e-30)
-  np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
-
-
 def test_conv_impl_rejects_unknown():
   with pytest.raises(ValueError):
     with layers.conv_impl('winograd'):
@@ -372,42 +326,22 @@ def test_dense_and_native_lowering_agree_with_grads(k, stride, groups):
   x = jnp.asarray(rng.standard_normal((2, 7, 6, 8)), jnp.float32)
   f = _wsconv(12, k, stride, groups)
   params = _random_params(f, x, rng)
-  out_shape = jax.eval_shape(f.apply, params, x).shape
-  cot = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
-
-  def loss(p, xx):
-    out = f.apply(p, xx)
-    return jnp.sum(out * cot), out
-
-  results = {}
-  for impl in ('native', 'dense'):
-    with layers.conv_impl(impl):
-      # A fresh jit per impl: the lowering is chosen while tracing.
-      fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-      (_, out), grads = fn(params, x)
-    results[impl] = (out, grads)
-  (o_n, (gp_n, gx_n)), (o_d, (gp_d, gx_d)) = results['native'], results['dense']
-  _rel_close(o_d, o_n)
-  _rel_close(gx_d, gx_n)
-  for name in ('w', 'gain', 'bias'):
-    _rel_close(gp_d['ws_conv2_d'][name], gp_n['ws_conv2_d'][name])
-  # Both equal the loop reference (so neither can be wrong in the same way).
+  o_n, o_d = helpers.assert_lowerings_agree(f.apply, params, x, rng)
+  # Both equal the NumPy reference (so neither can be wrong in the same way).
   mod = params['ws_conv2_d']
-  want = np_conv_same(x, np_standardize(mod['w'], mod['gain']), stride, groups) + mod['bias']
-  _rel_close(o_n, want, rtol=1e-4)
-  _rel_close(o_d, want, rtol=1e-4)
+  want = helpers.np_wsconv(x, mod, stride, groups)
+  helpers.assert_close(o_n, want, rtol=1e-4)
+  helpers.assert_close(o_d, want, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------
 # Squeeze-excite.
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize('ch,ratio,hidden', [(6, 0.5, 3), (8, 0.25, 2), (3, 0.25, 1),
-                                             (5, 0.5, 2)])
+@pytest.mark.parametrize('ch,ratio,hidden', [(6, 0.5, 3), (8, 0.25, 2), (3, 0.25, 1), (5, 0.5, 2)])
 def test_squeeze_excite_matches_numpy(ch, ratio, hidden):
   rng = np.random.default_rng(ch)
   x = rng.standard_normal((3, 4, 5, ch)).astype(np.float32)
-  f = hk.without_apply_rng(hk.transform(
-      lambda x: layers.SqueezeExcite(ch, ch, se_ratio=ratio)(x)))
+  f = hk.without_apply_rng(hk.transform(lambda x: layers.SqueezeExcite(ch, ch, se_ratio=ratio)(x)))
   params = _random_params(f, x, rng)
   assert set(params) == {'squeeze_excite/~/linear', 'squeeze_excite/~/linear_1'}
   assert params['squeeze_excite/~/linear']['w'].shape == (ch, hidden)
@@ -416,15 +350,14 @@ def test_squeeze_excite_matches_numpy(ch, ratio, hidden):
   assert params['squeeze_excite/~/linear_1']['b'].shape == (ch,)
   # Random biases, half negative, so that the ReLU clips some units.
   params = jax.tree_util.tree_map(
-      lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype) if p.ndim == 1 else p,
-      params)
+    lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype) if p.ndim == 1 else p, params
+  )
   got = np.asarray(jax.jit(f.apply)(params, x))
-  p0, p1 = params['squeeze_excite/~/linear'], params['squeeze_excite/~/linear_1']
-  h = x.astype(np.float64).mean(axis=(1, 2))
-  h = np.maximum(h @ np.asarray(p0['w'], np.float64) + p0['b'], 0.0)   # plain ReLU
-  h = special.expit(h @ np.asarray(p1['w'], np.float64) + p1['b'])
+  want = helpers.np_se(
+    x, params['squeeze_excite/~/linear'], params['squeeze_excite/~/linear_1']
+  )  # a plain ReLU
   assert got.shape == (3, 1, 1, ch)
-  np.testing.assert_allclose(got, h[:, None, None, :], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -440,8 +373,8 @@ def test_stochastic_depth_per_example_no_rescale(rate):
   x = jnp.asarray(np.random.default_rng(0).uniform(1, 2, (b, 2, 3, 4)), jnp.float32)
   y = np.asarray(jax.jit(_stochdepth(rate, True).apply)({}, _init_key(3), x))
   flat, xf = y.reshape(b, -1), np.asarray(x).reshape(b, -1)
-  kept = np.all(flat == xf, axis=1)           # kept unscaled: exactly x
-  dropped = np.all(flat == 0, axis=1)         # dropped entirely
+  kept = np.all(flat == xf, axis=1)  # kept unscaled: exactly x
+  dropped = np.all(flat == 0, axis=1)  # dropped entirely
   assert np.all(kept ^ dropped), 'an example was partly dropped or rescaled'
   # Binomial: std of the drop fraction <= 0.0035; 0.02 is > 5 sigma.
   assert dropped.mean() == pytest.approx(rate, abs=0.02)
@@ -449,7 +382,7 @@ def test_stochastic_depth_per_example_no_rescale(rate):
 
 def test_stochastic_depth_identity_when_not_training():
   x = jnp.asarray(np.random.default_rng(1).standard_normal((64, 2, 2, 3)), jnp.float32)
-  y = _stochdepth(0.5, False).apply({}, None, x)   # no rng needed
+  y = _stochdepth(0.5, False).apply({}, None, x)  # no rng needed
   np.testing.assert_array_equal(y, x)
   y = _stochdepth(0.0, True).apply({}, None, x)
   np.testing.assert_array_equal(y, x)
@@ -479,8 +412,9 @@ def test_dropout_rescales_and_is_identity_in_eval():
 @given(seed=seeds)
 def test_signal_stats_match_numpy(seed):
   rng = np.random.default_rng(seed)
-  x = (rng.standard_normal((3, 4, 5, 6)) * rng.uniform(0.1, 3, 6)
-       + rng.standard_normal(6)).astype(np.float32)
+  x = (rng.standard_normal((3, 4, 5, 6)) * rng.uniform(0.1, 3, 6) + rng.standard_normal(6)).astype(
+    np.float32
+  )
   got = layers.signal_stats(jnp.asarray(x))
   x64 = x.astype(np.float64)
   ch_mean = x64.mean(axis=(0, 1, 2))
@@ -497,22 +431,64 @@ def test_check_image_batch():
     layers.check_image_batch(np.zeros((1, 4, 4, 3), np.uint8), 'M')
 
 
-def _np_avg_pool_2x2_same(x):
-  """NumPy reference: 2x2 windows, stride 2, SAME (pad at the end), padding not counted."""
-  b, h, w, c = x.shape
-  out = np.zeros((b, -(-h // 2), -(-w // 2), c))
-  for i in range(out.shape[1]):
-    for j in range(out.shape[2]):
-      out[:, i, j, :] = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2, :].mean(axis=(1, 2))
-  return out
-
-
 @settings(max_examples=15, deadline=None)
 @given(h=st.integers(1, 7), w=st.integers(1, 7), batch=st.integers(1, 3))
 def test_avg_pool_2x2_matches_numpy_and_haiku(h, w, batch):
   x = np.random.default_rng(h * 10 + w).normal(size=(batch, h, w, 5)).astype(np.float32)
   got = np.asarray(layers.avg_pool_2x2(jnp.asarray(x)))
-  np.testing.assert_allclose(got, _np_avg_pool_2x2_same(x.astype(np.float64)), rtol=1e-6,
-                             atol=1e-6)
+  np.testing.assert_allclose(got, helpers.np_avg_pool_2x2(x), rtol=1e-6, atol=1e-6)
   haiku_pool = hk.avg_pool(x, (1, 2, 2, 1), (1, 2, 2, 1), 'SAME')
   np.testing.assert_allclose(got, np.asarray(haiku_pool), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Signal bookkeeping: signal_plan (2101.08692, section 4).
+# ---------------------------------------------------------------------------
+def test_signal_plan_reproduces_f0_betas():
+  plan = list(layers.signal_plan(helpers.NFNET_DEPTHS['F0'], 0.2, 0.0))
+  np.testing.assert_allclose([p.beta for p in plan], helpers.F0_BETAS, atol=5e-5)
+  # The independent recurrence gives the same four-decimal values.
+  np.testing.assert_allclose(
+    helpers.recurrence_betas(helpers.NFNET_DEPTHS['F0']), helpers.F0_BETAS, atol=5e-5
+  )
+
+
+@FAST
+@given(
+  depths=st.lists(st.integers(1, 6), min_size=1, max_size=5),
+  alpha=st.floats(0.0, 1.0),
+  rate=st.floats(0.0, 0.9),
+)
+def test_signal_plan_matches_the_recurrence(depths, alpha, rate):
+  plan = list(layers.signal_plan(depths, alpha, rate))
+  n = sum(depths)
+  assert [p.index for p in plan] == list(range(n))
+  assert [(p.stage, p.index_in_stage) for p in plan] == [
+    (s, b) for s, d in enumerate(depths) for b in range(d)
+  ]
+  np.testing.assert_allclose(
+    [p.beta for p in plan], helpers.recurrence_betas(depths, alpha), rtol=1e-12
+  )
+  # Stochastic-depth rates are linear in the block's index over the network.
+  np.testing.assert_allclose(
+    [p.stochdepth_rate for p in plan], [rate * i / n for i in range(n)], rtol=1e-12, atol=0
+  )
+
+
+def test_signal_plan_resets_after_each_transition():
+  """Expected variances, written out: the input has variance 1; the k-th block
+  after a stage's first one sees 1 + k alpha^2 (that first block's shortcut
+  restarts at 1); the next stage's first block sees the whole previous stage's
+  1 + depth * alpha^2."""
+  plan = list(layers.signal_plan([4, 3], 0.5, 0.0))
+  variances = [
+    1,
+    1 + 0.25,
+    1 + 2 * 0.25,
+    1 + 3 * 0.25,  # stage 0
+    1 + 4 * 0.25,
+    1 + 0.25,
+    1 + 2 * 0.25,
+  ]  # stage 1
+  want = [1 / math.sqrt(v) for v in variances]
+  np.testing.assert_allclose([p.beta for p in plan], want, rtol=1e-12)
