@@ -5,7 +5,7 @@ from nfnet_jax.models.nf_regnet import NF_REGNET_VARIANTS, NFRegNet
 from nfnet_jax.models.nf_resnet import NF_RESNET_VARIANTS, NFResNet
 from nfnet_jax.models.nfnet import NFNET_VARIANTS, NFBlock, NFNet
 from nfnet_jax.models.registry import (DTYPES, FAMILIES, build_model, canonical_name,
-                                       count_flops, count_params, family,
+                                       count_flops, count_params, get_family,
                                        family_of_root, family_of_variant,
                                        mixed_precision_policy, model_signature, model_variant,
                                        resolve,
@@ -15,6 +15,6 @@ __all__ = [
     'Cost', 'Family', 'SqueezeExcite', 'WSConv2D', 'scaled_activation',
     'NF_REGNET_VARIANTS', 'NFRegNet', 'NF_RESNET_VARIANTS', 'NFResNet', 'NFNET_VARIANTS',
     'NFBlock', 'NFNet', 'DTYPES', 'FAMILIES', 'build_model', 'canonical_name',
-    'count_flops', 'count_params', 'family', 'family_of_root', 'family_of_variant',
+    'count_flops', 'count_params', 'get_family', 'family_of_root', 'family_of_variant',
     'mixed_precision_policy', 'model_signature', 'model_variant', 'resolve', 'variant_params',
 ]

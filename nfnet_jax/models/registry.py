@@ -35,7 +35,7 @@ _NAMES = _model_names()
 DTYPES = ('float32', 'bfloat16')
 
 
-def family(name: str) -> Family:
+def get_family(name: str) -> Family:
   """The family record for `config.model.name` ('NFNet', 'NFResNet', 'NFRegNet')."""
   if name not in FAMILIES:
     raise ValueError(f'Unknown model family {name!r}; valid: {", ".join(FAMILIES)}.')
@@ -80,7 +80,7 @@ def model_variant(model_config: ml_collections.ConfigDict) -> tuple[Family, str,
   """(family, variant key, the other model arguments) of a config's `model` section;
   an error when `model.name` and `model.kwargs.variant` name different families."""
   kwargs = dict(model_config.kwargs)
-  named = family(model_config.name)
+  named = get_family(model_config.name)
   fam, key = resolve(kwargs.pop('variant'))
   if fam is not named:
     raise ValueError(f'model.kwargs.variant={key!r} is an {fam.name} variant but '

@@ -54,7 +54,7 @@ def _shapes_of(fam: models.Family, key: str, num_classes: int, kwargs: dict) -> 
 
 @functools.lru_cache(maxsize=32)
 def _cached_shapes(family_name: str, key: str, num_classes: int, kwargs: tuple) -> dict:
-  return _shapes_of(models.family(family_name), key, num_classes, dict(kwargs))
+  return _shapes_of(models.get_family(family_name), key, num_classes, dict(kwargs))
 
 
 def expected_param_shapes(variant: str = 'F0', num_classes: int = 1000,

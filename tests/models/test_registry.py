@@ -103,9 +103,9 @@ def test_unknown_name_lists_every_familys_variants(lookup):
 
 def test_family_by_name():
   for name, fam in FAMILIES.items():
-    assert registry.family(name) is fam
+    assert registry.get_family(name) is fam
   with pytest.raises(ValueError) as err:
-    registry.family('ResNet')
+    registry.get_family('ResNet')
   assert all(name in str(err.value) for name in FAMILIES)
 
 

@@ -51,7 +51,7 @@ def test_a_classifier_of_another_size_starts_fresh(tmp_path, model_config, caplo
   loaded = tree_for(model_config, seed=0, num_classes=NUM_CLASSES)
   fresh = tree_for(model_config, seed=1, num_classes=3)
   path = weights.export_params(model_config, loaded, str(tmp_path))
-  head = models.family(model_config.name).classifier_module()
+  head = models.get_family(model_config.name).classifier_module()
   with caplog.at_level(logging.WARNING):
     params = weights.initial_params(model_config, path, fresh, 3)
   assert f'has {NUM_CLASSES} classes and this run 3: the classifier {head} starts fresh' \
