@@ -1,52 +1,53 @@
-"""nfnet_jax: NFNets (Brock et al. 2021) in JAX/Haiku, with AGC, data-parallel training and tf.data."""
+"""nfnet_jax: NFNets (Brock et al. 2021) in JAX/Haiku: AGC, data-parallel training, tf.data."""
+
 import setuptools
 
 # Every range below was installed and tested together (see README, "Tested versions").
 INSTALL_REQUIRES = [
-    "jax>=0.10.1,<0.11",
-    "jaxlib>=0.10.1,<0.11",
-    "dm-haiku>=0.0.17,<0.0.18",
-    "optax>=0.2.8,<0.3",
-    "chex>=0.1.92,<0.2",
-    "jmp>=0.0.4,<0.1",
-    "ml-collections>=1.1.0,<1.2",
-    "absl-py>=2.1,<3",
-    "numpy>=2.0,<2.5",
-    "tensorflow-cpu>=2.21.0,<2.22",
-    "tensorflow-datasets>=4.9.10,<4.10",
-    # tfds imports it to locate dataset builders defined in packages but does not declare it.
-    "importlib-resources>=6.4,<7",
-    "orbax-checkpoint>=0.12.8,<0.13",
-    "scikit-learn>=1.8,<1.10",
-    "tqdm>=4.66,<5",
-    "tensorboard>=2.20,<2.21",
-    "pillow>=11,<14",
+  'jax>=0.10.1,<0.11',
+  'jaxlib>=0.10.1,<0.11',
+  'dm-haiku>=0.0.17,<0.0.18',
+  'optax>=0.2.8,<0.3',
+  'chex>=0.1.92,<0.2',
+  'jmp>=0.0.4,<0.1',
+  'ml-collections>=1.1.0,<1.2',
+  'absl-py>=2.1,<3',
+  'numpy>=2.0,<2.5',
+  'tensorflow-cpu>=2.21.0,<2.22',
+  'tensorflow-datasets>=4.9.10,<4.10',
+  # tfds imports it to locate dataset builders defined in packages but does not declare it.
+  'importlib-resources>=6.4,<7',
+  'orbax-checkpoint>=0.12.8,<0.13',
+  'scikit-learn>=1.8,<1.10',
+  'tqdm>=4.66,<5',
+  'tensorboard>=2.20,<2.21',
+  'pillow>=11,<14',
 ]
 
 TEST_REQUIRES = [
-    "ruff>=0.17,<0.18",
-    "pytest>=9.0,<10",
-    "pytest-xdist>=3.8,<4",
-    "hypothesis>=6.150,<7",
-    "scipy>=1.15,<1.18",
+  'ruff>=0.17,<0.18',
+  'pytest>=9.0,<10',
+  'pytest-xdist>=3.8,<4',
+  'hypothesis>=6.150,<7',
+  'scipy>=1.15,<1.18',
 ]
 
 setuptools.setup(
-    name="nfnet_jax",
-    version="0.1.0",
-    description="NFNets (normalizer-free ResNets with adaptive gradient clipping) in JAX/Haiku.",
-    packages=setuptools.find_packages(include=["nfnet_jax", "nfnet_jax.*"]),
-    python_requires=">=3.11",
-    package_data={"nfnet_jax.data": ["imagenet_classes.tsv"]},
-    install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
-    entry_points={
-        "console_scripts": [
-            "nfnet-train=nfnet_jax.train:run_main",
-            "nfnet-benchmark=nfnet_jax.benchmark:run_main",
-            "nfnet-throughput=nfnet_jax.throughput:run_main",
-            "nfnet-convert=nfnet_jax.convert:run_main",
-            "nfnet-classify=nfnet_jax.classify:run_main",
-        ],
-    },
+  name='nfnet_jax',
+  version='0.1.0',
+  description='NFNets (normalizer-free ResNets with adaptive gradient clipping) in JAX/Haiku.',
+  packages=setuptools.find_packages(include=['nfnet_jax', 'nfnet_jax.*']),
+  python_requires='>=3.11',
+  package_data={'nfnet_jax.data': ['imagenet_classes.tsv']},
+  install_requires=INSTALL_REQUIRES,
+  extras_require={'test': TEST_REQUIRES},
+  entry_points={
+    'console_scripts': [
+      'nfnet-train=nfnet_jax.train:run_main',
+      'nfnet-benchmark=nfnet_jax.benchmark:run_main',
+      'nfnet-throughput=nfnet_jax.throughput:run_main',
+      'nfnet-convert=nfnet_jax.convert:run_main',
+      'nfnet-classify=nfnet_jax.classify:run_main',
+    ],
+  },
 )

@@ -10,17 +10,17 @@ Command:
 Expected result (2 CPU cores, see the README's table): eval_ema_top1 >= 0.97
 (about 0.98-0.99) on the 360 test digits, in a few minutes.
 """
+
 from nfnet_jax import config as config_lib
 
 
 def get_config(arg=None):
   del arg
   config = config_lib.base_config()
-  config.dtype = 'float32'             # bfloat16 is emulated, hence slow, on CPU
+  config.dtype = 'float32'  # bfloat16 is emulated, hence slow, on CPU
   config.model.kwargs.update(width=0.125, group_size=16, drop_rate=0.2)
   config.data.image_size = 32
-  config.train.update(batch_size=64, num_epochs=40.0, log_every_steps=25,
-                      eval_every_steps=300)
+  config.train.update(batch_size=64, num_epochs=40.0, log_every_steps=25, eval_every_steps=300)
   # Small batches want a larger clipping threshold (paper fig. 3): 0.01 is tuned
   # for batch 4096.
   config.optimizer.update(base_lr=0.4, warmup_epochs=2.0, clipping=0.04)

@@ -34,6 +34,7 @@ Expected (measured 2026-11-23 on the 2-core CPU machine, float32): eval_ema_top1
 (180 of 180) after 30 steps (10 epochs of 180 images), 1.5 min wall; the same run from
 scratch (--config.init_from=) reaches 0.611.
 """
+
 from nfnet_jax import config as config_lib
 from nfnet_jax import models
 
@@ -43,8 +44,9 @@ def get_config(arg='F0'):
   config = config_lib.base_config()
   config.optimizer.update(base_lr=0.01, warmup_epochs=1.0, weight_decay=1e-5)
   config.model.kwargs.update(stochdepth_rate=0.1, drop_rate=0.25)
-  config.data.update(name='folder', folder='', augment=True, mixup_alpha=0.0, cutmix=False,
-                     randaug_layers=0)
+  config.data.update(
+    name='folder', folder='', augment=True, mixup_alpha=0.0, cutmix=False, randaug_layers=0
+  )
   config.eval.update(split='val', batch_size=200)
   config.checkpoint.update(every_steps=500, max_to_keep=2)
 
@@ -54,22 +56,28 @@ def get_config(arg='F0'):
     config.dtype = 'float32'
     config.init_from = 'workdirs/digits/params_ema.npz'
     config.model.kwargs.update(width=0.125, group_size=16)
-    config.data.update(folder='workdirs/parity', image_size=32, augment=False,
-                       eval_preprocess='crop_pct', crop_pct=1.0)
-    config.train.update(batch_size=60, num_epochs=10.0, log_every_steps=10,
-                        eval_every_steps=1000)
+    config.data.update(
+      folder='workdirs/parity',
+      image_size=32,
+      augment=False,
+      eval_preprocess='crop_pct',
+      crop_pct=1.0,
+    )
+    config.train.update(batch_size=60, num_epochs=10.0, log_every_steps=10, eval_every_steps=1000)
     config.optimizer.update(base_lr=0.1, clipping=0.04)
     config.eval.batch_size = 60
     return config
 
   # Any family's variant (F0.., NF-ResNet50.., NF-RegNet-B0..): its released model
   # arguments and evaluation view, with the fine-tuning regularisation above.
-  family, key = models.resolve(variant)         # unknown variant -> lists them all
+  family, key = models.resolve(variant)  # unknown variant -> lists them all
   config.model = config_lib.model_config(variant)
   config.model.kwargs.update(stochdepth_rate=0.1, drop_rate=0.25)
   params = family.variants[key]
-  config.data.update(image_size=params['train_imsize'], eval_image_size=params['test_imsize'],
-                     eval_preprocess=family.eval_view)
-  config.train.update(batch_size=512, num_epochs=30.0, log_every_steps=50,
-                      eval_every_steps=1000)
+  config.data.update(
+    image_size=params['train_imsize'],
+    eval_image_size=params['test_imsize'],
+    eval_preprocess=family.eval_view,
+  )
+  config.train.update(batch_size=512, num_epochs=30.0, log_every_steps=50, eval_every_steps=1000)
   return config

@@ -37,9 +37,9 @@ experiment_nf_regnets.py, which differs from the NFNet recipe in experiments/nfn
 Data: TFDS imagenet2012 5.x in data_dir (docs/imagenet.md). Any other TFDS dataset or an
 image folder works too: --config.data.name=tfds:NAME or folder (--config.data.folder=...).
 """
+
 from nfnet_jax import config as config_lib
 from nfnet_jax import models
-
 
 
 def weight_decay(variant: str) -> float:
@@ -51,7 +51,7 @@ def weight_decay(variant: str) -> float:
 def get_config(arg='B0'):
   if arg == 'digits':
     return digits_config()
-  _, variant = models.resolve(arg or 'B0')      # 'NF-RegNet-B3' or 'B3' -> 'B3'
+  _, variant = models.resolve(arg or 'B0')  # 'NF-RegNet-B3' or 'B3' -> 'B3'
   # The released NF_RegNet defaults (width 0.75, expansion 2.25, group size 8, SE 0.5,
   # alpha 0.2, stochastic depth 0.1, SiLU, the variant's dropout), ImageNet at the
   # variant's train/test sizes.
@@ -59,13 +59,20 @@ def get_config(arg='B0'):
   config.dtype = 'float32'
   config.label_smoothing = 0.1
   config.ema_max_decay = 0.99999
-  config.data.update(eval_preprocess='crop_resize', mixup_alpha=0.2, cutmix=True,
-                     randaug_layers=0)
-  config.train.update(batch_size=1024, num_epochs=360.0, log_every_steps=100,
-                      eval_every_steps=10_000)
-  config.optimizer.update(base_lr=0.4, scale_by_batch=False, warmup_epochs=5.0,
-                          end_lr=0.001, momentum=0.9, nesterov=True,
-                          weight_decay=weight_decay(variant), clipping=0.0)
+  config.data.update(eval_preprocess='crop_resize', mixup_alpha=0.2, cutmix=True, randaug_layers=0)
+  config.train.update(
+    batch_size=1024, num_epochs=360.0, log_every_steps=100, eval_every_steps=10_000
+  )
+  config.optimizer.update(
+    base_lr=0.4,
+    scale_by_batch=False,
+    warmup_epochs=5.0,
+    end_lr=0.001,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=weight_decay(variant),
+    clipping=0.0,
+  )
   config.checkpoint.update(every_steps=2000, max_to_keep=3)
   return config
 
@@ -78,8 +85,7 @@ def digits_config():
   config = get_config('B0')
   config.model.kwargs.width = 0.25
   config.data.update(name='digits', image_size=32, eval_image_size=0)
-  config.train.update(batch_size=64, num_epochs=40.0, log_every_steps=25,
-                      eval_every_steps=300)
+  config.train.update(batch_size=64, num_epochs=40.0, log_every_steps=25, eval_every_steps=300)
   config.optimizer.update(base_lr=0.4 * 64 / 1024, end_lr=0.001 * 64 / 1024)
   config.eval.update(split='test', batch_size=120)
   config.checkpoint.update(every_steps=300, max_to_keep=2)

@@ -36,8 +36,8 @@ NF_ResNet; the release has no separate NF-ResNet experiment):
   * The released config keeps no EMA; ours always does (decay up to 0.9999 here) and
     reports both `eval_top1` and `eval_ema_top1`.
 """
-from nfnet_jax import config as config_lib
 
+from nfnet_jax import config as config_lib
 
 
 def get_config(arg='ResNet50'):
@@ -50,13 +50,18 @@ def get_config(arg='ResNet50'):
   config.dtype = 'float32'
   config.label_smoothing = 0.1
   config.ema_max_decay = 0.9999
-  config.data.update(eval_preprocess='crop_resize', mixup_alpha=0.0, cutmix=False,
-                     randaug_layers=0)
-  config.train.update(batch_size=1024, num_epochs=90.0, log_every_steps=100,
-                      eval_every_steps=5000)
-  config.optimizer.update(base_lr=0.1, scale_by_batch=True, warmup_epochs=5.0,
-                          end_lr=0.0, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                          clipping=0.0)
+  config.data.update(eval_preprocess='crop_resize', mixup_alpha=0.0, cutmix=False, randaug_layers=0)
+  config.train.update(batch_size=1024, num_epochs=90.0, log_every_steps=100, eval_every_steps=5000)
+  config.optimizer.update(
+    base_lr=0.1,
+    scale_by_batch=True,
+    warmup_epochs=5.0,
+    end_lr=0.0,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=1e-4,
+    clipping=0.0,
+  )
   config.checkpoint.update(every_steps=2000, max_to_keep=3)
   return config
 
@@ -68,8 +73,7 @@ def digits_config():
   config = get_config('ResNet50')
   config.model.kwargs.width = 0.25
   config.data.update(name='digits', image_size=32, eval_image_size=0)
-  config.train.update(batch_size=64, num_epochs=40.0, log_every_steps=25,
-                      eval_every_steps=300)
+  config.train.update(batch_size=64, num_epochs=40.0, log_every_steps=25, eval_every_steps=300)
   config.eval.update(split='test', batch_size=120)
   config.checkpoint.update(every_steps=300, max_to_keep=2)
   return config

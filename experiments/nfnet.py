@@ -7,9 +7,9 @@ Command (a Cloud TPU v3-32/v4-32 slice; see launch/ and docs/tpu.md):
 Expected result (paper table 3, ImageNet validation top-1 of the EMA params):
   F0 83.6, F1 84.7, F2 85.1, F3 85.7, F4 85.9, F5 86.0 (F5+SAM 86.3, F6+SAM 86.5).
 
-The recipe (arXiv 2102.06171 section 3 and appendix C): global batch 4096, 360 epochs (112,602 steps),
-SGD with Nesterov momentum 0.9, lr 0.1 x batch / 256 with 5 warmup epochs then
-cosine decay to 0, coupled weight decay 2e-5 (not on gains, biases, skip_gain),
+The recipe (arXiv 2102.06171 section 3 and appendix C): global batch 4096, 360
+epochs (112,602 steps), SGD with Nesterov momentum 0.9, lr 0.1 x batch / 256 with 5
+warmup epochs then cosine decay to 0, coupled weight decay 2e-5 (not on gains, biases, skip_gain),
 AGC 0.01 on everything but the classifier weight, label smoothing 0.1,
 stochastic depth 0.25, dropout per variant, EMA of the params, bf16 compute,
 MixUp/CutMix + RandAugment(4 layers, per-variant magnitude), train at the
@@ -20,6 +20,7 @@ paper trains on all of train and reports validation; for model selection without
 touching validation, train on train_minus_minival and evaluate minival:
   --config.data.train_split=train_minus_minival --config.eval.split=minival
 """
+
 from nfnet_jax import config as config_lib
 
 
@@ -27,10 +28,10 @@ def get_config(arg='F0'):
   # NFNet's released arguments (stochastic depth 0.25, the variant's dropout), ImageNet at
   # the variant's train/test sizes with resize_crop_32, MixUp + CutMix and the variant's
   # RandAugment (config_lib.imagenet_config); the schedule and optimizer below.
-  config = config_lib.imagenet_config(arg or 'F0')   # unknown variant -> lists them all
-  config.train.update(batch_size=4096, num_epochs=360.0, log_every_steps=100,
-                      eval_every_steps=5000)
-  config.optimizer.update(base_lr=0.1, warmup_epochs=5.0, weight_decay=2e-5,
-                          clipping=0.01, eps=1e-3)
+  config = config_lib.imagenet_config(arg or 'F0')  # unknown variant -> lists them all
+  config.train.update(batch_size=4096, num_epochs=360.0, log_every_steps=100, eval_every_steps=5000)
+  config.optimizer.update(
+    base_lr=0.1, warmup_epochs=5.0, weight_decay=2e-5, clipping=0.01, eps=1e-3
+  )
   config.checkpoint.update(every_steps=1000, max_to_keep=3)
   return config

@@ -2,20 +2,53 @@
 
 The public API; each name lives in the module that implements that part of the paper.
 """
+
 from nfnet_jax.losses import softmax_cross_entropy
-from nfnet_jax.models import (NF_REGNET_VARIANTS, NF_RESNET_VARIANTS, NFNET_VARIANTS,
-                              NFBlock, NFNet, NFRegNet, NFResNet, SqueezeExcite, WSConv2D,
-                              count_flops, scaled_activation)
+from nfnet_jax.models import (
+  NF_REGNET_VARIANTS,
+  NF_RESNET_VARIANTS,
+  NFNET_VARIANTS,
+  NFBlock,
+  NFNet,
+  NFRegNet,
+  NFResNet,
+  SqueezeExcite,
+  WSConv2D,
+  count_flops,
+  scaled_activation,
+)
+from nfnet_jax.optim import (
+  adaptive_grad_clip,
+  agc_mask,
+  ema_update,
+  sgd_agc,
+  warmup_cosine_schedule,
+  weight_decay_mask,
+)
 from nfnet_jax.weights import load_pretrained
-from nfnet_jax.optim import (adaptive_grad_clip, agc_mask, ema_update, sgd_agc,
-                             warmup_cosine_schedule, weight_decay_mask)
 
 __all__ = [
-    'NFNet', 'NFBlock', 'NFNET_VARIANTS', 'NFResNet', 'NF_RESNET_VARIANTS', 'NFRegNet',
-    'NF_REGNET_VARIANTS', 'WSConv2D', 'SqueezeExcite',
-    'scaled_activation', 'count_flops', 'adaptive_grad_clip', 'agc_mask',
-    'weight_decay_mask', 'sgd_agc', 'warmup_cosine_schedule', 'ema_update',
-    'softmax_cross_entropy', 'load_pretrained', 'train_and_evaluate', 'evaluate',
+  'NFNet',
+  'NFBlock',
+  'NFNET_VARIANTS',
+  'NFResNet',
+  'NF_RESNET_VARIANTS',
+  'NFRegNet',
+  'NF_REGNET_VARIANTS',
+  'WSConv2D',
+  'SqueezeExcite',
+  'scaled_activation',
+  'count_flops',
+  'adaptive_grad_clip',
+  'agc_mask',
+  'weight_decay_mask',
+  'sgd_agc',
+  'warmup_cosine_schedule',
+  'ema_update',
+  'softmax_cross_entropy',
+  'load_pretrained',
+  'train_and_evaluate',
+  'evaluate',
 ]
 
 
@@ -23,8 +56,10 @@ def __getattr__(name):
   # The training loop pulls in TensorFlow and Orbax: import it only when asked.
   if name in ('train_and_evaluate', 'evaluate'):
     from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+
     return getattr(train, name)
-  if name == 'data':   # tf.data input pipelines: TensorFlow, likewise on demand
+  if name == 'data':  # tf.data input pipelines: TensorFlow, likewise on demand
     import nfnet_jax.data  # pylint: disable=g-import-not-at-top
+
     return nfnet_jax.data
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

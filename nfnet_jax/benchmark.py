@@ -14,6 +14,7 @@ family's released model arguments and the NFNet paper's optimizer (AGC + Nestero
 Prints the compile time and the median ms/step and images/s over the timed steps; with
 --csv, appends one row per run. A script, not a test: CI never runs it.
 """
+
 import csv
 import os
 import platform
@@ -22,37 +23,41 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from absl import flags
 import jax
 import ml_collections
-import numpy as np
-from absl import flags
 from ml_collections import config_flags
+import numpy as np
 
-from nfnet_jax import cli
+from nfnet_jax import cli, models, parallel, train
 from nfnet_jax import config as config_lib
-from nfnet_jax import models
-from nfnet_jax import parallel
-from nfnet_jax import train
 from nfnet_jax.models import layers
 
 
-def benchmark(variant: str = 'F0', mode: str = 'train', batch_per_device: int = 32,
-              image_size: int = 0, dtype: str = 'bfloat16', conv_impl: str = 'auto',
-              steps: int = 20, warmup: int = 3, num_devices: int = 0,
-              num_classes: int = 1000, width: float = 0.0,
-              config: Optional[ml_collections.ConfigDict] = None) -> dict:
+def benchmark(
+  variant: str = 'F0',
+  mode: str = 'train',
+  batch_per_device: int = 32,
+  image_size: int = 0,
+  dtype: str = 'bfloat16',
+  conv_impl: str = 'auto',
+  steps: int = 20,
+  warmup: int = 3,
+  num_devices: int = 0,
+  num_classes: int = 1000,
+  width: float = 0.0,
+  config: Optional[ml_collections.ConfigDict] = None,
+) -> dict:
   """Times `steps` steps; returns the figures as a dict (one CSV row).
 
   `config` (default: `config.imagenet_config(variant)`) gives the model and optimizer;
   `width` 0 keeps the config's width.
   """
-  config = ml_collections.ConfigDict(
-      (config or config_lib.imagenet_config(variant)).to_dict())
+  config = ml_collections.ConfigDict((config or config_lib.imagenet_config(variant)).to_dict())
   name = models.canonical_name(config.model.kwargs.variant)
   config.dtype = dtype
   config.model.kwargs.width = width = width or config.model.kwargs.width
-  size = image_size or (config.data.image_size if mode == 'train'
-                        else config.data.eval_image_size)
+  size = image_size or (config.data.image_size if mode == 'train' else config.data.eval_image_size)
   devices = parallel.local_devices(num_devices or None)
   n = len(devices)
   config.train.batch_size = batch_per_device * n
@@ -63,16 +68,19 @@ def benchmark(variant: str = 'F0', mode: str = 'train', batch_per_device: int = 
   images = rng.normal(size=(n, batch_per_device, size, size, 3)).astype(np.float32)
   labels = rng.integers(0, num_classes, size=(n, batch_per_device)).astype(np.int32)
   # Preload the batch, split over the devices as the mapped steps take it.
-  batch = jax.device_put({'images': images, 'labels': labels,
-                          'mask': np.ones(labels.shape, np.float32)},
-                         parallel.batch_sharding(devices))
+  batch = jax.device_put(
+    {'images': images, 'labels': labels, 'mask': np.ones(labels.shape, np.float32)},
+    parallel.batch_sharding(devices),
+  )
 
   with layers.conv_impl(conv_impl):
-    state = parallel.replicate(train.init_state(jax.random.PRNGKey(0), model, optimizer,
-                                                size), devices)
+    state = parallel.replicate(
+      train.init_state(jax.random.PRNGKey(0), model, optimizer, size), devices
+    )
     if mode == 'train':
       fn = parallel.map_train_step(
-          train.make_train_step(model, optimizer, schedule, config, num_classes), devices)
+        train.make_train_step(model, optimizer, schedule, config, num_classes), devices
+      )
       run = lambda s: fn(s, batch)  # noqa: E731
     else:
       fn = parallel.map_eval_step(train.make_eval_step(model, num_classes), devices)
@@ -94,56 +102,94 @@ def benchmark(variant: str = 'F0', mode: str = 'train', batch_per_device: int = 
     resolved_conv_impl = layers.resolved_conv_impl()
 
   ms = statistics.median(times) * 1000
-  return dict(variant=name, mode=mode, batch_per_device=batch_per_device, devices=n,
-              image_size=size, dtype=dtype, conv_impl=resolved_conv_impl,
-              width=width, compile_s=round(compile_s, 2), ms_per_step=round(ms, 1),
-              images_per_sec=round(batch_per_device * n / (ms / 1000), 1),
-              steps=steps, device=str(devices[0].device_kind),
-              backend=jax.default_backend(), cpu_count=os.cpu_count(),
-              host=platform.processor() or platform.machine())
+  return dict(
+    variant=name,
+    mode=mode,
+    batch_per_device=batch_per_device,
+    devices=n,
+    image_size=size,
+    dtype=dtype,
+    conv_impl=resolved_conv_impl,
+    width=width,
+    compile_s=round(compile_s, 2),
+    ms_per_step=round(ms, 1),
+    images_per_sec=round(batch_per_device * n / (ms / 1000), 1),
+    steps=steps,
+    device=str(devices[0].device_kind),
+    backend=jax.default_backend(),
+    cpu_count=os.cpu_count(),
+    host=platform.processor() or platform.machine(),
+  )
 
 
 def define_flags(values: flags.FlagValues) -> None:
   config_flags.DEFINE_config_file(
-      'config', None, 'Optional experiment config whose model and optimizer to time, '
-      'e.g. experiments/nf_regnet.py:B0 (fields overridable with --config.x=...); '
-      'default: the ImageNet recipe of --variant.', lock_config=True, flag_values=values)
-  flags.DEFINE_string('variant', 'F0', 'Without --config: F0..F7, F0+..F7+ (NFNet), '
-                      'NF-ResNet50..NF-ResNet600 (or ResNet50..) or NF-RegNet-B0..B8 '
-                      '(or B0..).', flag_values=values)
-  flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Which step to time.',
-                    flag_values=values)
-  flags.DEFINE_integer('batch_per_device', 32, 'Images per device (paper: 32).',
-                       flag_values=values)
-  flags.DEFINE_integer('image_size', 0, "Pixels; 0: the variant's train/test size.",
-                       flag_values=values)
-  flags.DEFINE_enum('dtype', 'bfloat16', list(models.DTYPES), 'Compute dtype.',
-                    flag_values=values)
-  flags.DEFINE_enum('conv_impl', 'auto', list(layers.CONV_IMPLS),
-                    'Convolution lowering (auto: dense on CPU, native elsewhere).',
-                    flag_values=values)
+    'config',
+    None,
+    'Optional experiment config whose model and optimizer to time, '
+    'e.g. experiments/nf_regnet.py:B0 (fields overridable with --config.x=...); '
+    'default: the ImageNet recipe of --variant.',
+    lock_config=True,
+    flag_values=values,
+  )
+  flags.DEFINE_string(
+    'variant',
+    'F0',
+    'Without --config: F0..F7, F0+..F7+ (NFNet), '
+    'NF-ResNet50..NF-ResNet600 (or ResNet50..) or NF-RegNet-B0..B8 '
+    '(or B0..).',
+    flag_values=values,
+  )
+  flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Which step to time.', flag_values=values)
+  flags.DEFINE_integer('batch_per_device', 32, 'Images per device (paper: 32).', flag_values=values)
+  flags.DEFINE_integer(
+    'image_size', 0, "Pixels; 0: the variant's train/test size.", flag_values=values
+  )
+  flags.DEFINE_enum('dtype', 'bfloat16', list(models.DTYPES), 'Compute dtype.', flag_values=values)
+  flags.DEFINE_enum(
+    'conv_impl',
+    'auto',
+    list(layers.CONV_IMPLS),
+    'Convolution lowering (auto: dense on CPU, native elsewhere).',
+    flag_values=values,
+  )
   flags.DEFINE_integer('steps', 20, 'Timed steps (median reported).', flag_values=values)
-  flags.DEFINE_integer('warmup', 3, 'Untimed steps, the first one compiles.',
-                       flag_values=values)
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps, the first one compiles.', flag_values=values)
   flags.DEFINE_integer('num_devices', 0, '0: every local device.', flag_values=values)
   flags.DEFINE_integer('num_classes', 1000, 'Classifier width.', flag_values=values)
-  flags.DEFINE_float('width', 0.0, "Channel multiplier; 0: the config's (the family's "
-                     'released width: 1, 4, 0.75).', flag_values=values)
-  flags.DEFINE_string('csv', '', 'Append the result as a CSV row to this file.',
-                      flag_values=values)
+  flags.DEFINE_float(
+    'width',
+    0.0,
+    "Channel multiplier; 0: the config's (the family's released width: 1, 4, 0.75).",
+    flag_values=values,
+  )
+  flags.DEFINE_string('csv', '', 'Append the result as a CSV row to this file.', flag_values=values)
 
 
 def _benchmark_cli(f: flags.FlagValues, positional: list[str]) -> int:
   if positional:
     raise cli.UserError(f'unexpected arguments {positional}; flags start with --.')
-  result = benchmark(f.variant, f.mode, f.batch_per_device, f.image_size, f.dtype,
-                     f.conv_impl, f.steps, f.warmup, f.num_devices, f.num_classes,
-                     f.width, config=f.config)
-  print(f"{result['variant']} {result['mode']}: batch {result['batch_per_device']}/device x "
-        f"{result['devices']} {result['device']}, {result['image_size']}px, "
-        f"{result['dtype']}, conv {result['conv_impl']}: compile {result['compile_s']} s, "
-        f"{result['ms_per_step']} ms/step (median of {result['steps']}), "
-        f"{result['images_per_sec']} img/s")
+  result = benchmark(
+    f.variant,
+    f.mode,
+    f.batch_per_device,
+    f.image_size,
+    f.dtype,
+    f.conv_impl,
+    f.steps,
+    f.warmup,
+    f.num_devices,
+    f.num_classes,
+    f.width,
+    config=f.config,
+  )
+  print(
+    f'{result["variant"]} {result["mode"]}: batch {result["batch_per_device"]}/device x '
+    f'{result["devices"]} {result["device"]}, {result["image_size"]}px, '
+    f'{result["dtype"]}, conv {result["conv_impl"]}: compile {result["compile_s"]} s, '
+    f'{result["ms_per_step"]} ms/step (median of {result["steps"]}), '
+    f'{result["images_per_sec"]} img/s'
+  )
   if f.csv:
     new = not os.path.exists(f.csv)
     with open(f.csv, 'a', newline='') as fh:

@@ -72,9 +72,15 @@ import orbax.checkpoint as ocp
 
 from nfnet_jax import fileio
 
-__all__ = ['Checkpointer', 'CheckpointMismatchError', 'SIGNATURE_FILENAME',
-           'CHECKPOINT_SUBDIR', 'CLASS_INDEX_FILE', 'check_and_write_class_index',
-           'read_class_index']
+__all__ = [
+  'Checkpointer',
+  'CheckpointMismatchError',
+  'SIGNATURE_FILENAME',
+  'CHECKPOINT_SUBDIR',
+  'CLASS_INDEX_FILE',
+  'check_and_write_class_index',
+  'read_class_index',
+]
 
 SIGNATURE_FILENAME = 'model_signature.json'
 CHECKPOINT_SUBDIR = 'checkpoints'
@@ -83,9 +89,10 @@ _SIGNATURE_ITEM = 'signature'
 _MAX_REPORTED_MISMATCHES = 20
 
 _FIX_HINT = (
-    'Nothing in the workdir was written, overwritten or deleted. To train this '
-    'model, pass a fresh --workdir; to reuse this workdir for it, delete the old '
-    'one deliberately first (e.g. `rm -r {workdir}`).')
+  'Nothing in the workdir was written, overwritten or deleted. To train this '
+  'model, pass a fresh --workdir; to reuse this workdir for it, delete the old '
+  'one deliberately first (e.g. `rm -r {workdir}`).'
+)
 
 
 class CheckpointMismatchError(ValueError):
@@ -100,15 +107,15 @@ class CheckpointMismatchError(ValueError):
 def _normalize_signature(signature: Mapping[str, Any]) -> dict[str, Any]:
   """JSON round trip, so that tuples/lists and numpy scalars compare equal."""
   if not isinstance(signature, Mapping):
-    raise TypeError(
-        f'model_signature must be a dict, got {type(signature).__name__}.')
+    raise TypeError(f'model_signature must be a dict, got {type(signature).__name__}.')
 
   def default(obj):
     if isinstance(obj, np.generic):
       return obj.item()
     raise TypeError(
-        f'model_signature value {obj!r} of type {type(obj).__name__} is not '
-        'JSON-serialisable; use str/int/float/bool/None/list/dict values.')
+      f'model_signature value {obj!r} of type {type(obj).__name__} is not '
+      'JSON-serialisable; use str/int/float/bool/None/list/dict values.'
+    )
 
   return json.loads(json.dumps(signature, sort_keys=True, default=default))
 
@@ -127,8 +134,7 @@ def _flatten_signature(sig: Mapping[str, Any], prefix: str = '') -> dict:
 _MISSING = object()
 
 
-def _signature_differences(stored: Mapping[str, Any],
-                           requested: Mapping[str, Any]) -> list[str]:
+def _signature_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
   """Returns one human-readable line per differing (flattened) field."""
   flat_stored = _flatten_signature(stored)
   flat_requested = _flatten_signature(requested)
@@ -175,8 +181,7 @@ def _key_component(key) -> str:
 
 
 def _is_prng_key(x) -> bool:
-  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(
-      x.dtype, jax.dtypes.prng_key)
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _to_savable(state):
@@ -189,13 +194,11 @@ def _to_savable(state):
   """
   leaves, treedef = jax.tree.flatten(state)
   leaves = [jax.random.key_data(x) if _is_prng_key(x) else x for x in leaves]
-  local = [i for i, x in enumerate(leaves)
-           if isinstance(x, jax.Array) and x.is_fully_addressable]
+  local = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and x.is_fully_addressable]
   # One device_get for all leaves, so the transfers overlap.
   for i, value in zip(local, jax.device_get([leaves[i] for i in local])):
     leaves[i] = value
-  leaves = [np.asarray(x) if isinstance(x, (bool, int, float, np.generic))
-            else x for x in leaves]
+  leaves = [np.asarray(x) if isinstance(x, (bool, int, float, np.generic)) else x for x in leaves]
   return jax.tree.unflatten(treedef, leaves)
 
 
@@ -231,14 +234,19 @@ class Checkpointer:
   ``save``/``restore``/``close`` (see the module docstring).
   """
 
-  def __init__(self, workdir: str, *, model_signature: dict,
-               max_to_keep: int = 3, save_interval_steps: int = 1,
-               async_save: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    model_signature: dict,
+    max_to_keep: int = 3,
+    save_interval_steps: int = 1,
+    async_save: bool = True,
+  ):
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f'max_to_keep must be >= 1, got {max_to_keep}.')
     if save_interval_steps < 1:
-      raise ValueError(
-          f'save_interval_steps must be >= 1, got {save_interval_steps}.')
+      raise ValueError(f'save_interval_steps must be >= 1, got {save_interval_steps}.')
     # Orbax refuses relative paths (the quickstart's `--workdir workdirs/digits` is one).
     self._workdir = epath.Path(workdir if fileio.is_remote(workdir) else os.path.abspath(workdir))
     self._ckpt_dir = self._workdir / CHECKPOINT_SUBDIR
@@ -251,39 +259,43 @@ class Checkpointer:
       diffs = _signature_differences(stored[0], self._signature)
       if diffs:
         raise CheckpointMismatchError(
-            f'Workdir {workdir} holds a different model (signature read from '
-            f'{stored[1]}) than the one requested. Differing fields:\n'
-            + '\n'.join(diffs) + '\n' + _FIX_HINT.format(workdir=workdir))
+          f'Workdir {workdir} holds a different model (signature read from '
+          f'{stored[1]}) than the one requested. Differing fields:\n'
+          + '\n'.join(diffs)
+          + '\n'
+          + _FIX_HINT.format(workdir=workdir)
+        )
 
     # 2. Claim it: the primary process writes the signature once.
     if jax.process_index() == 0:
       self._ckpt_dir.mkdir(parents=True, exist_ok=True)
       if not self._signature_path.exists():
         fileio.atomic_write_text(
-            str(self._signature_path),
-            json.dumps(self._signature, indent=2, sort_keys=True) + '\n')
+          str(self._signature_path), json.dumps(self._signature, indent=2, sort_keys=True) + '\n'
+        )
 
     # 3. The Orbax manager.
-    policy = ocp.checkpoint_managers.AnySavePolicy([
+    policy = ocp.checkpoint_managers.AnySavePolicy(
+      [
         ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
         ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
-    ])
+      ]
+    )
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        save_decision_policy=policy,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
+      max_to_keep=max_to_keep,
+      save_decision_policy=policy,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+      create=True,
     )
     self._manager = ocp.CheckpointManager(
-        self._ckpt_dir,
-        item_names=(_STATE_ITEM, _SIGNATURE_ITEM),
-        item_handlers={
-            _STATE_ITEM: ocp.StandardCheckpointHandler(),
-            _SIGNATURE_ITEM: ocp.JsonCheckpointHandler(
-                filename=SIGNATURE_FILENAME),
-        },
-        options=options,
+      self._ckpt_dir,
+      item_names=(_STATE_ITEM, _SIGNATURE_ITEM),
+      item_handlers={
+        _STATE_ITEM: ocp.StandardCheckpointHandler(),
+        _SIGNATURE_ITEM: ocp.JsonCheckpointHandler(filename=SIGNATURE_FILENAME),
+      },
+      options=options,
     )
 
   # -- signature ------------------------------------------------------------
@@ -292,30 +304,29 @@ class Checkpointer:
     """(signature, where it was read from) or None for an unused workdir."""
     if self._signature_path.exists():
       try:
-        return json.loads(self._signature_path.read_text()), str(
-            self._signature_path)
+        return json.loads(self._signature_path.read_text()), str(self._signature_path)
       except json.JSONDecodeError as e:
         raise CheckpointMismatchError(
-            f'{self._signature_path} is not valid JSON ({e}); cannot verify '
-            'which model this workdir belongs to. '
-            + _FIX_HINT.format(workdir=self._workdir)) from e
+          f'{self._signature_path} is not valid JSON ({e}); cannot verify '
+          'which model this workdir belongs to. ' + _FIX_HINT.format(workdir=self._workdir)
+        ) from e
     steps = _finalized_step_dirs(self._ckpt_dir)
     if not steps:
       return None
     # Signature file lost, but checkpoints exist: every step carries a copy.
     for step in reversed(steps):
-      sig_file = (self._ckpt_dir / str(step) / _SIGNATURE_ITEM /
-                  SIGNATURE_FILENAME)
+      sig_file = self._ckpt_dir / str(step) / _SIGNATURE_ITEM / SIGNATURE_FILENAME
       try:
         return json.loads(sig_file.read_text()), str(sig_file)
       except (OSError, json.JSONDecodeError):
         continue
     raise CheckpointMismatchError(
-        f'{self._ckpt_dir} holds checkpoints (steps {steps}) but no model '
-        f'signature ({self._signature_path} is missing and none of the '
-        f'checkpoints has a readable <step>/{_SIGNATURE_ITEM}/'
-        f'{SIGNATURE_FILENAME}); cannot verify that they belong to the '
-        'requested model. ' + _FIX_HINT.format(workdir=self._workdir))
+      f'{self._ckpt_dir} holds checkpoints (steps {steps}) but no model '
+      f'signature ({self._signature_path} is missing and none of the '
+      f'checkpoints has a readable <step>/{_SIGNATURE_ITEM}/'
+      f'{SIGNATURE_FILENAME}); cannot verify that they belong to the '
+      'requested model. ' + _FIX_HINT.format(workdir=self._workdir)
+    )
 
   # -- queries --------------------------------------------------------------
 
@@ -333,8 +344,7 @@ class Checkpointer:
     notice has arrived (Orbax syncs that decision across hosts), unless `step`
     is saved already. Must be called on every process at every step."""
     step = int(step)
-    return (step not in self._manager.all_steps()
-            and self._manager.should_save(step))
+    return step not in self._manager.all_steps() and self._manager.should_save(step)
 
   def save(self, step: int, state) -> bool:
     """Saves `state` at `step` (asynchronously by default); the caller decides
@@ -346,12 +356,14 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return False
     return self._manager.save(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE_ITEM: ocp.args.StandardSave(_to_savable(state)),
-            _SIGNATURE_ITEM: ocp.args.JsonSave(self._signature),
-        }),
-        force=True,
+      step,
+      args=ocp.args.Composite(
+        **{
+          _STATE_ITEM: ocp.args.StandardSave(_to_savable(state)),
+          _SIGNATURE_ITEM: ocp.args.JsonSave(self._signature),
+        }
+      ),
+      force=True,
     )
 
   # -- restore --------------------------------------------------------------
@@ -377,8 +389,8 @@ class Checkpointer:
     step = int(step)
     if step not in self._manager.all_steps():
       raise FileNotFoundError(
-          f'No checkpoint for step {step} in {self._ckpt_dir}; available: '
-          f'{self.all_steps()}.')
+        f'No checkpoint for step {step} in {self._ckpt_dir}; available: {self.all_steps()}.'
+      )
 
     self._check_against_metadata(target_state, step)
 
@@ -401,10 +413,12 @@ class Checkpointer:
 
     item = jax.tree.map(restore_item, target_state)
     restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE_ITEM: ocp.args.StandardRestore(item),
-        }),
+      step,
+      args=ocp.args.Composite(
+        **{
+          _STATE_ITEM: ocp.args.StandardRestore(item),
+        }
+      ),
     )[_STATE_ITEM]
 
     def finish(target, value):
@@ -429,8 +443,7 @@ class Checkpointer:
       return hasattr(x, 'shape') and hasattr(x, 'dtype')
 
     stored = {}
-    for path, md in jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=is_md_leaf)[0]:
+    for path, md in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_md_leaf)[0]:
       stored[tuple(_key_component(k) for k in path)] = md
 
     problems = []
@@ -440,8 +453,7 @@ class Checkpointer:
       name = jax.tree_util.keystr(path)
       seen.add(key)
       if key not in stored:
-        problems.append(f'  {name}: expected by the target but missing from '
-                        'the checkpoint')
+        problems.append(f'  {name}: expected by the target but missing from the checkpoint')
         continue
       md = stored[key]
       shape, dtype = _leaf_shape_dtype(leaf)
@@ -449,28 +461,30 @@ class Checkpointer:
       found_dtype = getattr(md, 'dtype', None)
       found_dtype = np.dtype(found_dtype) if found_dtype is not None else None
       if found_shape != shape:
-        problems.append(f'  {name}: expected shape {fileio.fmt_shape(shape)}, found '
-                        f'{fileio.fmt_shape(found_shape)} in the checkpoint')
-      elif (dtype is not None and found_dtype is not None
-            and found_dtype != dtype):
-        problems.append(f'  {name}: expected dtype {dtype}, found '
-                        f'{found_dtype} in the checkpoint (shape '
-                        f'{fileio.fmt_shape(shape)})')
+        problems.append(
+          f'  {name}: expected shape {fileio.fmt_shape(shape)}, found '
+          f'{fileio.fmt_shape(found_shape)} in the checkpoint'
+        )
+      elif dtype is not None and found_dtype is not None and found_dtype != dtype:
+        problems.append(
+          f'  {name}: expected dtype {dtype}, found '
+          f'{found_dtype} in the checkpoint (shape '
+          f'{fileio.fmt_shape(shape)})'
+        )
     for key in stored:
       if key not in seen:
-        problems.append(f'  {"/".join(key)}: in the checkpoint but not in the '
-                        'target state')
+        problems.append(f'  {"/".join(key)}: in the checkpoint but not in the target state')
     if problems:
       more = len(problems) - _MAX_REPORTED_MISMATCHES
       shown = problems[:_MAX_REPORTED_MISMATCHES]
       if more > 0:
         shown.append(f'  ... and {more} more')
       raise CheckpointMismatchError(
-          f'Checkpoint {self._ckpt_dir / str(step)} does not match the model '
-          f'being restored ({len(problems)} mismatching entries):\n'
-          + '\n'.join(shown) + '\n'
-          'The checkpoint was probably written for a different model '
-          'configuration; use a fresh --workdir for this model.')
+        f'Checkpoint {self._ckpt_dir / str(step)} does not match the model '
+        f'being restored ({len(problems)} mismatching entries):\n' + '\n'.join(shown) + '\n'
+        'The checkpoint was probably written for a different model '
+        'configuration; use a fresh --workdir for this model.'
+      )
 
   # -- lifecycle ------------------------------------------------------------
 
@@ -491,7 +505,6 @@ class Checkpointer:
     return False
 
 
-
 # ---------------------------------------------------------------------------
 # The class index kept next to the checkpoints.
 # ---------------------------------------------------------------------------
@@ -499,8 +512,9 @@ class Checkpointer:
 CLASS_INDEX_FILE = 'class_index.json'
 
 
-def check_and_write_class_index(dataset: str, class_names: Sequence[str],
-                                workdir: str, *, write: bool = True) -> None:
+def check_and_write_class_index(
+  dataset: str, class_names: Sequence[str], workdir: str, *, write: bool = True
+) -> None:
   """Pins label -> class name for a workdir: written on first use, checked on
   every resume.
 
@@ -511,10 +525,8 @@ def check_and_write_class_index(dataset: str, class_names: Sequence[str],
   (process 0) writes; the write is atomic.
   """
   path = os.path.join(workdir, CLASS_INDEX_FILE)
-  record = {'dataset': dataset, 'num_classes': len(class_names),
-            'class_names': list(class_names)}
-  exists = (fileio.gfile().exists(path) if fileio.is_remote(path)
-            else os.path.exists(path))
+  record = {'dataset': dataset, 'num_classes': len(class_names), 'class_names': list(class_names)}
+  exists = fileio.gfile().exists(path) if fileio.is_remote(path) else os.path.exists(path)
   if not exists:
     if write:
       fileio.atomic_write_text(path, json.dumps(record, indent=1))
@@ -522,22 +534,22 @@ def check_and_write_class_index(dataset: str, class_names: Sequence[str],
   try:
     found = json.loads(fileio.read_text(path))
   except ValueError as e:
-    raise ValueError(f'{path} is not valid JSON ({e}); restore it from a backup or '
-                     'use a new --workdir.') from None
+    raise ValueError(
+      f'{path} is not valid JSON ({e}); restore it from a backup or use a new --workdir.'
+    ) from None
   if found.get('class_names') != record['class_names']:
     old, new = found.get('class_names') or [], record['class_names']
-    diff = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b),
-                min(len(old), len(new)))
+    diff = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
     raise ValueError(
-        f'{workdir} was trained on {found.get("num_classes")} classes of '
-        f'{found.get("dataset")!r}, but {dataset!r} now has {len(new)} classes '
-        f'that differ from label {diff} on ({old[diff:diff + 1]} vs '
-        f'{new[diff:diff + 1]}). Labels would silently change meaning: restore the '
-        "dataset's classes, or train in a new --workdir (fine-tune from the old "
-        'checkpoint to keep its weights).')
+      f'{workdir} was trained on {found.get("num_classes")} classes of '
+      f'{found.get("dataset")!r}, but {dataset!r} now has {len(new)} classes '
+      f'that differ from label {diff} on ({old[diff : diff + 1]} vs '
+      f'{new[diff : diff + 1]}). Labels would silently change meaning: restore the '
+      "dataset's classes, or train in a new --workdir (fine-tune from the old "
+      'checkpoint to keep its weights).'
+    )
 
 
 def read_class_index(workdir: str) -> list[str]:
   """The class names (by label) a workdir was trained with."""
-  return list(json.loads(fileio.read_text(os.path.join(workdir, CLASS_INDEX_FILE)))
-              ['class_names'])
+  return list(json.loads(fileio.read_text(os.path.join(workdir, CLASS_INDEX_FILE)))['class_names'])

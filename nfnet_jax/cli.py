@@ -10,6 +10,7 @@ types the tool names (bad input the user can fix) print one line and give status
 `--verbose` shows the traceback instead. The trainer, which needs absl's app (logging,
 multi-host start-up), parses the global flags with `app.run` and the same `normalize_argv`.
 """
+
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -36,10 +37,12 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
   return out
 
 
-def run(work: Callable[[flags.FlagValues, list[str]], Optional[int]],
-        define_flags: Callable[[flags.FlagValues], None],
-        argv: Optional[Sequence[str]] = None,
-        user_errors: tuple[type[BaseException], ...] = (UserError,)) -> int:
+def run(
+  work: Callable[[flags.FlagValues, list[str]], Optional[int]],
+  define_flags: Callable[[flags.FlagValues], None],
+  argv: Optional[Sequence[str]] = None,
+  user_errors: tuple[type[BaseException], ...] = (UserError,),
+) -> int:
   """Parses `argv` (default: sys.argv[1:]) with the tool's flags and calls
   `work(flag_values, positional_args)`; returns the exit status (its return value, 0
   by default; 1 for one of `user_errors`; 2 for bad flags)."""

@@ -6,10 +6,10 @@ override is an error everywhere). It lives in the library so that config files
 import nothing but the installed package, whichever directory they are run from; the
 tools that need a config without a file (the benchmarks) build it from here too.
 """
+
 import ml_collections
 
-from nfnet_jax import data
-from nfnet_jax import models
+from nfnet_jax import data, models
 
 
 def model_config(variant: str) -> ml_collections.ConfigDict:
@@ -25,10 +25,10 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.dtype = 'bfloat16'            # compute dtype; params/optimizer stay float32
-  config.num_devices = 0               # 0: every local device
+  config.dtype = 'bfloat16'  # compute dtype; params/optimizer stay float32
+  config.num_devices = 0  # 0: every local device
   config.label_smoothing = 0.1
-  config.ema_max_decay = 0.99999       # EMA decay = min(this, (1 + step) / (10 + step))
+  config.ema_max_decay = 0.99999  # EMA decay = min(this, (1 + step) / (10 + step))
   # Fine-tuning: weights to start from when the workdir has no checkpoint yet
   # (DeepMind's F{k}_haiku.npz, a converted .npz, or a run's params_ema.npz); a
   # classifier of another size (new classes) starts fresh.
@@ -38,22 +38,30 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.data = data.default_data_config()
 
-  config.train = ml_collections.ConfigDict(dict(
-      batch_size=4096,                 # global, over every device of every host
+  config.train = ml_collections.ConfigDict(
+    dict(
+      batch_size=4096,  # global, over every device of every host
       num_epochs=360.0,
-      num_steps=0,                     # > 0 overrides num_epochs
+      num_steps=0,  # > 0 overrides num_epochs
       log_every_steps=100,
-      eval_every_steps=5000))
+      eval_every_steps=5000,
+    )
+  )
 
-  config.optimizer = ml_collections.ConfigDict(dict(
+  config.optimizer = ml_collections.ConfigDict(
+    dict(
       name='sgd_agc',
-      base_lr=0.1,                     # per 256 examples: peak lr = 0.1 x batch / 256
+      base_lr=0.1,  # per 256 examples: peak lr = 0.1 x batch / 256
       scale_by_batch=True,
       warmup_epochs=5.0,
-      end_lr=0.0,                      # where the cosine ends (absolute, not per 256)
-      momentum=0.9, nesterov=True,
-      weight_decay=2e-5,               # coupled; not on gains, biases, skip_gain
-      clipping=0.01, eps=1e-3))        # AGC; 0 disables it
+      end_lr=0.0,  # where the cosine ends (absolute, not per 256)
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=2e-5,  # coupled; not on gains, biases, skip_gain
+      clipping=0.01,
+      eps=1e-3,
+    )
+  )  # AGC; 0 disables it
 
   config.eval = ml_collections.ConfigDict(dict(split='test', batch_size=1000))
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3))
@@ -70,23 +78,24 @@ def imagenet_config(variant: str) -> ml_collections.ConfigDict:
   of each device batch, CutMix on the other half, then RandAugment with the variant's
   layers and magnitude where its table gives them). Each experiments/ file then sets its
   recipe (what differs in augmentation, schedule, optimizer)."""
-  family, key = models.resolve(variant)       # unknown variant -> lists them all
+  family, key = models.resolve(variant)  # unknown variant -> lists them all
   params = family.variants[key]
   config = base_config()
   config.model = model_config(variant)
   config.data.update(
-      name='imagenet2012',
-      data_dir='',                   # TFDS data_dir (local or gs://); '' = TFDS default
-      train_split='train',           # 'train_minus_minival' to select models on minival
-      image_size=params['train_imsize'],
-      eval_image_size=params['test_imsize'],
-      eval_preprocess=family.eval_view,
-      augment=True,
-      mixup_alpha=0.2,
-      cutmix=True,
-      randaug_layers=params.get('randaug_layers', 0),
-      randaug_magnitude=float(params.get('randaug_magnitude', 0.0)),
-      shuffle_buffer=10_000,
-      cache=False)                   # 150 GB: never cache ImageNet in host RAM
+    name='imagenet2012',
+    data_dir='',  # TFDS data_dir (local or gs://); '' = TFDS default
+    train_split='train',  # 'train_minus_minival' to select models on minival
+    image_size=params['train_imsize'],
+    eval_image_size=params['test_imsize'],
+    eval_preprocess=family.eval_view,
+    augment=True,
+    mixup_alpha=0.2,
+    cutmix=True,
+    randaug_layers=params.get('randaug_layers', 0),
+    randaug_magnitude=float(params.get('randaug_magnitude', 0.0)),
+    shuffle_buffer=10_000,
+    cache=False,
+  )  # 150 GB: never cache ImageNet in host RAM
   config.eval.update(split='validation', batch_size=1000)
   return config

@@ -6,6 +6,7 @@ Every file the package writes for a reader to trust (weights, the model signatur
 class index, a remote metrics log) is written whole or not at all: to a temporary name in
 the same directory, then renamed over the destination.
 """
+
 import logging
 import os
 import tempfile
@@ -34,8 +35,10 @@ def hide_gpus_from_tensorflow() -> None:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # TensorFlow's devices are already initialised.
     if tf.config.get_visible_devices('GPU'):
-      logging.warning('TensorFlow was initialised before nfnet_jax could hide the GPUs '
-                      'from it; it may take accelerator memory that JAX needs.')
+      logging.warning(
+        'TensorFlow was initialised before nfnet_jax could hide the GPUs '
+        'from it; it may take accelerator memory that JAX needs.'
+      )
   _TF_GPUS_HIDDEN = True
 
 
@@ -43,6 +46,7 @@ def _import_tensorflow():
   # Imported on first use: it takes seconds, and the models, the weights tools and
   # training on local files never need it for file access.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   return tf
 
 
@@ -72,8 +76,7 @@ def atomic_write(path, write: Callable[[BinaryIO], None], *, overwrite: bool = T
   """
   path = os.fspath(path)
   if not overwrite and _exists(path):
-    raise FileExistsError(f'{path} already exists; pass overwrite=True (--overwrite) to '
-                          'replace it')
+    raise FileExistsError(f'{path} already exists; pass overwrite=True (--overwrite) to replace it')
   if is_remote(path):
     fs = gfile()
     head, base = path.rsplit('/', 1)
@@ -88,8 +91,7 @@ def atomic_write(path, write: Callable[[BinaryIO], None], *, overwrite: bool = T
     return path
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp',
-                             dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
   try:
     with os.fdopen(fd, 'wb') as f:
       write(f)
@@ -129,8 +131,9 @@ def _link_new(tmp: str, path: str) -> None:
   try:
     os.link(tmp, path)  # fails if `path` appeared since the check
   except FileExistsError:
-    raise FileExistsError(f'{path} already exists; pass overwrite=True (--overwrite) to '
-                          'replace it') from None
+    raise FileExistsError(
+      f'{path} already exists; pass overwrite=True (--overwrite) to replace it'
+    ) from None
   except OSError:  # no hard links on this filesystem
     if os.path.lexists(path):
       raise FileExistsError(f'{path} already exists') from None

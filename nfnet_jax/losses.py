@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["softmax_cross_entropy", "topk_correct"]
+__all__ = ['softmax_cross_entropy', 'topk_correct']
 
 
 def _as_label_distribution(labels, logits_shape) -> jax.Array:
@@ -19,21 +19,19 @@ def _as_label_distribution(labels, logits_shape) -> jax.Array:
   num_classes = logits_shape[-1]
   if labels.shape == tuple(logits_shape):  # Already a distribution (soft labels).
     return labels.astype(jnp.float32)
-  if labels.shape != tuple(logits_shape[:-1]) or not jnp.issubdtype(
-      labels.dtype, jnp.integer
-  ):
+  if labels.shape != tuple(logits_shape[:-1]) or not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(
-        "labels must be integer class ids of shape "
-        f"{tuple(logits_shape[:-1])} or label vectors of shape "
-        f"{tuple(logits_shape)}; got dtype {labels.dtype} and shape "
-        f"{labels.shape}."
+      'labels must be integer class ids of shape '
+      f'{tuple(logits_shape[:-1])} or label vectors of shape '
+      f'{tuple(logits_shape)}; got dtype {labels.dtype} and shape '
+      f'{labels.shape}.'
     )
   # Ids outside [0, num_classes) (e.g. -1 for padding) give an all-zero row.
   return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
 
 
 def softmax_cross_entropy(
-    logits, labels, num_classes: int, label_smoothing: float = 0.0
+  logits, labels, num_classes: int, label_smoothing: float = 0.0
 ) -> jax.Array:
   """Per-example softmax cross-entropy, in float32.
 
@@ -51,9 +49,7 @@ def softmax_cross_entropy(
   """
   logits = jnp.asarray(logits)
   if logits.shape[-1] != num_classes:
-    raise ValueError(
-        f"logits have {logits.shape[-1]} classes, num_classes={num_classes}."
-    )
+    raise ValueError(f'logits have {logits.shape[-1]} classes, num_classes={num_classes}.')
   logits = logits.astype(jnp.float32)
   targets = _as_label_distribution(labels, logits.shape)
   # Applied unconditionally (exact for ls = 0) so ls may also be a traced value.
@@ -76,7 +72,7 @@ def topk_correct(logits, labels, k: int) -> jax.Array:
     float32 array [B], 1.0 where the label is among the k largest logits.
   """
   if k < 1:
-    raise ValueError(f"k must be >= 1, got {k}.")
+    raise ValueError(f'k must be >= 1, got {k}.')
   logits = jnp.asarray(logits).astype(jnp.float32)
   labels = jnp.asarray(labels)
   if labels.ndim == logits.ndim:

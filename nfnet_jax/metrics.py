@@ -55,8 +55,7 @@ from tqdm import tqdm
 
 from nfnet_jax import fileio
 
-__all__ = ['MetricsLogger', 'read_metrics', 'METRICS_FILENAME',
-           'TENSORBOARD_SUBDIR']
+__all__ = ['MetricsLogger', 'read_metrics', 'METRICS_FILENAME', 'TENSORBOARD_SUBDIR']
 
 METRICS_FILENAME = 'metrics.jsonl'
 TENSORBOARD_SUBDIR = 'tensorboard'
@@ -76,11 +75,9 @@ def _to_python(key: str, value: Any) -> bool | int | float:
   try:
     arr = np.asarray(value)  # also fetches jax arrays from the device
   except Exception as e:  # pylint: disable=broad-except
-    raise TypeError(
-        f'Metric {key!r} has unsupported type {type(value).__name__}.') from e
+    raise TypeError(f'Metric {key!r} has unsupported type {type(value).__name__}.') from e
   if arr.size != 1:
-    raise ValueError(
-        f'Metric {key!r} must be a scalar, got an array of shape {arr.shape}.')
+    raise ValueError(f'Metric {key!r} must be a scalar, got an array of shape {arr.shape}.')
   kind = arr.dtype.kind
   item = arr.reshape(()).item()
   if kind == 'b':
@@ -113,8 +110,9 @@ def read_metrics(workdir_or_file: str) -> list[dict[str, Any]]:
     if not line.strip():
       continue
     record = json.loads(line)
-    records.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v
-                    for k, v in record.items()})
+    records.append(
+      {k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()}
+    )
   return records
 
 
@@ -132,9 +130,16 @@ class MetricsLogger:
       flushed; everything is flushed on ``close``.
   """
 
-  def __init__(self, workdir: str, *, total_steps: int,
-               is_main_process: bool | None = None, tensorboard: bool = True,
-               progress_bar: bool = True, flush_secs: float = 30.0):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    total_steps: int,
+    is_main_process: bool | None = None,
+    tensorboard: bool = True,
+    progress_bar: bool = True,
+    flush_secs: float = 30.0,
+  ):
     if is_main_process is None:
       is_main_process = jax.process_index() == 0
     self._active = bool(is_main_process)
@@ -162,7 +167,7 @@ class MetricsLogger:
       self._remote_lines = []
       if gfile.exists(self.metrics_path):
         text = gfile.GFile(self.metrics_path, 'r').read()
-        self._remote_lines = [l for l in text.split('\n')[:-1] if l.strip()]
+        self._remote_lines = [line for line in text.split('\n')[:-1] if line.strip()]
     else:
       os.makedirs(self._workdir, exist_ok=True)
       self._drop_incomplete_last_line(self.metrics_path)
@@ -172,7 +177,8 @@ class MetricsLogger:
       if self._tf is None:
         self._tf = fileio.tensorflow()
       self._tb_writer = self._tf.summary.create_file_writer(
-          self.tensorboard_dir, flush_millis=int(self._flush_secs * 1000))
+        self.tensorboard_dir, flush_millis=int(self._flush_secs * 1000)
+      )
 
   @staticmethod
   def _drop_incomplete_last_line(path: str) -> None:
@@ -201,8 +207,10 @@ class MetricsLogger:
           break
         pos = start
       f.truncate(keep)
-    print(f'MetricsLogger: dropped an incomplete last line of {path} '
-          f'({size - keep} bytes).', file=sys.stderr)
+    print(
+      f'MetricsLogger: dropped an incomplete last line of {path} ({size - keep} bytes).',
+      file=sys.stderr,
+    )
 
   @property
   def is_main_process(self) -> bool:
@@ -249,8 +257,9 @@ class MetricsLogger:
     if self._file is not None:
       self._file.flush()
     if self._remote_lines is not None and self._remote_dirty:
-      fileio.atomic_write_text(self.metrics_path,
-                               ''.join(l + '\n' for l in self._remote_lines))
+      fileio.atomic_write_text(
+        self.metrics_path, ''.join(line + '\n' for line in self._remote_lines)
+      )
       self._remote_dirty = False
     if self._tb_writer is not None:
       self._tb_writer.flush()
@@ -268,15 +277,19 @@ class MetricsLogger:
     if self._bar is None:
       interactive = getattr(sys.stderr, 'isatty', lambda: False)()
       self._bar = tqdm(
-          total=self._total_steps, initial=step, unit='step',
-          dynamic_ncols=True, smoothing=0.1, file=sys.stderr,
-          # In log files (no tty) refresh rarely instead of flooding them.
-          mininterval=0.5 if interactive else 30.0)
+        total=self._total_steps,
+        initial=step,
+        unit='step',
+        dynamic_ncols=True,
+        smoothing=0.1,
+        file=sys.stderr,
+        # In log files (no tty) refresh rarely instead of flooding them.
+        mininterval=0.5 if interactive else 30.0,
+      )
     if postfix:
       self._bar.set_postfix(
-          collections.OrderedDict(
-              (k, self._format(v)) for k, v in postfix.items()),
-          refresh=False)
+        collections.OrderedDict((k, self._format(v)) for k, v in postfix.items()), refresh=False
+      )
     delta = step - self._bar.n
     if delta > 0:
       self._bar.update(delta)

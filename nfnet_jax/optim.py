@@ -29,17 +29,17 @@ import jax.numpy as jnp
 import optax
 
 __all__ = [
-    "adaptive_grad_clip",
-    "is_classifier",
-    "agc_mask",
-    "weight_decay_mask",
-    "sgd_agc",
-    "agc_clip_fraction",
-    "warmup_cosine_schedule",
-    "ema_decay",
-    "ema_update",
-    "global_norm",
-    "NO_WEIGHT_DECAY_PARAMS",
+  'adaptive_grad_clip',
+  'is_classifier',
+  'agc_mask',
+  'weight_decay_mask',
+  'sgd_agc',
+  'agc_clip_fraction',
+  'warmup_cosine_schedule',
+  'ema_decay',
+  'ema_update',
+  'global_norm',
+  'NO_WEIGHT_DECAY_PARAMS',
 ]
 
 PyTree = Any
@@ -57,13 +57,14 @@ def global_norm(tree: PyTree) -> jax.Array:
 
 # Haiku separates a module from its sub-modules with this token, e.g.
 # 'NFNet/~/nf_block_3/~/conv1'.
-_SUBMODULE_SEP = "/~/"
+_SUBMODULE_SEP = '/~/'
 
-# Parameter names that the recipe (arXiv 2102.06171 section 3; DeepMind's optim.py) excludes from weight decay:
+# Parameter names that the recipe (arXiv 2102.06171 section 3; DeepMind's optim.py)
+# excludes from weight decay:
 # the WSConv2D gains and biases, the biases of every hk.Linear (squeeze-excite
 # and classifier alike, Haiku calls them 'b'), and each block's scalar
 # ``skip_gain``.  Everything else is a weight and is decayed.
-NO_WEIGHT_DECAY_PARAMS = frozenset({"gain", "bias", "b", "skip_gain"})
+NO_WEIGHT_DECAY_PARAMS = frozenset({'gain', 'bias', 'b', 'skip_gain'})
 
 
 # ---------------------------------------------------------------------------
@@ -72,7 +73,7 @@ NO_WEIGHT_DECAY_PARAMS = frozenset({"gain", "bias", "b", "skip_gain"})
 
 
 def adaptive_grad_clip(
-    clipping: float, eps: float = 1e-3, *, mask: Optional[Mask] = None
+  clipping: float, eps: float = 1e-3, *, mask: Optional[Mask] = None
 ) -> optax.GradientTransformation:
   """Unit-wise Adaptive Gradient Clipping (AGC), as an optax transformation.
 
@@ -134,15 +135,15 @@ def _unit_reduction_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (0, 1, 2)
   if ndim == 5:  # DHWIO 3-D conv kernels.
     return (0, 1, 2, 3)
-  raise ValueError(f"AGC has no unit-wise norm for parameter shape {shape}.")
+  raise ValueError(f'AGC has no unit-wise norm for parameter shape {shape}.')
 
 
 def agc_clip_fraction(
-    grads: PyTree,
-    params: PyTree,
-    clipping: float,
-    eps: float = 1e-3,
-    mask: Optional[Mask] = None,
+  grads: PyTree,
+  params: PyTree,
+  clipping: float,
+  eps: float = 1e-3,
+  mask: Optional[Mask] = None,
 ) -> jax.Array:
   """Fraction of AGC units whose gradient would be clipped (a training metric).
 
@@ -202,16 +203,16 @@ def is_classifier(module_path: str) -> bool:
   deeper in the tree and are not the classifier.
   """
   parts = module_path.split(_SUBMODULE_SEP)
-  return len(parts) == 2 and parts[1] == "linear"
+  return len(parts) == 2 and parts[1] == 'linear'
 
 
 def _map_with_names(fn: Callable[[str, str], bool], params: PyTree) -> PyTree:
   """Maps ``fn(module_path, param_name)`` over a Haiku params tree."""
 
   def leaf_fn(path, _):
-    keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
-    name = str(keys[-1]) if keys else ""
-    module = str(keys[-2]) if len(keys) >= 2 else ""
+    keys = [getattr(k, 'key', getattr(k, 'name', k)) for k in path]
+    name = str(keys[-1]) if keys else ''
+    module = str(keys[-2]) if len(keys) >= 2 else ''
     return fn(module, name)
 
   return jax.tree_util.tree_map_with_path(leaf_fn, params)
@@ -226,9 +227,7 @@ def agc_mask(params: PyTree) -> PyTree:
   Returns:
     A pytree of Python bools with the structure of ``params``.
   """
-  return _map_with_names(
-      lambda module, name: not (is_classifier(module) and name == "w"), params
-  )
+  return _map_with_names(lambda module, name: not (is_classifier(module) and name == 'w'), params)
 
 
 def weight_decay_mask(params: PyTree) -> PyTree:
@@ -241,9 +240,7 @@ def weight_decay_mask(params: PyTree) -> PyTree:
   Returns:
     A pytree of Python bools with the structure of ``params``.
   """
-  return _map_with_names(
-      lambda module, name: name not in NO_WEIGHT_DECAY_PARAMS, params
-  )
+  return _map_with_names(lambda module, name: name not in NO_WEIGHT_DECAY_PARAMS, params)
 
 
 # ---------------------------------------------------------------------------
@@ -252,12 +249,12 @@ def weight_decay_mask(params: PyTree) -> PyTree:
 
 
 def sgd_agc(
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.9,
-    nesterov: bool = True,
-    weight_decay: float = 2e-5,
-    clipping: Optional[float] = 0.01,
-    eps: float = 1e-3,
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: float = 0.9,
+  nesterov: bool = True,
+  weight_decay: float = 2e-5,
+  clipping: Optional[float] = 0.01,
+  eps: float = 1e-3,
 ) -> optax.GradientTransformation:
   """SGD with Nesterov momentum, coupled weight decay and AGC (the NFNet recipe).
 
@@ -295,9 +292,7 @@ def sgd_agc(
     # the same names as the params.
     transforms.append(adaptive_grad_clip(clipping, eps, mask=agc_mask))
   if weight_decay:
-    transforms.append(
-        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask)
-    )
+    transforms.append(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask))
   if momentum:
     transforms.append(optax.trace(decay=momentum, nesterov=nesterov))
   transforms.append(optax.scale_by_learning_rate(learning_rate))
@@ -310,12 +305,12 @@ def sgd_agc(
 
 
 def warmup_cosine_schedule(
-    base_lr: float,
-    batch_size: int,
-    total_steps: int,
-    warmup_steps: int,
-    scale_by_batch: bool = True,
-    end_lr: float = 0.0,
+  base_lr: float,
+  batch_size: int,
+  total_steps: int,
+  warmup_steps: int,
+  scale_by_batch: bool = True,
+  end_lr: float = 0.0,
 ) -> optax.Schedule:
   """Linear warmup from 0, then cosine decay to ``end_lr`` (arXiv 2102.06171 section 3: 0).
 
@@ -338,22 +333,19 @@ def warmup_cosine_schedule(
     An optax schedule ``step -> lr`` (jit-friendly).
   """
   if total_steps <= 0:
-    raise ValueError(f"total_steps must be positive, got {total_steps}.")
+    raise ValueError(f'total_steps must be positive, got {total_steps}.')
   if not 0 <= warmup_steps < total_steps:
-    raise ValueError(
-        f"Need 0 <= warmup_steps < total_steps, got {warmup_steps} and "
-        f"{total_steps}."
-    )
+    raise ValueError(f'Need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}.')
   peak = base_lr * batch_size / 256 if scale_by_batch else base_lr
   if not 0.0 <= end_lr <= peak:
-    raise ValueError(f"Need 0 <= end_lr <= the peak learning rate {peak}, got {end_lr}.")
+    raise ValueError(f'Need 0 <= end_lr <= the peak learning rate {peak}, got {end_lr}.')
   # optax's decay_steps is the total length including the warmup.
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=peak,
-      warmup_steps=warmup_steps,
-      decay_steps=total_steps,
-      end_value=end_lr,
+    init_value=0.0,
+    peak_value=peak,
+    warmup_steps=warmup_steps,
+    decay_steps=total_steps,
+    end_value=end_lr,
   )
 
 
@@ -373,9 +365,7 @@ def ema_decay(step, max_decay: float = 0.99999) -> jax.Array:
   return jnp.minimum(jnp.float32(max_decay), (1.0 + step) / (10.0 + step))
 
 
-def ema_update(
-    ema_params: PyTree, params: PyTree, step, max_decay: float = 0.99999
-) -> PyTree:
+def ema_update(ema_params: PyTree, params: PyTree, step, max_decay: float = 0.99999) -> PyTree:
   """One EMA step: ``ema * d + params * (1 - d)`` with ``d = ema_decay(step)``.
 
   Pure and jit-friendly (``step`` may be traced).  Leaves keep the dtype of

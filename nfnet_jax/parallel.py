@@ -8,22 +8,24 @@ copies and reading `x[0]` would gather every replica to one device each step.
 Since NFNets have no batch-norm, nothing but the gradient (and the metrics)
 crosses devices.
 """
+
 import collections
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
-AXIS = 'batch'   # name of the data-parallel axis used by lax.pmean / psum
+AXIS = 'batch'  # name of the data-parallel axis used by lax.pmean / psum
 
 
 def local_devices(num_devices: Optional[int] = None) -> list:
   devices = jax.local_devices()
   if num_devices:
     if num_devices > len(devices):
-      raise ValueError(f'Asked for {num_devices} devices but this process has '
-                       f'{len(devices)}: {devices}.')
+      raise ValueError(
+        f'Asked for {num_devices} devices but this process has {len(devices)}: {devices}.'
+      )
     devices = devices[:num_devices]
   return devices
 
@@ -45,14 +47,21 @@ def map_train_step(step_fn: Callable, devices: Sequence) -> Callable:
   Pass a state placed by `replicate` (as the step returns it): the buffers are
   donated, so the update happens in place on each device.
   """
-  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
-                  donate_argnums=(0,), devices=_pmap_devices(devices))
+  return jax.pmap(
+    step_fn,
+    axis_name=AXIS,
+    in_axes=(None, 0),
+    out_axes=(None, None),
+    donate_argnums=(0,),
+    devices=_pmap_devices(devices),
+  )
 
 
 def map_eval_step(step_fn: Callable, devices: Sequence) -> Callable:
   """(params, ema_params, batch) -> summed metrics, identical on every device."""
-  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, None, 0), out_axes=None,
-                  devices=_pmap_devices(devices))
+  return jax.pmap(
+    step_fn, axis_name=AXIS, in_axes=(None, None, 0), out_axes=None, devices=_pmap_devices(devices)
+  )
 
 
 def replicated_sharding(devices: Sequence) -> NamedSharding:
@@ -89,7 +98,8 @@ def prefetch_to_devices(batches: Iterable, devices: Sequence, size: int = 2) -> 
   sharding = batch_sharding(devices)
   if jax.process_count() > 1:
     put = lambda batch: jax.tree.map(  # noqa: E731
-        lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch
+    )
   else:
     put = lambda batch: jax.device_put(batch, sharding)  # noqa: E731
   queue = collections.deque()
@@ -106,10 +116,11 @@ def per_device_batch_size(global_batch: int, num_local_devices: int) -> int:
   total_devices = num_local_devices * jax.process_count()
   if global_batch % total_devices:
     raise ValueError(
-        f'The global batch size {global_batch} does not divide over {total_devices} '
-        f'devices ({jax.process_count()} processes x {num_local_devices} local). '
-        f'Use a multiple of {total_devices}, e.g. --config.train.batch_size='
-        f'{max(1, global_batch // total_devices) * total_devices}.')
+      f'The global batch size {global_batch} does not divide over {total_devices} '
+      f'devices ({jax.process_count()} processes x {num_local_devices} local). '
+      f'Use a multiple of {total_devices}, e.g. --config.train.batch_size='
+      f'{max(1, global_batch // total_devices) * total_devices}.'
+    )
   return global_batch // total_devices
 
 

@@ -11,27 +11,23 @@ shared by training and evaluation, the training loop in its stages (build data, 
 model and optimizer, restore, loop: step, log, evaluate, save; final evaluation and
 export), evaluation on its own, and the command line.
 """
+
 import dataclasses
 import sys
 import time
 from typing import Any, NamedTuple, Optional, Sequence
 
+from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 import optax
-from absl import app, flags, logging
-from ml_collections import config_flags
 
 from nfnet_jax import checkpoint as checkpoint_lib
-from nfnet_jax import cli
-from nfnet_jax import data
-from nfnet_jax import losses
+from nfnet_jax import cli, data, losses, models, optim, parallel
 from nfnet_jax import metrics as metrics_lib
-from nfnet_jax import models
-from nfnet_jax import optim
-from nfnet_jax import parallel
 from nfnet_jax import weights as weights_lib
 
 AXIS = parallel.AXIS
@@ -39,11 +35,12 @@ AXIS = parallel.AXIS
 
 class TrainState(NamedTuple):
   """Everything a step changes; checkpointed as a dict of these fields."""
-  step: jax.Array          # int32 scalar: steps taken
-  params: Any              # Haiku parameter tree (float32)
-  opt_state: Any           # optax state of `make_optimizer`'s transformation
-  ema_params: Any          # EMA of params, evaluated beside them
-  rng: jax.Array           # the run's key; each step folds in the step and the device
+
+  step: jax.Array  # int32 scalar: steps taken
+  params: Any  # Haiku parameter tree (float32)
+  opt_state: Any  # optax state of `make_optimizer`'s transformation
+  ema_params: Any  # EMA of params, evaluated beside them
+  rng: jax.Array  # the run's key; each step folds in the step and the device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,21 +58,32 @@ def total_train_steps(config: ml_collections.ConfigDict, num_train_examples: int
   """
   if config.train.get('num_steps'):
     return int(config.train.num_steps)
-  return max(1, int(config.train.num_epochs * num_train_examples
-                    // config.train.batch_size))
+  return max(1, int(config.train.num_epochs * num_train_examples // config.train.batch_size))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
-                   steps_per_epoch: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: float
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   opt = config.optimizer
   if opt.name != 'sgd_agc':
     raise ValueError(f'Unknown optimizer {opt.name!r}; valid: sgd_agc.')
   warmup_steps = min(int(round(opt.warmup_epochs * steps_per_epoch)), total_steps - 1)
   schedule = optim.warmup_cosine_schedule(
-      opt.base_lr, config.train.batch_size, total_steps, warmup_steps,
-      scale_by_batch=opt.scale_by_batch, end_lr=opt.end_lr)
-  tx = optim.sgd_agc(schedule, momentum=opt.momentum, nesterov=opt.nesterov,
-                     weight_decay=opt.weight_decay, clipping=opt.clipping, eps=opt.eps)
+    opt.base_lr,
+    config.train.batch_size,
+    total_steps,
+    warmup_steps,
+    scale_by_batch=opt.scale_by_batch,
+    end_lr=opt.end_lr,
+  )
+  tx = optim.sgd_agc(
+    schedule,
+    momentum=opt.momentum,
+    nesterov=opt.nesterov,
+    weight_decay=opt.weight_decay,
+    clipping=opt.clipping,
+    eps=opt.eps,
+  )
   return tx, schedule
 
 
@@ -89,8 +97,13 @@ def init_state(rng: jax.Array, model, optimizer, image_size: int) -> TrainState:
     return params, optimizer.init(params)
 
   params, opt_state = _init(params_rng)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                    ema_params=jax.tree.map(jnp.copy, params), rng=state_rng)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=opt_state,
+    ema_params=jax.tree.map(jnp.copy, params),
+    rng=state_rng,
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -106,46 +119,49 @@ def model_inputs(images: jax.Array) -> jax.Array:
   return (images.astype(jnp.float32) - mean) / std
 
 
-def make_train_step(model, optimizer, schedule, config: ml_collections.ConfigDict,
-                    num_classes: int):
+def make_train_step(
+  model, optimizer, schedule, config: ml_collections.ConfigDict, num_classes: int
+):
   clipping = config.optimizer.clipping
 
   def loss_fn(params, images, labels, rng):
     outputs = model.apply(params, rng, images, is_training=True)
-    logits = outputs['logits'].astype(jnp.float32)     # the loss runs in float32
-    loss = jnp.mean(losses.softmax_cross_entropy(
-        logits, labels, num_classes, config.label_smoothing))
+    logits = outputs['logits'].astype(jnp.float32)  # the loss runs in float32
+    loss = jnp.mean(
+      losses.softmax_cross_entropy(logits, labels, num_classes, config.label_smoothing)
+    )
     return loss, logits
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     step, params = state.step, state.params
     # Same key on every device, then a different stream per device (and step),
     # for stochastic depth and dropout.
-    rng = jax.random.fold_in(jax.random.fold_in(state.rng, step),
-                             jax.lax.axis_index(AXIS))
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, step), jax.lax.axis_index(AXIS))
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, model_inputs(batch['images']), batch['labels'], rng)
+      params, model_inputs(batch['images']), batch['labels'], rng
+    )
     # Gradients are averaged across devices in float32; AGC then sees the
     # global-batch gradient, as in the paper. No batch-norm: nothing else syncs.
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    ema_params = optim.ema_update(state.ema_params, new_params, step,
-                                  config.ema_max_decay)
+    ema_params = optim.ema_update(state.ema_params, new_params, step, config.ema_max_decay)
     metrics = {
-        'loss': jax.lax.pmean(loss, AXIS),
-        'top1': jax.lax.pmean(jnp.mean(losses.topk_correct(logits, batch['labels'], 1)), AXIS),
-        'learning_rate': schedule(step),
-        'grad_norm': optim.global_norm(grads),
-        'param_norm': optim.global_norm(new_params),
-        'update_norm': optim.global_norm(updates),
+      'loss': jax.lax.pmean(loss, AXIS),
+      'top1': jax.lax.pmean(jnp.mean(losses.topk_correct(logits, batch['labels'], 1)), AXIS),
+      'learning_rate': schedule(step),
+      'grad_norm': optim.global_norm(grads),
+      'param_norm': optim.global_norm(new_params),
+      'update_norm': optim.global_norm(updates),
     }
     if clipping:
       metrics['agc_clip_fraction'] = optim.agc_clip_fraction(
-          grads, params, clipping, config.optimizer.eps, mask=optim.agc_mask)
-    new_state = TrainState(step=step + 1, params=new_params, opt_state=opt_state,
-                           ema_params=ema_params, rng=state.rng)
+        grads, params, clipping, config.optimizer.eps, mask=optim.agc_mask
+      )
+    new_state = TrainState(
+      step=step + 1, params=new_params, opt_state=opt_state, ema_params=ema_params, rng=state.rng
+    )
     return new_state, metrics
 
   return train_step
@@ -161,10 +177,12 @@ def make_eval_step(model, num_classes: int):
       logits = model.apply(p, None, model_inputs(batch['images']), is_training=False)['logits']
       labels = batch['labels']
       sums[prefix + 'loss'] = jnp.sum(
-          losses.softmax_cross_entropy(logits, labels, num_classes) * mask)
+        losses.softmax_cross_entropy(logits, labels, num_classes) * mask
+      )
       sums[prefix + 'top1'] = jnp.sum(losses.topk_correct(logits, labels, 1) * mask)
       sums[prefix + 'top5'] = jnp.sum(
-          losses.topk_correct(logits, labels, min(5, num_classes)) * mask)
+        losses.topk_correct(logits, labels, min(5, num_classes)) * mask
+      )
     return jax.lax.psum(sums, AXIS)
 
   return eval_step
@@ -173,14 +191,23 @@ def make_eval_step(model, num_classes: int):
 # ---------------------------------------------------------------------------
 # Evaluation over a whole split.
 # ---------------------------------------------------------------------------
-def evaluate_split(p_eval_step, state: TrainState, config: ml_collections.ConfigDict,
-                   split: str, devices: Sequence) -> dict[str, float]:
+def evaluate_split(
+  p_eval_step, state: TrainState, config: ml_collections.ConfigDict, split: str, devices: Sequence
+) -> dict[str, float]:
   num_devices = len(devices)
   per_device = parallel.per_device_batch_size(config.eval.batch_size, num_devices)
   totals = None
-  for batch in parallel.prefetch_to_devices(data.eval_iterator(
-      config.data, split=split, per_device_batch=per_device, local_devices=num_devices,
-      process_index=jax.process_index(), process_count=jax.process_count()), devices):
+  for batch in parallel.prefetch_to_devices(
+    data.eval_iterator(
+      config.data,
+      split=split,
+      per_device_batch=per_device,
+      local_devices=num_devices,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    ),
+    devices,
+  ):
     sums = p_eval_step(state.params, state.ema_params, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = parallel.to_host(totals)
@@ -209,39 +236,53 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 @dataclasses.dataclass
 class Setup:
   """What training and evaluation build before their first step."""
+
   info: data.DatasetInfo
   devices: list
-  model: Any                  # hk.Transformed
+  model: Any  # hk.Transformed
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
   total_steps: int
   checkpointer: Optional[checkpoint_lib.Checkpointer]
-  state: TrainState           # freshly initialised, replicated over `devices`
+  state: TrainState  # freshly initialised, replicated over `devices`
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
-          checkpoints: bool = True) -> Setup:
+def setup(
+  config: ml_collections.ConfigDict, workdir: str, *, training: bool, checkpoints: bool = True
+) -> Setup:
   validate_config(config)
   info = data.dataset_info(config.data)
   # Before anything is written: a workdir trained on other classes is refused untouched.
   checkpoint_lib.check_and_write_class_index(
-      info.name, info.class_names, workdir, write=training and jax.process_index() == 0)
+    info.name, info.class_names, workdir, write=training and jax.process_index() == 0
+  )
   devices = parallel.local_devices(config.get('num_devices'))
   model = models.build_model(config.model, info.num_classes, config.dtype)
   num_train = data.split_size(config.data, data.train_split(config.data))
   total_steps = total_train_steps(config, num_train)
-  optimizer, schedule = make_optimizer(config, total_steps,
-                                       num_train / config.train.batch_size)
-  checkpointer = checkpoint_lib.Checkpointer(
-      workdir, model_signature=models.model_signature(config.model, info.num_classes),
+  optimizer, schedule = make_optimizer(config, total_steps, num_train / config.train.batch_size)
+  checkpointer = (
+    checkpoint_lib.Checkpointer(
+      workdir,
+      model_signature=models.model_signature(config.model, info.num_classes),
       max_to_keep=config.checkpoint.max_to_keep,
-      save_interval_steps=config.checkpoint.every_steps) if checkpoints else None
-  state = init_state(jax.random.PRNGKey(config.seed), model, optimizer,
-                     config.data.image_size)
+      save_interval_steps=config.checkpoint.every_steps,
+    )
+    if checkpoints
+    else None
+  )
+  state = init_state(jax.random.PRNGKey(config.seed), model, optimizer, config.data.image_size)
   # Restore keeps this layout, so restored and fresh states are laid out alike.
-  return Setup(info=info, devices=devices, model=model, optimizer=optimizer,
-               schedule=schedule, total_steps=total_steps, checkpointer=checkpointer,
-               state=parallel.replicate(state, devices))
+  return Setup(
+    info=info,
+    devices=devices,
+    model=model,
+    optimizer=optimizer,
+    schedule=schedule,
+    total_steps=total_steps,
+    checkpointer=checkpointer,
+    state=parallel.replicate(state, devices),
+  )
 
 
 def restore(checkpointer: checkpoint_lib.Checkpointer, state: TrainState) -> TrainState:
@@ -249,25 +290,31 @@ def restore(checkpointer: checkpoint_lib.Checkpointer, state: TrainState) -> Tra
   return TrainState(**checkpointer.restore(state._asdict()))
 
 
-def check_finite(metrics: dict, step: int, checkpointer: checkpoint_lib.Checkpointer,
-                 workdir: str) -> None:
+def check_finite(
+  metrics: dict, step: int, checkpointer: checkpoint_lib.Checkpointer, workdir: str
+) -> None:
   bad = {k: v for k, v in metrics.items() if not np.all(np.isfinite(v))}
   if bad:
     last = checkpointer.latest_step()
-    kept = (f'The last good checkpoint (step {last}) in {workdir}/checkpoints is kept '
-            'and nothing after it was saved.' if last is not None
-            else 'No checkpoint had been saved yet.')
+    kept = (
+      f'The last good checkpoint (step {last}) in {workdir}/checkpoints is kept '
+      'and nothing after it was saved.'
+      if last is not None
+      else 'No checkpoint had been saved yet.'
+    )
     raise NonFiniteLossError(
-        f'Training diverged at step {step}: non-finite {bad}. {kept} Lower the '
-        'learning rate (--config.optimizer.base_lr), keep AGC on '
-        '(--config.optimizer.clipping), or check the input data.')
+      f'Training diverged at step {step}: non-finite {bad}. {kept} Lower the '
+      'learning rate (--config.optimizer.base_lr), keep AGC on '
+      '(--config.optimizer.clipping), or check the input data.'
+    )
 
 
 # ---------------------------------------------------------------------------
 # The training loop.
 # ---------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       progress_bar: bool = True) -> dict[str, float]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, progress_bar: bool = True
+) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in `workdir`) and evaluates.
 
   Returns the final evaluation metrics.
@@ -284,26 +331,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if ckpt.latest_step() is not None:
     state = parallel.replicate(restore(ckpt, state), devices)
   elif config.get('init_from'):
-    params = weights_lib.initial_params(config.model, config.init_from,
-                                    parallel.to_host(state.params), num_classes)
+    params = weights_lib.initial_params(
+      config.model, config.init_from, parallel.to_host(state.params), num_classes
+    )
     state = parallel.replicate(state._replace(params=params, ema_params=params), devices)
   start_step = int(state.step)
 
   # A resumed run draws a fresh shuffle rather than replaying the first batches.
-  train_iter = parallel.prefetch_to_devices(data.train_iterator(
-      config.data, per_device_batch=per_device, local_devices=num_devices,
-      seed=config.seed + start_step, process_index=jax.process_index(),
-      process_count=jax.process_count()), devices)
+  train_iter = parallel.prefetch_to_devices(
+    data.train_iterator(
+      config.data,
+      per_device_batch=per_device,
+      local_devices=num_devices,
+      seed=config.seed + start_step,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    ),
+    devices,
+  )
   p_train_step = parallel.map_train_step(
-      make_train_step(run.model, run.optimizer, run.schedule, config, num_classes),
-      devices)
+    make_train_step(run.model, run.optimizer, run.schedule, config, num_classes), devices
+  )
   p_eval_step = parallel.map_eval_step(make_eval_step(run.model, num_classes), devices)
-  logger = metrics_lib.MetricsLogger(workdir, total_steps=run.total_steps,
-                                     progress_bar=progress_bar)
+  logger = metrics_lib.MetricsLogger(
+    workdir, total_steps=run.total_steps, progress_bar=progress_bar
+  )
   if start_step == 0:
-    logger.write(0, {'num_params': models.count_params(state.params),
-                     'num_devices': num_devices * jax.process_count(),
-                     'total_steps': run.total_steps})
+    logger.write(
+      0,
+      {
+        'num_params': models.count_params(state.params),
+        'num_devices': num_devices * jax.process_count(),
+        'total_steps': run.total_steps,
+      },
+    )
 
   # 3. The loop.
   eval_metrics, shown = {}, {}
@@ -321,11 +382,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         # Never save a diverged state: the check runs before every save.
         check_finite(metrics, step, ckpt, workdir)
         now = time.perf_counter()
-        images_per_sec = ((step - timer_step) * config.train.batch_size
-                          / max(now - timer_start, 1e-9))
+        images_per_sec = (
+          (step - timer_step) * config.train.batch_size / max(now - timer_start, 1e-9)
+        )
         timer_step, timer_start = step, now
         scalars = {k: float(v) for k, v in metrics.items()}
-        if step > start_step + 1:    # the first step's time is compilation
+        if step > start_step + 1:  # the first step's time is compilation
           scalars['images_per_sec'] = images_per_sec
         logger.write(step, scalars)
         shown = {'loss': scalars['loss'], 'top1': scalars['top1']}
@@ -334,8 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logger.progress(step, **shown)
 
       if step % config.train.eval_every_steps == 0 or is_last:
-        eval_metrics = evaluate_split(p_eval_step, state, config, config.eval.split,
-                                      devices)
+        eval_metrics = evaluate_split(p_eval_step, state, config, config.eval.split, devices)
         logger.write(step, eval_metrics)
         timer_step, timer_start = step, time.perf_counter()
 
@@ -344,8 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # 4. Final evaluation (when resumed at the very end) and export.
     if not eval_metrics:
-      eval_metrics = evaluate_split(p_eval_step, state, config, config.eval.split,
-                                    devices)
+      eval_metrics = evaluate_split(p_eval_step, state, config, config.eval.split, devices)
       logger.write(int(state.step), eval_metrics)
     weights_lib.export_params(config.model, parallel.to_host(state.ema_params), workdir)
   finally:
@@ -357,32 +417,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 # ---------------------------------------------------------------------------
 # Evaluation on its own.
 # ---------------------------------------------------------------------------
-def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             split: Optional[str] = None, weights: Optional[str] = None) -> dict[str, float]:
+def evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  split: Optional[str] = None,
+  weights: Optional[str] = None,
+) -> dict[str, float]:
   """Evaluates the newest checkpoint in `workdir` (raw and EMA parameters), or the
   parameters in a `weights` file (released or converted .npz; raw = EMA = the file's)."""
   run = setup(config, workdir, training=False, checkpoints=not weights)
   state = run.state
-  if weights:   # no checkpoint involved: nothing but metrics is written to workdir
+  if weights:  # no checkpoint involved: nothing but metrics is written to workdir
     params = weights_lib.load_for_model(config.model, weights, run.info.num_classes)
     state = state._replace(params=params, ema_params=params)
   else:
     try:
       if run.checkpointer.latest_step() is None:
         raise FileNotFoundError(
-            f'No checkpoint in {workdir}/checkpoints to evaluate. Train first '
-            f'(python -m nfnet_jax.train --config ... --workdir {workdir}) or point '
-            '--workdir at a training run.')
+          f'No checkpoint in {workdir}/checkpoints to evaluate. Train first '
+          f'(python -m nfnet_jax.train --config ... --workdir {workdir}) or point '
+          '--workdir at a training run.'
+        )
       state = restore(run.checkpointer, state)
     finally:
       run.checkpointer.close()
   state = parallel.replicate(state, run.devices)
-  p_eval_step = parallel.map_eval_step(make_eval_step(run.model, run.info.num_classes),
-                                       run.devices)
-  results = evaluate_split(p_eval_step, state, config, split or config.eval.split,
-                           run.devices)
-  with metrics_lib.MetricsLogger(workdir, total_steps=run.total_steps,
-                                 progress_bar=False) as logger:
+  p_eval_step = parallel.map_eval_step(make_eval_step(run.model, run.info.num_classes), run.devices)
+  results = evaluate_split(p_eval_step, state, config, split or config.eval.split, run.devices)
+  with metrics_lib.MetricsLogger(
+    workdir, total_steps=run.total_steps, progress_bar=False
+  ) as logger:
     logger.write(int(state.step), results)
   return results
 
@@ -390,9 +454,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 # ---------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------
-def initialize_distributed(coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
+def initialize_distributed(
+  coordinator_address: Optional[str] = None,
+  num_processes: Optional[int] = None,
+  process_id: Optional[int] = None,
+) -> None:
   """Joins a multi-process job; must run on every host before any other JAX call.
 
   On Cloud TPU VMs the arguments are discovered automatically. Elsewhere (and
@@ -400,34 +466,58 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   """
   kwargs = {}
   if coordinator_address:
-    kwargs = dict(coordinator_address=coordinator_address,
-                  num_processes=num_processes, process_id=process_id)
+    kwargs = dict(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   jax.distributed.initialize(**kwargs)
 
 
 def define_flags(values: flags.FlagValues) -> None:
   config_flags.DEFINE_config_file(
-      'config', None, 'Experiment config file, e.g. experiments/digits.py or '
-      'experiments/nfnet.py:F0; override fields with --config.train.batch_size=...',
-      lock_config=True, flag_values=values)
-  flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs '
-                      '(local, or gs://... shared by all hosts).', flag_values=values)
-  flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                    'train (resumes automatically) or eval (newest checkpoint).',
-                    flag_values=values)
-  flags.DEFINE_string('weights', None, 'With --mode eval: evaluate this weights file '
-                      "(DeepMind's F{k}_haiku.npz or a converted .npz) instead of the "
-                      'newest checkpoint.', flag_values=values)
-  flags.DEFINE_bool('distributed', False, 'Multi-host job (e.g. a TPU pod slice): call '
-                    'jax.distributed.initialize() first. Start the same command on '
-                    'every host.', flag_values=values)
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for '
-                      'multi-process jobs outside Cloud TPU (implies --distributed).',
-                      flag_values=values)
-  flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.',
-                       flag_values=values)
-  flags.DEFINE_integer('process_id', None, 'With --coordinator_address.',
-                       flag_values=values)
+    'config',
+    None,
+    'Experiment config file, e.g. experiments/digits.py or '
+    'experiments/nfnet.py:F0; override fields with --config.train.batch_size=...',
+    lock_config=True,
+    flag_values=values,
+  )
+  flags.DEFINE_string(
+    'workdir',
+    None,
+    'Directory for checkpoints and logs (local, or gs://... shared by all hosts).',
+    flag_values=values,
+  )
+  flags.DEFINE_enum(
+    'mode',
+    'train',
+    ['train', 'eval'],
+    'train (resumes automatically) or eval (newest checkpoint).',
+    flag_values=values,
+  )
+  flags.DEFINE_string(
+    'weights',
+    None,
+    'With --mode eval: evaluate this weights file '
+    "(DeepMind's F{k}_haiku.npz or a converted .npz) instead of the "
+    'newest checkpoint.',
+    flag_values=values,
+  )
+  flags.DEFINE_bool(
+    'distributed',
+    False,
+    'Multi-host job (e.g. a TPU pod slice): call '
+    'jax.distributed.initialize() first. Start the same command on '
+    'every host.',
+    flag_values=values,
+  )
+  flags.DEFINE_string(
+    'coordinator_address',
+    None,
+    'host:port of process 0, for multi-process jobs outside Cloud TPU (implies --distributed).',
+    flag_values=values,
+  )
+  flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.', flag_values=values)
+  flags.DEFINE_integer('process_id', None, 'With --coordinator_address.', flag_values=values)
   flags.mark_flags_as_required(['config', 'workdir'], flag_values=values)
 
 
@@ -438,16 +528,18 @@ def main(argv) -> None:
   if not flags_['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   if flags_.distributed or flags_.coordinator_address:
-    initialize_distributed(flags_.coordinator_address, flags_.num_processes,
-                           flags_.process_id)
+    initialize_distributed(flags_.coordinator_address, flags_.num_processes, flags_.process_id)
   config = flags_.config
   if flags_.mode == 'train':
     results = train_and_evaluate(config, flags_.workdir)
   else:
     results = evaluate(config, flags_.workdir, weights=flags_.weights)
   if jax.process_index() == 0:
-    print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
-                   for k, v in sorted(results.items())))
+    print(
+      ' '.join(
+        f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in sorted(results.items())
+      )
+    )
 
 
 def run_main():

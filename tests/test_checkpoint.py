@@ -16,20 +16,27 @@ import pytest
 from nfnet_jax import checkpoint as ckpt_lib
 from nfnet_jax.checkpoint import Checkpointer, CheckpointMismatchError
 
-SIG = {'family': 'NFNet', 'variant': 'F0', 'width': 1.0, 'num_classes': 10,
-       'image_size': 192, 'stages': [1, 2, 6, 3]}
+SIG = {
+  'family': 'NFNet',
+  'variant': 'F0',
+  'width': 1.0,
+  'num_classes': 10,
+  'image_size': 192,
+  'stages': [1, 2, 6, 3],
+}
 
 
 def make_params(seed=0, num_classes=10):
   rng = np.random.default_rng(seed)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   return {
-      'nfnet/~/stem_conv0': {'w': f(3, 3, 3, 8), 'b': f(8)},
-      'nfnet/~/nf_block_0/~/conv0': {
-          'w': jnp.asarray(rng.standard_normal((1, 1, 8, 4)), jnp.bfloat16),
-          'gain': f(1, 1, 1, 4)},
-      'nfnet/~/nf_block_0': {'skip_gain': f()},
-      'nfnet/~/linear': {'w': f(8, num_classes), 'b': f(num_classes)},
+    'nfnet/~/stem_conv0': {'w': f(3, 3, 3, 8), 'b': f(8)},
+    'nfnet/~/nf_block_0/~/conv0': {
+      'w': jnp.asarray(rng.standard_normal((1, 1, 8, 4)), jnp.bfloat16),
+      'gain': f(1, 1, 1, 4),
+    },
+    'nfnet/~/nf_block_0': {'skip_gain': f()},
+    'nfnet/~/linear': {'w': f(8, num_classes), 'b': f(num_classes)},
   }
 
 
@@ -41,9 +48,13 @@ def make_state(step=0, seed=0, num_classes=10):
   grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.5, params)
   _, opt_state = opt.update(grads, opt_state, params)
   ema = jax.tree.map(lambda p: p * 0.5, params)
-  return {'step': jnp.asarray(step, jnp.int32), 'params': params,
-          'opt_state': opt_state, 'ema_params': ema,
-          'rng': jax.random.PRNGKey(seed + 17)}
+  return {
+    'step': jnp.asarray(step, jnp.int32),
+    'params': params,
+    'opt_state': opt_state,
+    'ema_params': ema,
+    'rng': jax.random.PRNGKey(seed + 17),
+  }
 
 
 def zeros_like(state):
@@ -86,69 +97,63 @@ def test_round_trip_nesterov_state_and_rng(tmp_path):
   # Layout.
   assert (tmp_path / 'model_signature.json').is_file()
   assert (tmp_path / 'checkpoints' / '5' / 'state').is_dir()
-  assert (tmp_path / 'checkpoints' / '5' / 'signature' /
-          'model_signature.json').is_file()
+  assert (tmp_path / 'checkpoints' / '5' / 'signature' / 'model_signature.json').is_file()
 
 
 def test_numpy_target_masked_state_typed_key_python_step(tmp_path):
   params = make_params()
   mask = jax.tree.map(lambda p: p.ndim > 1, params)
-  opt = optax.chain(optax.masked(optax.trace(0.9, nesterov=True), mask),
-                    optax.scale(-0.1))
-  state = {'step': 3, 'params': params, 'opt_state': opt.init(params),
-           'rng': jax.random.key(42)}
-  with Checkpointer(str(tmp_path), model_signature=SIG,
-                    async_save=False) as ckpt:
+  opt = optax.chain(optax.masked(optax.trace(0.9, nesterov=True), mask), optax.scale(-0.1))
+  state = {'step': 3, 'params': params, 'opt_state': opt.init(params), 'rng': jax.random.key(42)}
+  with Checkpointer(str(tmp_path), model_signature=SIG, async_save=False) as ckpt:
     assert ckpt.save(3, state)
     target = jax.tree.map(lambda x: x, state)
-    target['params'] = jax.tree.map(
-        lambda p: np.zeros(p.shape, p.dtype), params)
+    target['params'] = jax.tree.map(lambda p: np.zeros(p.shape, p.dtype), params)
     target['step'] = 0
     target['rng'] = jax.random.key(0)
     restored = ckpt.restore(target)
   assert restored['step'] == 3 and isinstance(restored['step'], int)
-  assert all(isinstance(x, np.ndarray)
-             for x in jax.tree.leaves(restored['params']))
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(restored['params']))
   assert jax.dtypes.issubdtype(restored['rng'].dtype, jax.dtypes.prng_key)
-  np.testing.assert_array_equal(jax.random.key_data(restored['rng']),
-                                jax.random.key_data(state['rng']))
-  assert jax.tree.structure(restored['opt_state']) == jax.tree.structure(
-      state['opt_state'])
-  for x, y in zip(jax.tree.leaves(restored['opt_state']),
-                  jax.tree.leaves(state['opt_state'])):
+  np.testing.assert_array_equal(
+    jax.random.key_data(restored['rng']), jax.random.key_data(state['rng'])
+  )
+  assert jax.tree.structure(restored['opt_state']) == jax.tree.structure(state['opt_state'])
+  for x, y in zip(jax.tree.leaves(restored['opt_state']), jax.tree.leaves(state['opt_state'])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_max_to_keep_interval_latest_and_resume(tmp_path):
-  ckpt = Checkpointer(str(tmp_path), model_signature=SIG, max_to_keep=2,
-                      save_interval_steps=2)
-  saved = [s for s in range(1, 8)
-           if ckpt.should_save(s) and ckpt.save(s, make_state(step=s, seed=s))]
+  ckpt = Checkpointer(str(tmp_path), model_signature=SIG, max_to_keep=2, save_interval_steps=2)
+  saved = [
+    s for s in range(1, 8) if ckpt.should_save(s) and ckpt.save(s, make_state(step=s, seed=s))
+  ]
   assert saved == [2, 4, 6]
-  assert not ckpt.should_save(6)      # saved already
-  assert ckpt.save(7, make_state(step=7, seed=7))   # the final save, off the interval
+  assert not ckpt.should_save(6)  # saved already
+  assert ckpt.save(7, make_state(step=7, seed=7))  # the final save, off the interval
   # A final save at an already-saved step is a no-op, not an error.
   assert not ckpt.save(7, make_state(step=7, seed=7))
   ckpt.close()
-  steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()
-                 if p.name.isdigit())
+  steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps == [6, 7]
 
   # Resume with a fresh Checkpointer (new process in real life).
-  ckpt = Checkpointer(str(tmp_path), model_signature=dict(SIG), max_to_keep=2,
-                      save_interval_steps=2)
+  ckpt = Checkpointer(
+    str(tmp_path), model_signature=dict(SIG), max_to_keep=2, save_interval_steps=2
+  )
   assert ckpt.latest_step() == 7
   restored = ckpt.restore(zeros_like(make_state()))
   assert_trees_equal(restored, make_state(step=7, seed=7))
-  assert_trees_equal(ckpt.restore(zeros_like(make_state()), step=6),
-                     make_state(step=6, seed=6))
+  assert_trees_equal(ckpt.restore(zeros_like(make_state()), step=6), make_state(step=6, seed=6))
   with pytest.raises(FileNotFoundError):
     ckpt.restore(zeros_like(make_state()), step=2)  # rotated out
   assert not ckpt.save(7, make_state(step=7))
   assert ckpt.save(8, make_state(step=8, seed=8))
   ckpt.close()
-  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()
-                if p.name.isdigit()) == [7, 8]
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()) == [
+    7,
+    8,
+  ]
 
 
 def test_restore_without_checkpoint_raises(tmp_path):
@@ -195,8 +200,7 @@ def test_different_model_signature_refused_and_workdir_untouched(tmp_path):
 def test_signature_only_workdir_refused(tmp_path):
   Checkpointer(str(tmp_path), model_signature=SIG).close()
   before = snapshot(tmp_path)
-  with pytest.raises(CheckpointMismatchError, match='width: stored 1.0, '
-                     'requested 2.0'):
+  with pytest.raises(CheckpointMismatchError, match='width: stored 1.0, requested 2.0'):
     Checkpointer(str(tmp_path), model_signature=dict(SIG, width=2.0))
   assert snapshot(tmp_path) == before
 
@@ -205,8 +209,7 @@ def test_foreign_checkpoints_without_signature_refused(tmp_path):
   (tmp_path / 'checkpoints' / '5' / 'state').mkdir(parents=True)
   (tmp_path / 'checkpoints' / '5' / 'state' / 'x').write_bytes(b'old run')
   before = snapshot(tmp_path)
-  with pytest.raises(CheckpointMismatchError,
-                     match='(?s)no model signature.*--workdir'):
+  with pytest.raises(CheckpointMismatchError, match='(?s)no model signature.*--workdir'):
     Checkpointer(str(tmp_path), model_signature=SIG)
   assert snapshot(tmp_path) == before
 
@@ -239,11 +242,12 @@ def test_dtype_and_structure_mismatch(tmp_path):
     ckpt.save(1, state)
     ckpt.wait_until_finished()
     bad = zeros_like(state)
-    bad['params']['nfnet/~/stem_conv0']['w'] = jnp.zeros((3, 3, 3, 8),
-                                                         jnp.bfloat16)
-    with pytest.raises(CheckpointMismatchError,
-                       match=r"(?s)stem_conv0'\]\['w'\]: expected dtype "
-                       'bfloat16, found float32'):
+    bad['params']['nfnet/~/stem_conv0']['w'] = jnp.zeros((3, 3, 3, 8), jnp.bfloat16)
+    with pytest.raises(
+      CheckpointMismatchError,
+      match=r"(?s)stem_conv0'\]\['w'\]: expected dtype "
+      'bfloat16, found float32',
+    ):
       ckpt.restore(bad)
     bad = zeros_like(state)
     bad['params']['nfnet/~/new_layer'] = {'w': jnp.zeros((2,))}
@@ -272,8 +276,7 @@ def test_leftover_tmp_dir_from_interrupted_save_is_ignored(tmp_path):
   ckpt.close()
   ckpt = Checkpointer(str(tmp_path), model_signature=SIG)
   assert ckpt.latest_step() == 4
-  assert_trees_equal(ckpt.restore(zeros_like(state2)),
-                     make_state(step=4, seed=4))
+  assert_trees_equal(ckpt.restore(zeros_like(state2)), make_state(step=4, seed=4))
   ckpt.close()
   assert not tmp.exists()  # cleaned up on start-up
 
@@ -296,15 +299,13 @@ def test_process_killed_during_async_save_keeps_previous(tmp_path):
   # Killed this early, the step-2 save is normally still in its
   # `2.orbax-checkpoint-tmp*` directory; if it did finish, step 2 is complete.
   # Either way the newest finalized step must restore cleanly.
-  proc = subprocess.run([sys.executable, '-c', script], capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 3, proc.stderr[-3000:]
   with Checkpointer(str(tmp_path), model_signature=SIG) as ckpt:
     latest = ckpt.latest_step()
     assert latest in (1, 2)
     shape = (64, 64) if latest == 1 else (2048, 2048)
-    restored = ckpt.restore({'step': np.int32(0),
-                             'w': np.zeros(shape, np.float32)})
+    restored = ckpt.restore({'step': np.int32(0), 'w': np.zeros(shape, np.float32)})
     assert int(restored['step']) == latest
     np.testing.assert_array_equal(restored['w'], float(latest))
     if latest == 2:  # the save finished before the kill: step 1 still there
@@ -315,7 +316,7 @@ def test_class_index_written_once_and_a_changed_dataset_refused(tmp_path):
   workdir = tmp_path / 'work'
   classes = ('ant', 'bee', 'cat')
   ckpt_lib.check_and_write_class_index('folder', classes, str(workdir), write=False)
-  assert not workdir.exists()          # a non-writing process leaves no trace
+  assert not workdir.exists()  # a non-writing process leaves no trace
   ckpt_lib.check_and_write_class_index('folder', classes, str(workdir))
   path = workdir / ckpt_lib.CLASS_INDEX_FILE
   written = path.read_bytes()
@@ -325,7 +326,7 @@ def test_class_index_written_once_and_a_changed_dataset_refused(tmp_path):
   grown = ('ant', 'ape', 'bee', 'cat')
   with pytest.raises(ValueError, match=r"differ from label 1 on \(\['bee'\] vs \['ape'\]\)"):
     ckpt_lib.check_and_write_class_index('folder', grown, str(workdir))
-  assert path.read_bytes() == written   # untouched
+  assert path.read_bytes() == written  # untouched
 
 
 def test_module_constants():
@@ -362,16 +363,24 @@ def test_two_process_save_restore_on_cpu(tmp_path):
   """Both processes call save/restore with host-local (un-replicated) arrays,
   as in a multi-host job; neither hangs nor errors."""
   import socket
+
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
   script = _MULTIHOST_SCRIPT.format(
-      root=str(pathlib.Path(__file__).parents[1]), port=port,
-      workdir=str(tmp_path / 'wd'))
+    root=str(pathlib.Path(__file__).parents[1]), port=port, workdir=str(tmp_path / 'wd')
+  )
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  procs = [subprocess.Popen([sys.executable, '-c', script, str(i)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', script, str(i)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+    for i in range(2)
+  ]
   outs = []
   try:
     for p in procs:

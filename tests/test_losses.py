@@ -1,10 +1,11 @@
 """Tests for nfnet_jax.losses against NumPy references."""
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 
 from nfnet_jax import losses
 
@@ -54,8 +55,7 @@ def test_label_smoothing_matches_numpy(shape, seed, ls):
   target = np.full((b, c), ls / c)
   target[np.arange(b), labels] += 1.0 - ls
   got = _xent(logits, labels.astype(np.int32), c, ls)
-  np.testing.assert_allclose(got, np_xent(logits, target), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(got, np_xent(logits, target), rtol=1e-5, atol=1e-5)
 
 
 @FAST
@@ -70,8 +70,7 @@ def test_soft_labels_match_numpy(shape, seed, ls):
   y2 = np.eye(c)[rng.integers(0, c, size=b)]
   soft = lam * y1 + (1 - lam) * y2
   got = _xent(logits, soft.astype(np.float32), c, ls)
-  np.testing.assert_allclose(got, np_xent(logits, soft * (1 - ls) + ls / c),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, np_xent(logits, soft * (1 - ls) + ls / c), rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_logits_give_float32_loss():
@@ -86,8 +85,7 @@ def test_bf16_logits_give_float32_loss():
   ref = np_xent(np.asarray(logits.astype(jnp.float32)), target)
   np.testing.assert_allclose(loss, ref, rtol=1e-5)
   # A bf16 softmax would be off by far more than this.
-  bf16_loss = -jnp.sum(jnp.asarray(target, jnp.bfloat16)
-                       * jax.nn.log_softmax(logits), -1)
+  bf16_loss = -jnp.sum(jnp.asarray(target, jnp.bfloat16) * jax.nn.log_softmax(logits), -1)
   assert np.max(np.abs(np.float64(bf16_loss) - ref)) > 1e-3
 
 
@@ -95,8 +93,7 @@ def test_loss_gradient_is_softmax_minus_target():
   rng = np.random.default_rng(1)
   logits = _logits(rng, (4, 5))
   labels = np.array([0, 3, 4, 1], np.int32)
-  grad = jax.grad(lambda x: losses.softmax_cross_entropy(
-      x, labels, 5, 0.1).sum())(logits)
+  grad = jax.grad(lambda x: losses.softmax_cross_entropy(x, labels, 5, 0.1).sum())(logits)
   p = np.exp(np.float64(logits))
   p /= p.sum(-1, keepdims=True)
   target = np.full((4, 5), 0.1 / 5)
@@ -115,14 +112,12 @@ def test_bad_shapes_raise():
 
 
 def np_topk(logits, labels, k):
-  order = np.argsort(-np.asarray(logits, np.float64), axis=-1, kind="stable")
-  return np.array([lab in row[:k] for row, lab in zip(order, labels)],
-                  np.float32)
+  order = np.argsort(-np.asarray(logits, np.float64), axis=-1, kind='stable')
+  return np.array([lab in row[:k] for row, lab in zip(order, labels)], np.float32)
 
 
 @FAST
-@given(shape=st.sampled_from([(4, 10), (16, 100)]), seed=seeds,
-       k=st.sampled_from([1, 5]))
+@given(shape=st.sampled_from([(4, 10), (16, 100)]), seed=seeds, k=st.sampled_from([1, 5]))
 def test_topk_correct_matches_numpy(shape, seed, k):
   rng = np.random.default_rng(seed)
   b, c = shape
@@ -138,8 +133,7 @@ def test_topk_correct_matches_numpy(shape, seed, k):
 
 
 def test_topk_correct_small_cases():
-  logits = jnp.array([[0.1, 0.5, 0.2, 0.9], [3.0, 1.0, 2.0, 0.0]],
-                     jnp.bfloat16)
+  logits = jnp.array([[0.1, 0.5, 0.2, 0.9], [3.0, 1.0, 2.0, 0.0]], jnp.bfloat16)
   labels = jnp.array([1, 1])
   np.testing.assert_array_equal(losses.topk_correct(logits, labels, 1), [0, 0])
   np.testing.assert_array_equal(losses.topk_correct(logits, labels, 2), [1, 0])
@@ -147,5 +141,4 @@ def test_topk_correct_small_cases():
   # k above the number of classes: everything is correct.
   np.testing.assert_array_equal(losses.topk_correct(logits, labels, 10), [1, 1])
   top1 = jax.jit(losses.topk_correct, static_argnums=2)(logits, labels, 1)
-  np.testing.assert_array_equal(
-      top1, np.argmax(np.float32(logits), -1) == np.asarray(labels))
+  np.testing.assert_array_equal(top1, np.argmax(np.float32(logits), -1) == np.asarray(labels))

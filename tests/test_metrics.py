@@ -20,6 +20,7 @@ def read_lines(path):
 def tb_scalars(tb_dir):
   """{tag: [(step, value), ...]} read back from the event files."""
   import tensorflow as tf
+
   out = {}
   plugins = set()
   for path in sorted(glob.glob(os.path.join(tb_dir, 'events.out.tfevents.*'))):
@@ -38,21 +39,26 @@ def tb_scalars(tb_dir):
 
 def test_jsonl_lines_parse_have_step_and_append_across_instances(tmp_path):
   wd = str(tmp_path)
-  with MetricsLogger(wd, total_steps=10, tensorboard=False,
-                     progress_bar=False) as log:
-    log.write(1, {'loss': np.float32(2.5), 'top1': jnp.asarray(0.25),
-                  'count': np.int64(7), 'lr': 0.1, 'finite': np.bool_(True)})
+  with MetricsLogger(wd, total_steps=10, tensorboard=False, progress_bar=False) as log:
+    log.write(
+      1,
+      {
+        'loss': np.float32(2.5),
+        'top1': jnp.asarray(0.25),
+        'count': np.int64(7),
+        'lr': 0.1,
+        'finite': np.bool_(True),
+      },
+    )
     log.write(2, {'loss': jnp.float32(2.0), 'step': 999})
   # Resumed run: a second logger appends, nothing is truncated.
-  with MetricsLogger(wd, total_steps=10, tensorboard=False,
-                     progress_bar=False) as log:
+  with MetricsLogger(wd, total_steps=10, tensorboard=False, progress_bar=False) as log:
     log.write(3, {'loss': 1.5})
 
   lines = read_lines(os.path.join(wd, 'metrics.jsonl'))
   assert [r['step'] for r in lines] == [1, 2, 3]
   assert all(list(r)[0] == 'step' for r in lines)  # 'step' first
-  assert lines[0] == {'step': 1, 'loss': 2.5, 'top1': 0.25, 'count': 7,
-                      'lr': 0.1, 'finite': True}
+  assert lines[0] == {'step': 1, 'loss': 2.5, 'top1': 0.25, 'count': 7, 'lr': 0.1, 'finite': True}
   assert type(lines[0]['count']) is int and type(lines[0]['loss']) is float
   assert lines[1] == {'step': 2, 'loss': 2.0}
   assert not os.path.exists(os.path.join(wd, 'tensorboard'))
@@ -60,15 +66,12 @@ def test_jsonl_lines_parse_have_step_and_append_across_instances(tmp_path):
 
 def test_non_finite_values_keep_file_parseable(tmp_path):
   wd = str(tmp_path)
-  with MetricsLogger(wd, total_steps=3, tensorboard=False,
-                     progress_bar=False) as log:
-    log.write(1, {'loss': float('nan'), 'grad_norm': np.float32('inf'),
-                  'x': -np.inf, 'ok': 1.0})
+  with MetricsLogger(wd, total_steps=3, tensorboard=False, progress_bar=False) as log:
+    log.write(1, {'loss': float('nan'), 'grad_norm': np.float32('inf'), 'x': -np.inf, 'ok': 1.0})
   with open(os.path.join(wd, 'metrics.jsonl'), encoding='utf-8') as f:
     text = f.read()
   record = json.loads(text)  # strict JSON: no NaN/Infinity literals
-  assert record == {'step': 1, 'loss': 'nan', 'grad_norm': 'inf', 'x': '-inf',
-                    'ok': 1.0}
+  assert record == {'step': 1, 'loss': 'nan', 'grad_norm': 'inf', 'x': '-inf', 'ok': 1.0}
   assert 'NaN' not in text and 'Infinity' not in text
   (back,) = read_metrics(wd)
   assert math.isnan(back['loss']) and back['grad_norm'] == math.inf
@@ -76,8 +79,7 @@ def test_non_finite_values_keep_file_parseable(tmp_path):
 
 
 def test_rejects_non_scalars(tmp_path):
-  with MetricsLogger(str(tmp_path), total_steps=3, tensorboard=False,
-                     progress_bar=False) as log:
+  with MetricsLogger(str(tmp_path), total_steps=3, tensorboard=False, progress_bar=False) as log:
     with pytest.raises(ValueError, match="'v' must be a scalar"):
       log.write(1, {'v': np.ones(3)})
     with pytest.raises(TypeError, match="'s' must be numeric"):
@@ -89,11 +91,9 @@ def test_rejects_non_scalars(tmp_path):
 def test_incomplete_last_line_from_crash_is_dropped(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
-  with MetricsLogger(str(tmp_path), total_steps=3, tensorboard=False,
-                     progress_bar=False) as log:
+  with MetricsLogger(str(tmp_path), total_steps=3, tensorboard=False, progress_bar=False) as log:
     log.write(2, {'loss': 1.0})
-  assert read_lines(path) == [{'step': 1, 'loss': 2.0},
-                              {'step': 2, 'loss': 1.0}]
+  assert read_lines(path) == [{'step': 1, 'loss': 2.0}, {'step': 2, 'loss': 1.0}]
 
 
 def test_non_main_process_writes_nothing(tmp_path):
@@ -108,8 +108,7 @@ def test_non_main_process_writes_nothing(tmp_path):
 
 
 def test_default_main_process_is_process_zero(tmp_path):
-  log = MetricsLogger(str(tmp_path), total_steps=5, tensorboard=False,
-                      progress_bar=False)
+  log = MetricsLogger(str(tmp_path), total_steps=5, tensorboard=False, progress_bar=False)
   assert log.is_main_process  # single process: jax.process_index() == 0
   log.close()
 
@@ -128,8 +127,7 @@ def test_tensorboard_scalars_written_and_readable(tmp_path):
   assert scalars['train/top1'] == [(5, 0.5)]
   assert len(scalars['bad']) == 1 and math.isnan(scalars['bad'][0][1])
   # JSONL alongside.
-  assert [r['step'] for r in read_lines(os.path.join(wd, 'metrics.jsonl'))
-          ] == [5, 10]
+  assert [r['step'] for r in read_lines(os.path.join(wd, 'metrics.jsonl'))] == [5, 10]
   with pytest.raises(RuntimeError):
     log.write(11, {'loss': 1.0})
 
@@ -137,16 +135,17 @@ def test_tensorboard_scalars_written_and_readable(tmp_path):
 def test_remote_workdir_rewrites_whole_file(tmp_path):
   """Non-local paths go through tf.io.gfile (ram:// stands in for gs://)."""
   import tensorflow as tf
+
   wd = f'ram://metrics_test_{os.getpid()}/run'
-  with MetricsLogger(wd, total_steps=4, tensorboard=False,
-                     progress_bar=False) as log:
+  with MetricsLogger(wd, total_steps=4, tensorboard=False, progress_bar=False) as log:
     log.write(1, {'loss': 1.0})
-  with MetricsLogger(wd, total_steps=4, tensorboard=False,
-                     progress_bar=False) as log:
+  with MetricsLogger(wd, total_steps=4, tensorboard=False, progress_bar=False) as log:
     log.write(2, {'loss': float('inf')})
   text = tf.io.gfile.GFile(wd + '/metrics.jsonl').read()
-  assert [json.loads(l) for l in text.splitlines()] == [
-      {'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 'inf'}]
+  assert [json.loads(line) for line in text.splitlines()] == [
+    {'step': 1, 'loss': 1.0},
+    {'step': 2, 'loss': 'inf'},
+  ]
   assert read_metrics(wd)[1]['loss'] == math.inf
 
 

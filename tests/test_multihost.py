@@ -19,6 +19,7 @@ Runs in a few minutes on 2 CPU cores (the two XLA compilations of the train and
 eval steps dominate; the second launch reuses them from the persistent
 compilation cache).
 """
+
 import json
 import os
 import re
@@ -36,21 +37,21 @@ NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
 NUM_STEPS = 6
 NUM_TEST_DIGITS = 360
-TIMEOUT_SECS = 900          # per launch; the test normally needs a fraction of it
+TIMEOUT_SECS = 900  # per launch; the test normally needs a fraction of it
 
 # A tiny F0 (12 blocks, 1/16 of the channels) on 16x16 digits. Global batch 16 =
 # 4 devices x 4; eval batch 40 = 4 devices x 10, so each host's 180 test digits
 # take 9 batches of 20 with no padding. Checkpoints at steps 3 and 6.
 OVERRIDES = (
-    f'--config.train.num_steps={NUM_STEPS}',
-    '--config.train.batch_size=16',
-    f'--config.train.eval_every_steps={NUM_STEPS}',
-    '--config.train.log_every_steps=1',
-    '--config.checkpoint.every_steps=3',
-    '--config.model.kwargs.width=0.0625',
-    '--config.model.kwargs.group_size=8',
-    '--config.data.image_size=16',
-    '--config.eval.batch_size=40',
+  f'--config.train.num_steps={NUM_STEPS}',
+  '--config.train.batch_size=16',
+  f'--config.train.eval_every_steps={NUM_STEPS}',
+  '--config.train.log_every_steps=1',
+  '--config.checkpoint.every_steps=3',
+  '--config.model.kwargs.width=0.0625',
+  '--config.model.kwargs.group_size=8',
+  '--config.data.image_size=16',
+  '--config.eval.batch_size=40',
 )
 
 
@@ -63,14 +64,16 @@ def _free_port() -> int:
 def _env(cache_dir: str) -> dict:
   env = dict(os.environ)
   env.update(
-      JAX_PLATFORMS='cpu',
-      # 2 devices per process; the cheaper CPU code generation roughly halves the
-      # compile time of the train step and does not change what is tested.
-      XLA_FLAGS=(f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} '
-                 '--xla_backend_optimization_level=0 '
-                 '--xla_llvm_disable_expensive_passes=true'),
-      TF_CPP_MIN_LOG_LEVEL='2',
-      PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p),
+    JAX_PLATFORMS='cpu',
+    # 2 devices per process; the cheaper CPU code generation roughly halves the
+    # compile time of the train step and does not change what is tested.
+    XLA_FLAGS=(
+      f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} '
+      '--xla_backend_optimization_level=0 '
+      '--xla_llvm_disable_expensive_passes=true'
+    ),
+    TF_CPP_MIN_LOG_LEVEL='2',
+    PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p),
   )
   # The second launch reuses the first one's compiled programs.
   env.setdefault('JAX_COMPILATION_CACHE_DIR', cache_dir)
@@ -96,13 +99,24 @@ def _launch(workdir: str, logdir: str, tag: str, env: dict) -> list[str]:
   procs, logs = [], []
   for i in range(NUM_PROCESSES):
     log = os.path.join(logdir, f'{tag}-process{i}.log')
-    cmd = [sys.executable, '-m', 'nfnet_jax.train',
-           '--config', 'experiments/digits.py', '--workdir', workdir,
-           '--coordinator_address', f'localhost:{port}',
-           '--num_processes', str(NUM_PROCESSES), '--process_id', str(i), *OVERRIDES]
+    cmd = [
+      sys.executable,
+      '-m',
+      'nfnet_jax.train',
+      '--config',
+      'experiments/digits.py',
+      '--workdir',
+      workdir,
+      '--coordinator_address',
+      f'localhost:{port}',
+      '--num_processes',
+      str(NUM_PROCESSES),
+      '--process_id',
+      str(i),
+      *OVERRIDES,
+    ]
     with open(log, 'w') as f:
-      procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f,
-                                    stderr=subprocess.STDOUT))
+      procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
     logs.append(log)
 
   deadline = time.monotonic() + TIMEOUT_SECS
@@ -113,10 +127,15 @@ def _launch(workdir: str, logdir: str, tag: str, env: dict) -> list[str]:
         return logs
       failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
       if failed or time.monotonic() > deadline:
-        reason = (f'process {failed[0]} exited with code {codes[failed[0]]}' if failed
-                  else f'timed out after {TIMEOUT_SECS} s (exit codes {codes})')
-        details = '\n'.join(f'--- {tag} process {i} (last lines of {log}):\n{_tail(log)}'
-                            for i, log in enumerate(logs))
+        reason = (
+          f'process {failed[0]} exited with code {codes[failed[0]]}'
+          if failed
+          else f'timed out after {TIMEOUT_SECS} s (exit codes {codes})'
+        )
+        details = '\n'.join(
+          f'--- {tag} process {i} (last lines of {log}):\n{_tail(log)}'
+          for i, log in enumerate(logs)
+        )
         pytest.fail(f'{tag}: {reason}.\n{details}')
       time.sleep(1)
   finally:
@@ -147,8 +166,9 @@ def test_two_process_pod_rehearsal_trains_evaluates_and_resumes(tmp_path):
   entries = _checkpoint_entries(workdir)
   assert str(NUM_STEPS) in entries, f'no finalized checkpoint at step {NUM_STEPS}: {entries}'
   assert not [e for e in entries if 'tmp' in e], f'unfinalized checkpoint left: {entries}'
-  assert os.path.isfile(os.path.join(workdir, 'checkpoints', str(NUM_STEPS),
-                                     '_CHECKPOINT_METADATA'))
+  assert os.path.isfile(
+    os.path.join(workdir, 'checkpoints', str(NUM_STEPS), '_CHECKPOINT_METADATA')
+  )
 
   records = _read_metrics(workdir)
   headers = [r for r in records if 'num_params' in r]
@@ -179,7 +199,7 @@ def test_two_process_pod_rehearsal_trains_evaluates_and_resumes(tmp_path):
   assert steps[-1] == NUM_STEPS, f'the resumed run wrote checkpoints past the end: {entries}'
   assert not [e for e in entries if 'tmp' in e], f'unfinalized checkpoint left: {entries}'
 
-  new = _read_metrics(workdir)[len(records):]
+  new = _read_metrics(workdir)[len(records) :]
   # Restored, not restarted: no header and no training step logged again ...
   assert not [r for r in new if 'num_params' in r or 'loss' in r], new
   # ... and the final state is evaluated once more, with the same split coverage.

@@ -1,4 +1,5 @@
 """The README's commands are the ones CI runs, and its API example runs."""
+
 import os
 import re
 
@@ -33,7 +34,7 @@ def test_api_example_runs():
   block = _readme().split('## Using the library', 1)[1].split('```python\n', 1)[1]
   code = block.split('```', 1)[0]
   # Same code, at a CI-sized resolution and width.
-  code = code.replace('variant=\'F0\')', 'variant=\'F0\', width=0.0625, group_size=8)')
+  code = code.replace("variant='F0')", "variant='F0', width=0.0625, group_size=8)")
   code = code.replace('192, 192', '32, 32').replace('64, 64', '32, 32')
   namespace = {}
   exec(compile(code, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used

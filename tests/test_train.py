@@ -1,15 +1,16 @@
 """The data-parallel train/eval steps and the training loop (8 simulated CPU devices)."""
+
 import json
 import os
 import subprocess
 import sys
 
+from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from experiments import digits as digits_config
 from experiments import finetune as finetune_config
@@ -17,26 +18,20 @@ from experiments import nf_regnet as nf_regnet_config
 from experiments import nf_resnet as nf_resnet_config
 from experiments import nfnet as nfnet_config
 from nfnet_jax import checkpoint as checkpoint_lib
-from nfnet_jax import data
+from nfnet_jax import data, models, parallel, train, weights
 from nfnet_jax import metrics as metrics_lib
-from nfnet_jax import models
-from nfnet_jax import parallel
-from nfnet_jax import train
-from nfnet_jax import weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGENET_TRAIN = 1_281_167   # images in ILSVRC-2012's training set
+IMAGENET_TRAIN = 1_281_167  # images in ILSVRC-2012's training set
 
 
 def tiny_config(**train_overrides):
   config = digits_config.get_config()
-  config.model.kwargs.update(width=0.0625, group_size=8, stochdepth_rate=0.0,
-                             drop_rate=0.0)
+  config.model.kwargs.update(width=0.0625, group_size=8, stochdepth_rate=0.0, drop_rate=0.0)
   config.data.image_size = 16
-  config.train.update(batch_size=16, num_steps=4, log_every_steps=1,
-                      eval_every_steps=1000)
+  config.train.update(batch_size=16, num_steps=4, log_every_steps=1, eval_every_steps=1000)
   config.train.update(**train_overrides)
-  config.eval.batch_size = 56                 # 360 test digits = 6 x 56 + 24: padding
+  config.eval.batch_size = 56  # 360 test digits = 6 x 56 + 24: padding
   config.checkpoint.every_steps = 2
   return config
 
@@ -54,31 +49,37 @@ def test_devices_are_simulated():
 def test_data_parallel_step_equals_single_device_step():
   """8 devices x 2 images == 1 device x 16 images: the property the design rests on."""
   config = tiny_config()
-  config.optimizer.warmup_epochs = 0.0     # a non-zero learning rate at the first step
+  config.optimizer.warmup_epochs = 0.0  # a non-zero learning rate at the first step
   model, optimizer, schedule = _model_and_steps(config)
   state = train.init_state(jax.random.PRNGKey(0), model, optimizer, 16)
   # Non-zero skip gains, so that every parameter gets a gradient.
-  state = state._replace(params=jax.tree_util.tree_map_with_path(
-      lambda path, p: p + 0.5 if 'skip_gain' in str(path) else p, state.params))
+  state = state._replace(
+    params=jax.tree_util.tree_map_with_path(
+      lambda path, p: p + 0.5 if 'skip_gain' in str(path) else p, state.params
+    )
+  )
   assert float(schedule(0)) > 0
   rng = np.random.default_rng(0)
   images = rng.normal(size=(16, 16, 16, 3)).astype(np.float32)
   labels = rng.integers(0, 10, size=(16,)).astype(np.int32)
   step_fn = train.make_train_step(model, optimizer, schedule, config, 10)
 
-  copy = lambda tree: jax.tree.map(jnp.array, tree)   # the steps donate their input
+  copy = lambda tree: jax.tree.map(jnp.array, tree)  # the steps donate their input
   eight = parallel.map_train_step(step_fn, jax.local_devices()[:8])
-  state8, metrics8 = eight(copy(state), {'images': images.reshape(8, 2, 16, 16, 3),
-                                         'labels': labels.reshape(8, 2)})
+  state8, metrics8 = eight(
+    copy(state), {'images': images.reshape(8, 2, 16, 16, 3), 'labels': labels.reshape(8, 2)}
+  )
   one = parallel.map_train_step(step_fn, jax.local_devices()[:1])
   state1, metrics1 = one(copy(state), {'images': images[None], 'labels': labels[None]})
 
-  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
-                       state1.params, state.params)
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state1.params, state.params)
   assert max(jax.tree.leaves(moved)) > 1e-4, 'the step should change the params'
   for name in ('params', 'ema_params', 'opt_state'):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 getattr(state8, name), getattr(state1, name))
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      getattr(state8, name),
+      getattr(state1, name),
+    )
   for key in ('loss', 'top1', 'grad_norm', 'param_norm', 'agc_clip_fraction'):
     np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=1e-5)
   assert int(state8.step) == 1
@@ -91,24 +92,24 @@ def test_eval_counts_every_example_once_and_matches_direct_computation():
   # A trained-looking classifier so that top-1 is not trivially 10%.
   params = jax.tree.map(lambda p: p, state.params)
   params['NFNet/~/linear']['w'] = jax.random.normal(
-      jax.random.PRNGKey(2), params['NFNet/~/linear']['w'].shape)
+    jax.random.PRNGKey(2), params['NFNet/~/linear']['w'].shape
+  )
   params['NFNet/~/nf_block_3']['skip_gain'] = jnp.asarray(1.0)
-  state = state._replace(params=params,
-                         ema_params=jax.tree.map(lambda p: p * 0.5, params))
+  state = state._replace(params=params, ema_params=jax.tree.map(lambda p: p * 0.5, params))
   p_eval = parallel.map_eval_step(train.make_eval_step(model, 10), jax.local_devices())
   results = train.evaluate_split(p_eval, state, config, 'test', jax.local_devices())
 
   # Independent: the whole split in one batch through model.apply, no padding.
-  batches = list(data.eval_iterator(config.data, split='test', per_device_batch=360,
-                                    local_devices=1))
+  batches = list(
+    data.eval_iterator(config.data, split='test', per_device_batch=360, local_devices=1)
+  )
   assert len(batches) == 1 and batches[0]['mask'].sum() == 360
   images, labels = batches[0]['images'][0], batches[0]['labels'][0]
   for prefix, params in (('', state.params), ('ema_', state.ema_params)):
-    logits = np.asarray(model.apply(params, None, images, is_training=False)['logits'],
-                        np.float64)
+    logits = np.asarray(model.apply(params, None, images, is_training=False)['logits'], np.float64)
     order = np.argsort(-logits, axis=-1)
     top1 = np.mean(order[:, 0] == labels)
-    top5 = np.mean([l in row[:5] for row, l in zip(order, labels)])
+    top5 = np.mean([label in row[:5] for row, label in zip(order, labels)])
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.sum(np.exp(shifted), -1, keepdims=True))
     loss = -np.mean(log_probs[np.arange(360), labels])
@@ -136,13 +137,17 @@ def test_mixed_precision_computes_in_bfloat16_with_float32_params():
   assert 'bf16' in jaxpr
   out = model.apply(state.params, None, images, False)
   assert out['logits'].dtype == jnp.float32
-  step = parallel.map_train_step(train.make_train_step(model, optimizer, schedule, config, 10),
-                                 jax.local_devices()[:2])
-  new_state, metrics = step(state, {'images': np.ones((2, 1, 16, 16, 3), np.float32),
-                                    'labels': np.zeros((2, 1), np.int32)})
+  step = parallel.map_train_step(
+    train.make_train_step(model, optimizer, schedule, config, 10), jax.local_devices()[:2]
+  )
+  new_state, metrics = step(
+    state, {'images': np.ones((2, 1, 16, 16, 3), np.float32), 'labels': np.zeros((2, 1), np.int32)}
+  )
   assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
   assert {x.dtype for x in jax.tree.leaves(new_state.opt_state)} <= {
-      jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
+    jnp.dtype(jnp.float32),
+    jnp.dtype(jnp.int32),
+  }
   assert np.isfinite(metrics['loss'])
 
 
@@ -161,8 +166,10 @@ def test_train_resumes_and_refuses_a_different_model(tmp_path):
   assert train_steps == [1, 2, 3, 4, 5, 6], 'steps 1-4 once, then resumed at 5'
   assert sum('num_params' in r for r in records) == 1
 
-  before = {name: open(os.path.join(workdir, name), 'rb').read()
-            for name in ('metrics.jsonl', 'model_signature.json')}
+  before = {
+    name: open(os.path.join(workdir, name), 'rb').read()
+    for name in ('metrics.jsonl', 'model_signature.json')
+  }
   listing = sorted(os.listdir(ckpt_dir))
   other = tiny_config(num_steps=8)
   other.model.kwargs.width = 0.125
@@ -191,10 +198,11 @@ def test_divergence_stops_training_and_keeps_a_finite_checkpoint(tmp_path):
     train.train_and_evaluate(config, workdir, progress_bar=False)
   assert 'last good checkpoint' in str(error.value)
   records = metrics_lib.read_metrics(workdir)
-  last_logged = records[-1]['step']          # the last step whose metrics were finite
+  last_logged = records[-1]['step']  # the last step whose metrics were finite
   assert last_logged < 12
-  ckpt = checkpoint_lib.Checkpointer(workdir, model_signature=models.model_signature(
-      config.model, 10))
+  ckpt = checkpoint_lib.Checkpointer(
+    workdir, model_signature=models.model_signature(config.model, 10)
+  )
   saved = ckpt.latest_step()
   assert saved is not None and saved <= last_logged
   model, optimizer, _ = _model_and_steps(config)
@@ -211,16 +219,18 @@ def test_global_batch_must_divide_over_devices():
 def _parse_config_flags(argv):
   values = flags.FlagValues()
   # config_flags finds the --config.x overrides in sys_argv (sys.argv by default).
-  config_flags.DEFINE_config_file('config', None, 'test', flag_values=values,
-                                  lock_config=True, sys_argv=['prog'] + argv)
+  config_flags.DEFINE_config_file(
+    'config', None, 'test', flag_values=values, lock_config=True, sys_argv=['prog'] + argv
+  )
   values(['prog'] + argv)
   return values.config
 
 
 def test_config_overrides_and_typos():
   path = os.path.join(REPO, 'experiments', 'digits.py')
-  config = _parse_config_flags([f'--config={path}', '--config.train.batch_size=32',
-                                '--config.model.kwargs.width=0.25'])
+  config = _parse_config_flags(
+    [f'--config={path}', '--config.train.batch_size=32', '--config.model.kwargs.width=0.25']
+  )
   assert config.train.batch_size == 32 and config.model.kwargs.width == 0.25
   with pytest.raises(Exception, match='batch_sise'):
     _parse_config_flags([f'--config={path}', '--config.train.batch_sise=32'])
@@ -233,11 +243,21 @@ def test_config_overrides_and_typos():
 def test_nfnet_configs_reproduce_the_published_recipe(variant):
   config = nfnet_config.get_config(variant)
   train.validate_config(config)
-  spec = {'F0': (192, 256, 5, 0.2), 'F1': (224, 320, 10, 0.3), 'F3': (320, 416, 15, 0.4),
-          'F5': (416, 544, 15, 0.5), 'F7': (480, 608, 15, 0.5), 'F0+': (192, 256, 5, 0.2),
-          'F6+': (448, 576, 15, 0.5)}[variant]
-  assert (config.data.image_size, config.data.eval_image_size,
-          config.data.randaug_magnitude, config.model.kwargs.drop_rate) == spec
+  spec = {
+    'F0': (192, 256, 5, 0.2),
+    'F1': (224, 320, 10, 0.3),
+    'F3': (320, 416, 15, 0.4),
+    'F5': (416, 544, 15, 0.5),
+    'F7': (480, 608, 15, 0.5),
+    'F0+': (192, 256, 5, 0.2),
+    'F6+': (448, 576, 15, 0.5),
+  }[variant]
+  assert (
+    config.data.image_size,
+    config.data.eval_image_size,
+    config.data.randaug_magnitude,
+    config.model.kwargs.drop_rate,
+  ) == spec
   assert config.data.randaug_layers == 4
   assert config.train.batch_size == 4096
   assert train.total_train_steps(config, IMAGENET_TRAIN) == 112_602
@@ -245,7 +265,12 @@ def test_nfnet_configs_reproduce_the_published_recipe(variant):
   assert config.label_smoothing == 0.1 and config.ema_max_decay == 0.99999
   opt = config.optimizer
   assert (opt.momentum, opt.nesterov, opt.weight_decay, opt.clipping, opt.eps) == (
-      0.9, True, 2e-5, 0.01, 1e-3)
+    0.9,
+    True,
+    2e-5,
+    0.01,
+    1e-3,
+  )
   _, schedule = train.make_optimizer(config, 112_602, 1_281_167 / 4096)
   warmup = round(5 * 1_281_167 / 4096)
   assert float(schedule(warmup)) == pytest.approx(1.6)
@@ -255,46 +280,76 @@ def test_nfnet_configs_reproduce_the_published_recipe(variant):
 
 # The released NF-RegNet experiment (deepmind-research/nfnets/experiment_nf_regnets.py),
 # typed from it: weight decay B0..B5, then its stated rule 5e-5 + 1e-5 x level.
-RELEASED_NF_REGNET_WD = {'B0': 5e-5, 'B1': 6e-5, 'B2': 7e-5, 'B3': 8e-5, 'B4': 9e-5,
-                         'B5': 1e-4, 'B6': 1.1e-4, 'B7': 1.2e-4, 'B8': 1.3e-4}
+RELEASED_NF_REGNET_WD = {
+  'B0': 5e-5,
+  'B1': 6e-5,
+  'B2': 7e-5,
+  'B3': 8e-5,
+  'B4': 9e-5,
+  'B5': 1e-4,
+  'B6': 1.1e-4,
+  'B7': 1.2e-4,
+  'B8': 1.3e-4,
+}
 
 
 @pytest.mark.parametrize('variant', sorted(RELEASED_NF_REGNET_WD))
 def test_nf_regnet_configs_carry_the_released_recipe(variant):
   config = nf_regnet_config.get_config(variant)
   train.validate_config(config)
-  sizes = {'B0': (192, 224, 0.2), 'B1': (224, 256, 0.2), 'B2': (240, 272, 0.3),
-           'B3': (288, 320, 0.3), 'B4': (320, 384, 0.4), 'B5': (384, 456, 0.4),
-           'B6': (448, 528, 0.5), 'B7': (512, 600, 0.5), 'B8': (600, 672, 0.5)}[variant]
-  assert (config.data.image_size, config.data.eval_image_size,
-          config.model.kwargs.drop_rate) == sizes
+  sizes = {
+    'B0': (192, 224, 0.2),
+    'B1': (224, 256, 0.2),
+    'B2': (240, 272, 0.3),
+    'B3': (288, 320, 0.3),
+    'B4': (320, 384, 0.4),
+    'B5': (384, 456, 0.4),
+    'B6': (448, 528, 0.5),
+    'B7': (512, 600, 0.5),
+    'B8': (600, 672, 0.5),
+  }[variant]
+  assert (
+    config.data.image_size,
+    config.data.eval_image_size,
+    config.model.kwargs.drop_rate,
+  ) == sizes
   assert config.model.name == 'NFRegNet'
   kw = config.model.kwargs
-  assert (kw.width, kw.expansion, kw.group_size, kw.se_ratio, kw.alpha,
-          kw.stochdepth_rate, kw.activation) == (0.75, 2.25, 8, 0.5, 0.2, 0.1, 'silu')
+  assert (
+    kw.width,
+    kw.expansion,
+    kw.group_size,
+    kw.se_ratio,
+    kw.alpha,
+    kw.stochdepth_rate,
+    kw.activation,
+  ) == (0.75, 2.25, 8, 0.5, 0.2, 0.1, 'silu')
   assert config.train.batch_size == 1024
   steps = train.total_train_steps(config, IMAGENET_TRAIN)
   assert steps == 1_281_167 * 360 // 1024 == 450_410
   opt = config.optimizer
   assert opt.weight_decay == pytest.approx(RELEASED_NF_REGNET_WD[variant], rel=1e-9)
-  assert (opt.momentum, opt.nesterov, opt.clipping) == (0.9, True, 0.0)   # no AGC
+  assert (opt.momentum, opt.nesterov, opt.clipping) == (0.9, True, 0.0)  # no AGC
   _, schedule = train.make_optimizer(config, steps, 1_281_167 / 1024)
   warmup = round(5 * 1_281_167 / 1024)
-  assert float(schedule(warmup)) == pytest.approx(0.4)   # not scaled by the batch
+  assert float(schedule(warmup)) == pytest.approx(0.4)  # not scaled by the batch
   assert float(schedule(steps)) == pytest.approx(0.001)
-  assert (config.data.mixup_alpha, config.data.cutmix, config.data.randaug_layers) == (
-      0.2, True, 0)
+  assert (config.data.mixup_alpha, config.data.cutmix, config.data.randaug_layers) == (0.2, True, 0)
   assert config.data.eval_preprocess == 'crop_resize'
   assert config.label_smoothing == 0.1 and config.ema_max_decay == 0.99999
   assert config.dtype == 'float32'
-  model = models.build_model(config.model, 1000, config.dtype)   # defaults build
-  shapes = jax.eval_shape(lambda r, x: model.init(r, x, is_training=True),
-                          jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  model = models.build_model(config.model, 1000, config.dtype)  # defaults build
+  shapes = jax.eval_shape(
+    lambda r, x: model.init(r, x, is_training=True),
+    jax.random.PRNGKey(0),
+    jnp.zeros((1, 64, 64, 3)),
+  )
   assert models.count_params(shapes) > 0
 
 
-@pytest.mark.parametrize('variant', ['ResNet50', 'ResNet101', 'ResNet152', 'ResNet200',
-                                     'ResNet288', 'ResNet600'])
+@pytest.mark.parametrize(
+  'variant', ['ResNet50', 'ResNet101', 'ResNet152', 'ResNet200', 'ResNet288', 'ResNet600']
+)
 def test_nf_resnet_configs_carry_the_released_resnet_recipe(variant):
   config = nf_resnet_config.get_config(variant)
   train.validate_config(config)
@@ -303,19 +358,29 @@ def test_nf_resnet_configs_carry_the_released_resnet_recipe(variant):
   steps = train.total_train_steps(config, IMAGENET_TRAIN)
   assert steps == 1_281_167 * 90 // 1024 == 112_602
   opt = config.optimizer
-  assert (opt.weight_decay, opt.clipping, opt.momentum, opt.nesterov) == (1e-4, 0.0, 0.9,
-                                                                         True)
+  assert (opt.weight_decay, opt.clipping, opt.momentum, opt.nesterov) == (1e-4, 0.0, 0.9, True)
   _, schedule = train.make_optimizer(config, steps, 1_281_167 / 1024)
   assert float(schedule(round(5 * 1_281_167 / 1024))) == pytest.approx(0.1 * 1024 / 256)
   assert float(schedule(steps)) == pytest.approx(0.0, abs=1e-9)
   assert (config.data.mixup_alpha, config.data.cutmix, config.data.randaug_layers) == (
-      0.0, False, 0)
+    0.0,
+    False,
+    0,
+  )
   kw = config.model.kwargs
   assert (kw.width, kw.alpha, kw.stochdepth_rate, kw.drop_rate, kw.use_se) == (
-      4, 0.2, 0.1, 0.0, False)
+    4,
+    0.2,
+    0.1,
+    0.0,
+    False,
+  )
   model = models.build_model(config.model, 1000, config.dtype)
-  shapes = jax.eval_shape(lambda r, x: model.init(r, x, is_training=True),
-                          jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  shapes = jax.eval_shape(
+    lambda r, x: model.init(r, x, is_training=True),
+    jax.random.PRNGKey(0),
+    jnp.zeros((1, 64, 64, 3)),
+  )
   assert models.count_params(shapes) > 0
 
 
@@ -332,14 +397,14 @@ def test_family_digits_configs_keep_the_recipe_on_the_embedded_data(module):
   _, schedule = train.make_optimizer(config, 898, 22.45)
   _, full_schedule = train.make_optimizer(full, 10_000, 1251.1)
   assert float(schedule(round(5 * 22.45))) == pytest.approx(
-      float(full_schedule(round(5 * 1251.1))) * 64 / 1024)
+    float(full_schedule(round(5 * 1251.1))) * 64 / 1024
+  )
 
 
 def test_variant_of_another_family_is_refused_before_anything_runs(tmp_path):
   config = nf_regnet_config.get_config('B0')
   config.model.kwargs.variant = 'F0'
-  with pytest.raises(ValueError, match="'F0' is an NFNet variant but model.name is "
-                                       "'NFRegNet'"):
+  with pytest.raises(ValueError, match="'F0' is an NFNet variant but model.name is 'NFRegNet'"):
     train.validate_config(config)
   with pytest.raises(ValueError, match='NF-RegNet-B0, NF-RegNet-B1'):
     nf_regnet_config.get_config('B9')
@@ -362,14 +427,19 @@ def test_finetune_configs_carry_the_fine_tuning_recipe(arg):
   assert (config.model.kwargs.drop_rate, config.model.kwargs.stochdepth_rate) == (0.25, 0.1)
   assert config.data.name == 'folder' and config.eval.split == 'val'
   assert (config.data.mixup_alpha, config.data.cutmix, config.data.randaug_layers) == (
-      0.0, False, 0)
+    0.0,
+    False,
+    0,
+  )
   if arg == 'digits':
     assert config.init_from == 'workdirs/digits/params_ema.npz'
   else:
-    assert config.init_from == ''   # the released file is the user's to pass
+    assert config.init_from == ''  # the released file is the user's to pass
     ref = nfnet_config.get_config(arg)
     assert (config.data.image_size, config.data.eval_image_size) == (
-        ref.data.image_size, ref.data.eval_image_size)
+      ref.data.image_size,
+      ref.data.eval_image_size,
+    )
     assert config.optimizer.base_lr == ref.optimizer.base_lr / 10
 
 
@@ -387,12 +457,12 @@ def tiny_family_config(family):
   return config
 
 
-@pytest.mark.parametrize('family,root', [('NFResNet', 'NF_ResNet'),
-                                         ('NFRegNet', 'NF_RegNet')])
+@pytest.mark.parametrize('family,root', [('NFResNet', 'NF_ResNet'), ('NFRegNet', 'NF_RegNet')])
 def test_other_families_train_export_evaluate_and_classify(tmp_path, family, root):
   """The training loop, the exported params_ema.npz, --weights evaluation, fine-tuning
   to new classes and nfnet-classify work for NF-ResNets and NF-RegNets as for NFNets."""
   from nfnet_jax import classify  # pylint: disable=g-import-not-at-top
+
   config = tiny_family_config(family)
   workdir = str(tmp_path / 'run')
   final = train.train_and_evaluate(config, workdir, progress_bar=False)
@@ -405,14 +475,14 @@ def test_other_families_train_export_evaluate_and_classify(tmp_path, family, roo
   from_checkpoint = train.evaluate(config, workdir)
   from_weights = train.evaluate(config, str(tmp_path / 'eval_only'), weights=exported)
   np.testing.assert_allclose(from_weights['eval_top1'], from_checkpoint['eval_ema_top1'])
-  np.testing.assert_allclose(from_weights['eval_loss'], from_checkpoint['eval_ema_loss'],
-                             rtol=1e-5)
+  np.testing.assert_allclose(from_weights['eval_loss'], from_checkpoint['eval_ema_loss'], rtol=1e-5)
 
   config3 = tiny_family_config(family)
   config3.init_from = exported
   model, optimizer, _ = _model_and_steps(config3, num_classes=3)
-  fresh = jax.tree.map(np.asarray, train.init_state(
-      jax.random.PRNGKey(7), model, optimizer, 32).params)
+  fresh = jax.tree.map(
+    np.asarray, train.init_state(jax.random.PRNGKey(7), model, optimizer, 32).params
+  )
   start = weights.initial_params(config3.model, config3.init_from, fresh, 3)
   head = f'{root}/~/linear'
   for module in start:
@@ -422,8 +492,9 @@ def test_other_families_train_export_evaluate_and_classify(tmp_path, family, roo
 
   # Classify two digits with the exported weights: the probabilities are the model's
   # softmax on the family's evaluation view (crop_resize), computed here directly.
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
   paths = []
   for i, digit in enumerate(load_digits().images[:2]):
     path = str(tmp_path / f'digit{i}.png')
@@ -432,8 +503,9 @@ def test_other_families_train_export_evaluate_and_classify(tmp_path, family, roo
   variant = config.model.kwargs.variant
   kwargs = {k: v for k, v in dict(config.model.kwargs).items() if k != 'variant'}
   names = [str(d) for d in range(10)]
-  results = classify.classify(paths, params, variant=variant, class_names=names,
-                              image_size=32, top_k=3, model_kwargs=kwargs)
+  results = classify.classify(
+    paths, params, variant=variant, class_names=names, image_size=32, top_k=3, model_kwargs=kwargs
+  )
   model = models.build_model(config.model, 10, 'float32')
   for path, result in zip(paths, results):
     with open(path, 'rb') as f:
@@ -441,8 +513,9 @@ def test_other_families_train_export_evaluate_and_classify(tmp_path, family, roo
     probs = jax.nn.softmax(model.apply(params, None, view[None], is_training=False)['logits'])
     top = np.argsort(-np.asarray(probs[0]), kind='stable')[:3]
     assert [p['label'] for p in result['predictions']] == list(top)
-    np.testing.assert_allclose([p['probability'] for p in result['predictions']],
-                               np.asarray(probs[0])[top], rtol=1e-5)
+    np.testing.assert_allclose(
+      [p['probability'] for p in result['predictions']], np.asarray(probs[0])[top], rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize('variant,family', [('B3', 'NFRegNet'), ('ResNet101', 'NFResNet')])
@@ -455,7 +528,9 @@ def test_finetune_configs_take_every_family(variant, family):
   assert config.data.eval_preprocess == 'crop_resize'
   sizes = {'B3': (288, 320), 'ResNet101': (224, 224)}[variant]
   assert (config.data.image_size, config.data.eval_image_size) == sizes
-  with pytest.raises(ValueError, match='NFNet: F0, .*NF-ResNet: NF-ResNet50, .*NF-RegNet: NF-RegNet-B0'):
+  with pytest.raises(
+    ValueError, match='NFNet: F0, .*NF-ResNet: NF-ResNet50, .*NF-RegNet: NF-RegNet-B0'
+  ):
     finetune_config.get_config('B10')
 
 
@@ -465,14 +540,23 @@ def test_quickstart_command_trains_digits(tmp_path):
   workdir = str(tmp_path / 'workdirs' / 'digits')
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
   # A relative --workdir, as in the README (Orbax itself refuses relative paths).
-  cmd = [sys.executable, '-m', 'nfnet_jax.train', '--config',
-         os.path.join(REPO, 'experiments', 'digits.py'), '--workdir', 'workdirs/digits',
-         '--config.train.num_epochs=8', '--config.train.eval_every_steps=1000']
-  proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True,
-                        timeout=900)
+  cmd = [
+    sys.executable,
+    '-m',
+    'nfnet_jax.train',
+    '--config',
+    os.path.join(REPO, 'experiments', 'digits.py'),
+    '--workdir',
+    'workdirs/digits',
+    '--config.train.num_epochs=8',
+    '--config.train.eval_every_steps=1000',
+  ]
+  proc = subprocess.run(
+    cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=900
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'eval_ema_top1=' in proc.stdout
-  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   final = [r for r in records if 'eval_ema_top1' in r][-1]
   assert final['eval_count'] == 360
   assert final['eval_top1'] >= 0.9, final
@@ -487,18 +571,28 @@ def test_trains_on_an_image_folder_with_the_papers_augmentation(tmp_path):
   RandAugment, uint8 batches normalised on the device, eval at a larger test size, the
   class index pinned next to the checkpoints."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   root = tmp_path / 'images'
   rng = np.random.default_rng(0)
   for c, name in enumerate(('gull', 'crow', 'wren')):
     for i in range(14):
       (root / name).mkdir(parents=True, exist_ok=True)
       pixels = rng.integers(0, 256, (30 + i, 40 - i, 3), np.uint8)
-      pixels[..., c] = 255          # a learnable colour cue per class
+      pixels[..., c] = 255  # a learnable colour cue per class
       Image.fromarray(pixels).save(root / name / f'{i}.{"jpg" if i % 2 else "png"}')
   config = tiny_config(num_steps=3)
-  config.data.update(name='folder', folder=str(root), holdout_fraction=0.25,
-                     image_size=16, eval_image_size=24, mixup_alpha=0.2, cutmix=True,
-                     randaug_layers=2, randaug_magnitude=10.0, shuffle_buffer=64)
+  config.data.update(
+    name='folder',
+    folder=str(root),
+    holdout_fraction=0.25,
+    image_size=16,
+    eval_image_size=24,
+    mixup_alpha=0.2,
+    cutmix=True,
+    randaug_layers=2,
+    randaug_magnitude=10.0,
+    shuffle_buffer=64,
+  )
   config.eval.update(split='holdout', batch_size=8)
   info = data.dataset_info(config.data)
   assert info.class_names == ('crow', 'gull', 'wren')
@@ -536,16 +630,16 @@ def test_exported_weights_evaluate_like_the_checkpoint_and_seed_fine_tuning(tmp_
   assert from_weights['eval_count'] == 360
   assert from_weights['eval_top1'] == from_weights['eval_ema_top1']
   np.testing.assert_allclose(from_weights['eval_top1'], from_checkpoint['eval_ema_top1'])
-  np.testing.assert_allclose(from_weights['eval_loss'], from_checkpoint['eval_ema_loss'],
-                             rtol=1e-5)
+  np.testing.assert_allclose(from_weights['eval_loss'], from_checkpoint['eval_ema_loss'], rtol=1e-5)
   assert not os.path.exists(os.path.join(str(tmp_path / 'eval_only'), 'checkpoints'))
 
   # Fine-tuning to 3 classes: everything but the classifier comes from the file.
   config3 = tiny_config()
   config3.init_from = exported
   model, optimizer, _ = _model_and_steps(config3, num_classes=3)
-  fresh = jax.tree.map(np.asarray, train.init_state(
-      jax.random.PRNGKey(7), model, optimizer, 16).params)
+  fresh = jax.tree.map(
+    np.asarray, train.init_state(jax.random.PRNGKey(7), model, optimizer, 16).params
+  )
   start = weights.initial_params(config3.model, config3.init_from, fresh, 3)
   assert sorted(start) == sorted(fresh)
   for module in start:
@@ -554,6 +648,6 @@ def test_exported_weights_evaluate_like_the_checkpoint_and_seed_fine_tuning(tmp_
       np.testing.assert_array_equal(start[module][name], source[module][name])
   assert start['NFNet/~/linear']['w'].shape[1] == 3
 
-  config3.model.kwargs.width = 0.125   # weights of another width: a clear error
+  config3.model.kwargs.width = 0.125  # weights of another width: a clear error
   with pytest.raises(weights.ParamsMismatchError, match=r'final_conv/w: expected shape'):
     weights.initial_params(config3.model, config3.init_from, fresh, 3)

@@ -23,7 +23,6 @@ import abc
 import dataclasses
 import functools
 import importlib
-import logging
 from typing import Any, Callable, Mapping
 
 import ml_collections
@@ -340,7 +339,3 @@ def shard_for_process(
   if process_count > 1:
     ds = ds.shard(process_count, process_index)
   return ds, size
-
-
-
-

@@ -11,6 +11,7 @@ canonical name. NFNets are `F0`..`F7+` (or `NFNet-F0`), NF-ResNets `NF-ResNet50`
 `ResNet50`), NF-RegNets `NF-RegNet-B0` (or `B0`). Families added later take a prefix only
 (`EfficientNet-B0`, `BN-ResNet50`), so every name stays unique; the registry checks this.
 """
+
 import dataclasses
 import math
 from typing import Any, Callable, Mapping
@@ -31,8 +32,9 @@ def out_size(size: int, stride: int) -> int:
   return math.ceil(size / stride)  # SAME padding
 
 
-def conv_cost(size: int, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1,
-              groups: int = 1) -> tuple[Cost, int]:
+def conv_cost(
+  size: int, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, groups: int = 1
+) -> tuple[Cost, int]:
   """A WSConv2D (weight + gain + bias) at input side `size`; MACs at the output side.
 
   Returns the cost and the output side. Elementwise work (activations, pooling, gates)
@@ -54,12 +56,12 @@ def squeeze_excite_cost(channels: int, hidden: int) -> Cost:
 SKIP_GAIN = Cost(params=1, macs=0)
 
 
-def lookup_variant(table: Mapping[str, Mapping[str, Any]], title: str,
-                   variant: str) -> Mapping[str, Any]:
+def lookup_variant(
+  table: Mapping[str, Mapping[str, Any]], title: str, variant: str
+) -> Mapping[str, Any]:
   """`table[variant]`, or an error that lists the family's variants."""
   if variant not in table:
-    raise ValueError(f'Unknown {title} variant {variant!r}; valid variants: '
-                     f'{", ".join(table)}.')
+    raise ValueError(f'Unknown {title} variant {variant!r}; valid variants: {", ".join(table)}.')
   return table[variant]
 
 

@@ -5,6 +5,7 @@ performance gap in unnormalized ResNets" (Brock et al. 2021a, arXiv 2101.08692)
 that the NFNet paper (arXiv 2102.06171) builds on: scaled weight standardization,
 gamma-scaled activations, squeeze-excite and stochastic depth.
 """
+
 import contextlib
 import dataclasses
 import math
@@ -24,25 +25,25 @@ import numpy as np
 # numerical integration.
 # ---------------------------------------------------------------------------
 _ACTIVATIONS = {
-    # The authors' code calls jax.nn.gelu with its default, the tanh approximation.
-    'gelu': (lambda x: jax.nn.gelu(x, approximate=True), 1.7015043497085571),
-    'relu': (jax.nn.relu, 1.7139588594436646),
-    'silu': (jax.nn.silu, 1.7881293296813965),
-    # The released NF_RegNet's default name for SiLU (its own table lacks it).
-    'swish': (jax.nn.silu, 1.7881293296813965),
-    'elu': (jax.nn.elu, 1.2716004848480225),
-    'celu': (jax.nn.celu, 1.270926833152771),
-    'leaky_relu': (jax.nn.leaky_relu, 1.70590341091156),
-    'relu6': (jax.nn.relu6, 1.7131484746932983),
-    'selu': (jax.nn.selu, 1.0008515119552612),
-    'sigmoid': (jax.nn.sigmoid, 4.803835391998291),
-    'softplus': (jax.nn.softplus, 1.9203323125839233),
-    'tanh': (jnp.tanh, 1.5939117670059204),
-    'soft_sign': (jax.nn.soft_sign, 2.338853120803833),
-    'log_sigmoid': (jax.nn.log_sigmoid, 1.9193484783172607),
-    'glu': (jax.nn.glu, 1.8484294414520264),
-    'log_softmax': (jax.nn.log_softmax, 1.0002083778381348),
-    'identity': (lambda x: x, 1.0),
+  # The authors' code calls jax.nn.gelu with its default, the tanh approximation.
+  'gelu': (lambda x: jax.nn.gelu(x, approximate=True), 1.7015043497085571),
+  'relu': (jax.nn.relu, 1.7139588594436646),
+  'silu': (jax.nn.silu, 1.7881293296813965),
+  # The released NF_RegNet's default name for SiLU (its own table lacks it).
+  'swish': (jax.nn.silu, 1.7881293296813965),
+  'elu': (jax.nn.elu, 1.2716004848480225),
+  'celu': (jax.nn.celu, 1.270926833152771),
+  'leaky_relu': (jax.nn.leaky_relu, 1.70590341091156),
+  'relu6': (jax.nn.relu6, 1.7131484746932983),
+  'selu': (jax.nn.selu, 1.0008515119552612),
+  'sigmoid': (jax.nn.sigmoid, 4.803835391998291),
+  'softplus': (jax.nn.softplus, 1.9203323125839233),
+  'tanh': (jnp.tanh, 1.5939117670059204),
+  'soft_sign': (jax.nn.soft_sign, 2.338853120803833),
+  'log_sigmoid': (jax.nn.log_sigmoid, 1.9193484783172607),
+  'glu': (jax.nn.glu, 1.8484294414520264),
+  'log_softmax': (jax.nn.log_softmax, 1.0002083778381348),
+  'identity': (lambda x: x, 1.0),
 }
 ACTIVATION_GAMMAS = {name: gamma for name, (_, gamma) in _ACTIVATIONS.items()}
 ACTIVATIONS = tuple(_ACTIVATIONS)
@@ -97,13 +98,18 @@ def resolved_conv_impl() -> str:
   return 'dense' if jax.default_backend() == 'cpu' else 'native'
 
 
-def conv2d(x: jax.Array, w: jax.Array, stride: int, padding: str,
-           groups: int = 1) -> jax.Array:
+def conv2d(x: jax.Array, w: jax.Array, stride: int, padding: str, groups: int = 1) -> jax.Array:
   """NHWC x HWIO convolution; grouped when groups > 1."""
+
   def conv(lhs, rhs, g):
     return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides=(stride, stride), padding=padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=g)
+      lhs,
+      rhs,
+      window_strides=(stride, stride),
+      padding=padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=g,
+    )
 
   if resolved_conv_impl() == 'native':
     return conv(x, w, groups)
@@ -120,8 +126,7 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int, padding: str,
 # ---------------------------------------------------------------------------
 # Scaled weight standardization (2101.08692, eq. 2 / 2102.06171 section 3).
 # ---------------------------------------------------------------------------
-def standardize_weight(w: jax.Array, gain: jax.Array,
-                       eps: float = 1e-4) -> jax.Array:
+def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4) -> jax.Array:
   """W_hat = (W - mean) * gain / sqrt(max(var * fan_in, eps)), per output unit.
 
   The mean and variance run over all axes but the last (HWIO: H, W, I), and
@@ -145,11 +150,17 @@ class WSConv2D(hk.Module):
   (per output channel, init 1) and `bias` (per output channel, init 0).
   """
 
-  def __init__(self, output_channels: int,
-               kernel_shape: Union[int, Sequence[int]] = 3, stride: int = 1,
-               padding: str = 'SAME', feature_group_count: int = 1,
-               w_init: Optional[hk.initializers.Initializer] = None,
-               eps: float = 1e-4, name: Optional[str] = None):
+  def __init__(
+    self,
+    output_channels: int,
+    kernel_shape: Union[int, Sequence[int]] = 3,
+    stride: int = 1,
+    padding: str = 'SAME',
+    feature_group_count: int = 1,
+    w_init: Optional[hk.initializers.Initializer] = None,
+    eps: float = 1e-4,
+    name: Optional[str] = None,
+  ):
     super().__init__(name=name)
     self.output_channels = output_channels
     if isinstance(kernel_shape, int):
@@ -165,8 +176,9 @@ class WSConv2D(hk.Module):
     in_ch = x.shape[-1]
     if in_ch % self.groups or self.output_channels % self.groups:
       raise ValueError(
-          f'{self.module_name}: {in_ch} input / {self.output_channels} output channels '
-          f'are not divisible into {self.groups} groups.')
+        f'{self.module_name}: {in_ch} input / {self.output_channels} output channels '
+        f'are not divisible into {self.groups} groups.'
+      )
     w_shape = (*self.kernel_shape, in_ch // self.groups, self.output_channels)
     w = hk.get_parameter('w', w_shape, x.dtype, init=self.w_init)
     gain = hk.get_parameter('gain', (self.output_channels,), x.dtype, init=jnp.ones)
@@ -182,8 +194,14 @@ class SqueezeExcite(hk.Module):
   trained that way (it sits off the residual path's variance bookkeeping).
   """
 
-  def __init__(self, in_ch: int, out_ch: int, se_ratio: float = 0.5,
-               hidden_ch: Optional[int] = None, name: Optional[str] = None):
+  def __init__(
+    self,
+    in_ch: int,
+    out_ch: int,
+    se_ratio: float = 0.5,
+    hidden_ch: Optional[int] = None,
+    name: Optional[str] = None,
+  ):
     super().__init__(name=name)
     hidden_ch = hidden_ch or max(1, int(in_ch * se_ratio))
     # Created here, not in __call__, so the parameter paths are
@@ -192,10 +210,10 @@ class SqueezeExcite(hk.Module):
     self.fc1 = hk.Linear(out_ch, with_bias=True)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jnp.mean(x, axis=(1, 2))                       # squeeze: [B, C]
+    h = jnp.mean(x, axis=(1, 2))  # squeeze: [B, C]
     h = jax.nn.relu(self.fc0(h))
     h = jax.nn.sigmoid(self.fc1(h))
-    return h[:, None, None, :]                         # excite: broadcast over H, W
+    return h[:, None, None, :]  # excite: broadcast over H, W
 
 
 def stochastic_depth(x: jax.Array, drop_rate: float, is_training: bool) -> jax.Array:
@@ -206,8 +224,9 @@ def stochastic_depth(x: jax.Array, drop_rate: float, is_training: bool) -> jax.A
   """
   if not is_training or not drop_rate:
     return x
-  keep = jax.random.bernoulli(hk.next_rng_key(), 1.0 - drop_rate,
-                              (x.shape[0],) + (1,) * (x.ndim - 1))
+  keep = jax.random.bernoulli(
+    hk.next_rng_key(), 1.0 - drop_rate, (x.shape[0],) + (1,) * (x.ndim - 1)
+  )
   return x * keep.astype(x.dtype)
 
 
@@ -227,7 +246,7 @@ def avg_pool_2x2(x: jax.Array) -> jax.Array:
   got. The reshape form has no padding window to get wrong, and is cheaper.
   """
   b, h, w, c = x.shape
-  ph, pw = h % 2, w % 2                    # SAME pads odd sides at the end only
+  ph, pw = h % 2, w % 2  # SAME pads odd sides at the end only
   if ph or pw:
     x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
   oh, ow = (h + ph) // 2, (w + pw) // 2
@@ -240,8 +259,9 @@ def avg_pool_2x2(x: jax.Array) -> jax.Array:
   return summed / jnp.asarray(counts[None, :, :, None], x.dtype)
 
 
-def pooled_shortcut(x: jax.Array, out: jax.Array, stride: int,
-                    conv_shortcut: Optional[Callable]) -> jax.Array:
+def pooled_shortcut(
+  x: jax.Array, out: jax.Array, stride: int, conv_shortcut: Optional[Callable]
+) -> jax.Array:
   """The NFNet/NF-RegNet block shortcut.
 
   Strided blocks: 2x2 average pool of the pre-activated input `out`, then the
@@ -255,9 +275,14 @@ def pooled_shortcut(x: jax.Array, out: jax.Array, stride: int,
   return x
 
 
-def residual_merge(branch: jax.Array, shortcut: jax.Array, alpha: float,
-                   stochdepth_rate: float, is_training: bool,
-                   skip_init: Callable = jnp.zeros) -> tuple[jax.Array, jax.Array]:
+def residual_merge(
+  branch: jax.Array,
+  shortcut: jax.Array,
+  alpha: float,
+  stochdepth_rate: float,
+  is_training: bool,
+  skip_init: Callable = jnp.zeros,
+) -> tuple[jax.Array, jax.Array]:
   """`stochastic_depth(branch) * skip_gain * alpha + shortcut`, and the dropped branch.
 
   Call inside a block's `__call__`: `skip_gain` becomes that block's parameter.
@@ -276,6 +301,7 @@ def residual_merge(branch: jax.Array, shortcut: jax.Array, alpha: float,
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
   """Everything that fixes one residual block's shapes and signal bookkeeping."""
+
   in_ch: int
   out_ch: int
   stride: int
@@ -288,15 +314,17 @@ class BlockSpec:
 @dataclasses.dataclass(frozen=True)
 class BlockPlace:
   """Where a block sits, and the two scalars the bookkeeping gives it."""
-  stage: int              # 0-based stage
-  index_in_stage: int     # 0 for a stage's first (transition) block
-  index: int              # 0-based over the whole network
-  beta: float             # 1 / expected std of the block's input
+
+  stage: int  # 0-based stage
+  index_in_stage: int  # 0 for a stage's first (transition) block
+  index: int  # 0-based over the whole network
+  beta: float  # 1 / expected std of the block's input
   stochdepth_rate: float  # stochdepth_rate * index / number of blocks
 
 
-def signal_plan(depths: Sequence[int], alpha: float,
-                stochdepth_rate: float) -> Iterator[BlockPlace]:
+def signal_plan(
+  depths: Sequence[int], alpha: float, stochdepth_rate: float
+) -> Iterator[BlockPlace]:
   """Each block's place, beta and stochastic-depth rate, in order.
 
   The expected variance of the residual stream starts at 1, grows by alpha^2 with each
@@ -309,11 +337,12 @@ def signal_plan(depths: Sequence[int], alpha: float,
   expected_std, index = 1.0, 0
   for stage, depth in enumerate(depths):
     for index_in_stage in range(depth):
-      yield BlockPlace(stage, index_in_stage, index, 1.0 / expected_std,
-                       stochdepth_rate * index / num_blocks)
+      yield BlockPlace(
+        stage, index_in_stage, index, 1.0 / expected_std, stochdepth_rate * index / num_blocks
+      )
       if index_in_stage == 0:
         expected_std = 1.0
-      expected_std = math.sqrt(expected_std ** 2 + alpha ** 2)
+      expected_std = math.sqrt(expected_std**2 + alpha**2)
       index += 1
 
 
@@ -324,12 +353,15 @@ def signal_stats(x: jax.Array) -> dict:
   avg_var: average over channels of the channel variance.
   """
   x = x.astype(jnp.float32)
-  return {'avg_sq_mean': jnp.mean(jnp.mean(x, axis=(0, 1, 2)) ** 2),
-          'avg_var': jnp.mean(jnp.var(x, axis=(0, 1, 2)))}
+  return {
+    'avg_sq_mean': jnp.mean(jnp.mean(x, axis=(0, 1, 2)) ** 2),
+    'avg_var': jnp.mean(jnp.var(x, axis=(0, 1, 2))),
+  }
 
 
-def apply_blocks(blocks: Sequence[Callable], x: jax.Array, is_training: bool,
-                 outputs: Optional[dict] = None) -> jax.Array:
+def apply_blocks(
+  blocks: Sequence[Callable], x: jax.Array, is_training: bool, outputs: Optional[dict] = None
+) -> jax.Array:
   """Runs residual blocks in order; with `outputs`, records their signal statistics.
 
   Each block returns (output, residual branch). `outputs['block_{i}']` gets the
@@ -340,13 +372,13 @@ def apply_blocks(blocks: Sequence[Callable], x: jax.Array, is_training: bool,
   for i, block in enumerate(blocks):
     x, branch = block(x, is_training)
     if outputs is not None:
-      outputs[f'block_{i}'] = dict(**signal_stats(x),
-                                   res_avg_var=signal_stats(branch)['avg_var'])
+      outputs[f'block_{i}'] = dict(**signal_stats(x), res_avg_var=signal_stats(branch)['avg_var'])
   return x
 
 
-def classifier_head(features: jax.Array, fc: Callable, drop_rate: float,
-                    is_training: bool, outputs: dict) -> dict:
+def classifier_head(
+  features: jax.Array, fc: Callable, drop_rate: float, is_training: bool, outputs: dict
+) -> dict:
   """Global average pool -> dropout (training only) -> linear classifier."""
   pool = jnp.mean(features, axis=(1, 2))
   outputs['pool'] = pool
@@ -360,9 +392,11 @@ def check_image_batch(x, module_name: str) -> None:
   dtype = getattr(x, 'dtype', None)
   if shape is None or len(shape) != 4:
     raise ValueError(
-        f'{module_name} expects a batch of NHWC images of rank 4 [batch, height, width, '
-        f'channels]; got shape {shape}. Add a batch axis (x[None]) for a single image.')
+      f'{module_name} expects a batch of NHWC images of rank 4 [batch, height, width, '
+      f'channels]; got shape {shape}. Add a batch axis (x[None]) for a single image.'
+    )
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
-        f'{module_name} expects normalised floating-point images; got dtype {dtype}. '
-        'Convert with (x.astype(np.float32) - mean) / std (the data pipeline does this).')
+      f'{module_name} expects normalised floating-point images; got dtype {dtype}. '
+      'Convert with (x.astype(np.float32) - mean) / std (the data pipeline does this).'
+    )

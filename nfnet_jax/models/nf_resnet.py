@@ -24,6 +24,7 @@ has 25,557,048 parameters: a BN ResNet-50's 25,557,032 (each WS conv's gain and
 bias take the place of a BatchNorm's scale and offset) plus one `skip_gain` per
 block (16).
 """
+
 from typing import Any, Callable, Optional
 
 import haiku as hk
@@ -32,26 +33,29 @@ import jax.numpy as jnp
 
 from nfnet_jax.models import family, layers
 
-# Blocks per stage (2101.08692, appendix; DeepMind's nf_resnet.py). Stage output channels are `width` (the same for
-# every depth) x the width multiplier (default 4); the bottleneck is a quarter of that.
+# Blocks per stage (2101.08692, appendix; DeepMind's nf_resnet.py). Stage output channels
+# are `width` (the same for every depth) x the width multiplier (default 4); the
+# bottleneck is a quarter of that.
 # Every variant trains and evaluates at 224 px (the released ResNet experiment's size).
 _DEPTHS = {
-    'ResNet50': [3, 4, 6, 3],
-    'ResNet101': [3, 4, 23, 3],
-    'ResNet152': [3, 8, 36, 3],
-    'ResNet200': [3, 24, 36, 3],
-    'ResNet288': [24] * 4,
-    'ResNet600': [50] * 4,
+  'ResNet50': [3, 4, 6, 3],
+  'ResNet101': [3, 4, 23, 3],
+  'ResNet152': [3, 8, 36, 3],
+  'ResNet200': [3, 24, 36, 3],
+  'ResNet288': [24] * 4,
+  'ResNet600': [50] * 4,
 }
-NF_RESNET_VARIANTS = {name: dict(width=[64, 128, 256, 512], depth=depth,
-                                 train_imsize=224, test_imsize=224)
-                      for name, depth in _DEPTHS.items()}
-_STRIDES = [1, 2, 2, 2]          # the stem's max-pool already halved the input
+NF_RESNET_VARIANTS = {
+  name: dict(width=[64, 128, 256, 512], depth=depth, train_imsize=224, test_imsize=224)
+  for name, depth in _DEPTHS.items()
+}
+_STRIDES = [1, 2, 2, 2]  # the stem's max-pool already halved the input
 BOTTLENECK_RATIO = 0.25
 
 
-def block_specs(variant: str = 'ResNet50', width: float = 4, alpha: float = 0.2,
-                stochdepth_rate: float = 0.1) -> tuple[int, list[layers.BlockSpec]]:
+def block_specs(
+  variant: str = 'ResNet50', width: float = 4, alpha: float = 0.2, stochdepth_rate: float = 0.1
+) -> tuple[int, list[layers.BlockSpec]]:
   """Returns (stem output channels, one BlockSpec per block); groups are always 1.
 
   The stem has 16 x width channels (64 at the default width 4), a quarter of the
@@ -63,11 +67,17 @@ def block_specs(variant: str = 'ResNet50', width: float = 4, alpha: float = 0.2,
   specs, in_ch = [], stem_ch
   for place in layers.signal_plan(params['depth'], alpha, stochdepth_rate):
     out_ch = widths[place.stage]
-    specs.append(layers.BlockSpec(
-        in_ch=in_ch, out_ch=out_ch,
+    specs.append(
+      layers.BlockSpec(
+        in_ch=in_ch,
+        out_ch=out_ch,
         stride=_STRIDES[place.stage] if place.index_in_stage == 0 else 1,
-        bottleneck_ch=max(1, int(out_ch * BOTTLENECK_RATIO)), groups=1,
-        beta=place.beta, stochdepth_rate=place.stochdepth_rate))
+        bottleneck_ch=max(1, int(out_ch * BOTTLENECK_RATIO)),
+        groups=1,
+        beta=place.beta,
+        stochdepth_rate=place.stochdepth_rate,
+      )
+    )
     in_ch = out_ch
   return stem_ch, specs
 
@@ -75,12 +85,21 @@ def block_specs(variant: str = 'ResNet50', width: float = 4, alpha: float = 0.2,
 class NFResBlock(hk.Module):
   """Normalizer-free pre-activation bottleneck block (1x1, strided 3x3, 1x1)."""
 
-  def __init__(self, in_ch: int, out_ch: int, bottleneck_ch: int, stride: int = 1,
-               beta: float = 1.0, alpha: float = 0.2, use_se: bool = False,
-               se_ratio: float = 0.25, stochdepth_rate: float = 0.0,
-               activation: Callable = layers.scaled_activation('relu'),
-               skipinit_gain: hk.initializers.Initializer = jnp.zeros,
-               name: Optional[str] = None):
+  def __init__(
+    self,
+    in_ch: int,
+    out_ch: int,
+    bottleneck_ch: int,
+    stride: int = 1,
+    beta: float = 1.0,
+    alpha: float = 0.2,
+    use_se: bool = False,
+    se_ratio: float = 0.25,
+    stochdepth_rate: float = 0.0,
+    activation: Callable = layers.scaled_activation('relu'),
+    skipinit_gain: hk.initializers.Initializer = jnp.zeros,
+    name: Optional[str] = None,
+  ):
     super().__init__(name=name)
     self.stride, self.beta, self.alpha = stride, beta, alpha
     self.activation = activation
@@ -89,8 +108,11 @@ class NFResBlock(hk.Module):
     self.conv0 = layers.WSConv2D(bottleneck_ch, 1, name='conv0')
     self.conv1 = layers.WSConv2D(bottleneck_ch, 3, stride=stride, name='conv1')
     self.conv2 = layers.WSConv2D(out_ch, 1, name='conv2')
-    self.conv_shortcut = (layers.WSConv2D(out_ch, 1, stride=stride, name='conv_shortcut')
-                          if stride > 1 or in_ch != out_ch else None)
+    self.conv_shortcut = (
+      layers.WSConv2D(out_ch, 1, stride=stride, name='conv_shortcut')
+      if stride > 1 or in_ch != out_ch
+      else None
+    )
     self.se = layers.SqueezeExcite(out_ch, out_ch, se_ratio=se_ratio) if use_se else None
 
   def __call__(self, x: jax.Array, is_training: bool):
@@ -104,8 +126,9 @@ class NFResBlock(hk.Module):
     out = self.conv2(act(out))
     if self.se is not None:
       out = 2 * self.se(out) * out
-    return layers.residual_merge(out, shortcut, self.alpha, self.stochdepth_rate,
-                                 is_training, skip_init=self.skipinit_gain)
+    return layers.residual_merge(
+      out, shortcut, self.alpha, self.stochdepth_rate, is_training, skip_init=self.skipinit_gain
+    )
 
 
 class NFResNet(hk.Module):
@@ -123,13 +146,21 @@ class NFResNet(hk.Module):
   The arguments are the released `NF_ResNet`'s, with the same defaults otherwise.
   """
 
-  def __init__(self, num_classes: int, variant: str = 'ResNet50', width: float = 4,
-               alpha: float = 0.2, stochdepth_rate: float = 0.1,
-               drop_rate: Optional[float] = None, activation: str = 'relu',
-               fc_init: Optional[hk.initializers.Initializer] = None,
-               skipinit_gain: hk.initializers.Initializer = jnp.zeros,
-               use_se: bool = False, se_ratio: float = 0.25,
-               name: str = 'NF_ResNet'):
+  def __init__(
+    self,
+    num_classes: int,
+    variant: str = 'ResNet50',
+    width: float = 4,
+    alpha: float = 0.2,
+    stochdepth_rate: float = 0.1,
+    drop_rate: Optional[float] = None,
+    activation: str = 'relu',
+    fc_init: Optional[hk.initializers.Initializer] = None,
+    skipinit_gain: hk.initializers.Initializer = jnp.zeros,
+    use_se: bool = False,
+    se_ratio: float = 0.25,
+    name: str = 'NF_ResNet',
+  ):
     super().__init__(name=name)
     self.num_classes = num_classes
     self.variant = variant
@@ -138,44 +169,61 @@ class NFResNet(hk.Module):
     stem_ch, self.specs = block_specs(variant, width, alpha, stochdepth_rate)
     self.initial_conv = layers.WSConv2D(stem_ch, 7, stride=2, name='initial_conv')
     self.blocks = [
-        NFResBlock(spec.in_ch, spec.out_ch, spec.bottleneck_ch, stride=spec.stride,
-                      beta=spec.beta, alpha=alpha, use_se=use_se, se_ratio=se_ratio,
-                      stochdepth_rate=spec.stochdepth_rate, activation=self.activation,
-                      skipinit_gain=skipinit_gain)
-        for spec in self.specs]
-    self.fc = hk.Linear(num_classes, with_bias=True,
-                        w_init=fc_init or hk.initializers.RandomNormal(0.01))
+      NFResBlock(
+        spec.in_ch,
+        spec.out_ch,
+        spec.bottleneck_ch,
+        stride=spec.stride,
+        beta=spec.beta,
+        alpha=alpha,
+        use_se=use_se,
+        se_ratio=se_ratio,
+        stochdepth_rate=spec.stochdepth_rate,
+        activation=self.activation,
+        skipinit_gain=skipinit_gain,
+      )
+      for spec in self.specs
+    ]
+    self.fc = hk.Linear(
+      num_classes, with_bias=True, w_init=fc_init or hk.initializers.RandomNormal(0.01)
+    )
 
-  def __call__(self, x: jax.Array, is_training: bool,
-               return_metrics: bool = False) -> dict[str, Any]:
+  def __call__(
+    self, x: jax.Array, is_training: bool, return_metrics: bool = False
+  ) -> dict[str, Any]:
     layers.check_image_batch(x, 'NF_ResNet')
     outputs = {}
     # No activation in the stem: the first block applies it (pre-activation).
     out = self.initial_conv(x)
-    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
-                      padding='SAME')
-    out = layers.apply_blocks(self.blocks, out, is_training,
-                              outputs if return_metrics else None)
-    return layers.classifier_head(self.activation(out), self.fc, self.drop_rate,
-                                  is_training, outputs)
+    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
+    out = layers.apply_blocks(self.blocks, out, is_training, outputs if return_metrics else None)
+    return layers.classifier_head(
+      self.activation(out), self.fc, self.drop_rate, is_training, outputs
+    )
 
 
-def count_flops(variant: str = 'ResNet50', image_size: Optional[int] = None,
-                num_classes: int = 1000, width: float = 4, use_se: bool = False,
-                se_ratio: float = 0.25, **unused_kwargs) -> family.Cost:
+def count_flops(
+  variant: str = 'ResNet50',
+  image_size: Optional[int] = None,
+  num_classes: int = 1000,
+  width: float = 4,
+  use_se: bool = False,
+  se_ratio: float = 0.25,
+  **unused_kwargs,
+) -> family.Cost:
   """Parameters and multiply-accumulates of one image's forward pass, from the same
   BlockSpecs that build the model (conventions of `family.conv_cost`)."""
   stem_ch, specs = block_specs(variant, width)
   size = image_size or NF_RESNET_VARIANTS[variant]['test_imsize']
   total, size = family.conv_cost(size, 3, stem_ch, 7, 2)
-  size = family.out_size(size, 2)                                          # max-pool
+  size = family.out_size(size, 2)  # max-pool
   for spec in specs:
     mid = spec.bottleneck_ch
-    total += family.conv_cost(size, spec.in_ch, mid, 1)[0]                 # conv0
+    total += family.conv_cost(size, spec.in_ch, mid, 1)[0]  # conv0
     cost, side = family.conv_cost(size, mid, mid, 3, spec.stride)
-    total += cost                                                          # conv1
-    total += family.conv_cost(side, mid, spec.out_ch, 1)[0]                # conv2
-    if spec.stride > 1 or spec.in_ch != spec.out_ch:                       # conv_shortcut
+    total += cost  # conv1
+    total += family.conv_cost(side, mid, spec.out_ch, 1)[0]  # conv2
+    if spec.stride > 1 or spec.in_ch != spec.out_ch:  # conv_shortcut
       total += family.conv_cost(size, spec.in_ch, spec.out_ch, 1, spec.stride)[0]
     if use_se:
       total += family.squeeze_excite_cost(spec.out_ch, max(1, int(spec.out_ch * se_ratio)))
@@ -185,10 +233,23 @@ def count_flops(variant: str = 'ResNet50', image_size: Optional[int] = None,
 
 
 FAMILY = family.Family(
-    name='NFResNet', title='NF-ResNet', model=NFResNet, variants=NF_RESNET_VARIANTS,
-    prefixes=('NF-', ''),
-    # DeepMind's released NF_ResNet arguments (drop_rate 0.0: its ResNet experiment's).
-    defaults=dict(width=4.0, alpha=0.2, stochdepth_rate=0.1, drop_rate=0.0,
-                  activation='relu', use_se=False, se_ratio=0.25),
-    root='NF_ResNet', block='nf_res_block', eval_view='crop_resize',
-    count_flops=count_flops)
+  name='NFResNet',
+  title='NF-ResNet',
+  model=NFResNet,
+  variants=NF_RESNET_VARIANTS,
+  prefixes=('NF-', ''),
+  # DeepMind's released NF_ResNet arguments (drop_rate 0.0: its ResNet experiment's).
+  defaults=dict(
+    width=4.0,
+    alpha=0.2,
+    stochdepth_rate=0.1,
+    drop_rate=0.0,
+    activation='relu',
+    use_se=False,
+    se_ratio=0.25,
+  ),
+  root='NF_ResNet',
+  block='nf_res_block',
+  eval_view='crop_resize',
+  count_flops=count_flops,
+)

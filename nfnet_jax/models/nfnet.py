@@ -4,6 +4,7 @@ Module and parameter names follow DeepMind's released Haiku checkpoints exactly
 (`NFNet/~/stem_conv0`, `NFNet/~/nf_block_3/~/conv1b`, ...), so those parameters
 drop in unchanged.
 """
+
 from typing import Any, Callable, Optional
 
 import haiku as hk
@@ -14,20 +15,31 @@ from nfnet_jax.models import family, layers
 # Paper table 1 / section 4: width, depth, resolutions, RandAugment, dropout.
 _F_DEPTHS = {f'F{k}': [1 * (k + 1), 2 * (k + 1), 6 * (k + 1), 3 * (k + 1)] for k in range(8)}
 _F_SIZES = {  # variant: (train size, test size, RandAugment magnitude, dropout)
-    'F0': (192, 256, 5, 0.2), 'F1': (224, 320, 10, 0.3), 'F2': (256, 352, 10, 0.4),
-    'F3': (320, 416, 15, 0.4), 'F4': (384, 512, 15, 0.5), 'F5': (416, 544, 15, 0.5),
-    'F6': (448, 576, 15, 0.5), 'F7': (480, 608, 15, 0.5),
+  'F0': (192, 256, 5, 0.2),
+  'F1': (224, 320, 10, 0.3),
+  'F2': (256, 352, 10, 0.4),
+  'F3': (320, 416, 15, 0.4),
+  'F4': (384, 512, 15, 0.5),
+  'F5': (416, 544, 15, 0.5),
+  'F6': (448, 576, 15, 0.5),
+  'F7': (480, 608, 15, 0.5),
 }
 _WIDTHS = [256, 512, 1536, 1536]
-_PLUS_WIDTHS = [384, 768, 2048, 2048]   # "+" variants: wider, same depths.
+_PLUS_WIDTHS = [384, 768, 2048, 2048]  # "+" variants: wider, same depths.
 _STRIDES = [1, 2, 2, 2]
 
 NFNET_VARIANTS = {}
 for _name, (_train, _test, _ra_mag, _drop) in _F_SIZES.items():
   for _suffix, _widths in (('', _WIDTHS), ('+', _PLUS_WIDTHS)):
     NFNET_VARIANTS[_name + _suffix] = dict(
-        width=_widths, depth=_F_DEPTHS[_name], train_imsize=_train, test_imsize=_test,
-        randaug_layers=4, randaug_magnitude=_ra_mag, drop_rate=_drop)
+      width=_widths,
+      depth=_F_DEPTHS[_name],
+      train_imsize=_train,
+      test_imsize=_test,
+      randaug_layers=4,
+      randaug_magnitude=_ra_mag,
+      drop_rate=_drop,
+    )
 
 
 # The stem: four 3x3 convs (total stride 4); the last one's width is half the first
@@ -37,9 +49,14 @@ def stem_layout(stem_ch: int) -> list[tuple[int, int]]:
   return [(16, 2), (32, 1), (64, 1), (stem_ch, 2)]
 
 
-def block_specs(variant: str = 'F0', width: float = 1.0, alpha: float = 0.2,
-                stochdepth_rate: float = 0.1, group_size: int = 128,
-                expansion: float = 0.5) -> tuple[int, list[layers.BlockSpec]]:
+def block_specs(
+  variant: str = 'F0',
+  width: float = 1.0,
+  alpha: float = 0.2,
+  stochdepth_rate: float = 0.1,
+  group_size: int = 128,
+  expansion: float = 0.5,
+) -> tuple[int, list[layers.BlockSpec]]:
   """Returns (stem output channels, one BlockSpec per block)."""
   params = family.lookup_variant(NFNET_VARIANTS, 'NFNet', variant)
   widths = [int(w * width) for w in params['width']]
@@ -50,11 +67,17 @@ def block_specs(variant: str = 'F0', width: float = 1.0, alpha: float = 0.2,
     # "Big width": the bottleneck is sized from the block's output channels,
     # rounded down to whole groups of `group_size` channels.
     groups = max(1, int(out_ch * expansion) // group_size)
-    specs.append(layers.BlockSpec(
-        in_ch=in_ch, out_ch=out_ch,
+    specs.append(
+      layers.BlockSpec(
+        in_ch=in_ch,
+        out_ch=out_ch,
         stride=_STRIDES[place.stage] if place.index_in_stage == 0 else 1,
-        bottleneck_ch=groups * group_size, groups=groups, beta=place.beta,
-        stochdepth_rate=place.stochdepth_rate))
+        bottleneck_ch=groups * group_size,
+        groups=groups,
+        beta=place.beta,
+        stochdepth_rate=place.stochdepth_rate,
+      )
+    )
     in_ch = out_ch
   return stem_ch, specs
 
@@ -62,11 +85,21 @@ def block_specs(variant: str = 'F0', width: float = 1.0, alpha: float = 0.2,
 class NFBlock(hk.Module):
   """Normalizer-free bottleneck block with two grouped 3x3 convs (paper fig. 6)."""
 
-  def __init__(self, in_ch: int, out_ch: int, bottleneck_ch: int, groups: int,
-               stride: int = 1, beta: float = 1.0, alpha: float = 0.2,
-               se_ratio: float = 0.5, stochdepth_rate: float = 0.0,
-               activation: Callable = layers.scaled_activation('gelu'),
-               use_two_convs: bool = True, name: Optional[str] = None):
+  def __init__(
+    self,
+    in_ch: int,
+    out_ch: int,
+    bottleneck_ch: int,
+    groups: int,
+    stride: int = 1,
+    beta: float = 1.0,
+    alpha: float = 0.2,
+    se_ratio: float = 0.5,
+    stochdepth_rate: float = 0.0,
+    activation: Callable = layers.scaled_activation('gelu'),
+    use_two_convs: bool = True,
+    name: Optional[str] = None,
+  ):
     super().__init__(name=name)
     self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
     self.beta, self.alpha = beta, alpha
@@ -74,13 +107,18 @@ class NFBlock(hk.Module):
     self.stochdepth_rate = stochdepth_rate
     self.use_projection = stride > 1 or in_ch != out_ch
     self.conv0 = layers.WSConv2D(bottleneck_ch, 1, name='conv0')
-    self.conv1 = layers.WSConv2D(bottleneck_ch, 3, stride=stride,
-                                 feature_group_count=groups, name='conv1')
-    self.conv1b = (layers.WSConv2D(bottleneck_ch, 3, feature_group_count=groups,
-                                   name='conv1b') if use_two_convs else None)
+    self.conv1 = layers.WSConv2D(
+      bottleneck_ch, 3, stride=stride, feature_group_count=groups, name='conv1'
+    )
+    self.conv1b = (
+      layers.WSConv2D(bottleneck_ch, 3, feature_group_count=groups, name='conv1b')
+      if use_two_convs
+      else None
+    )
     self.conv2 = layers.WSConv2D(out_ch, 1, name='conv2')
-    self.conv_shortcut = (layers.WSConv2D(out_ch, 1, name='conv_shortcut')
-                          if self.use_projection else None)
+    self.conv_shortcut = (
+      layers.WSConv2D(out_ch, 1, name='conv_shortcut') if self.use_projection else None
+    )
     self.se = layers.SqueezeExcite(out_ch, out_ch, se_ratio=se_ratio)
 
   def __call__(self, x: jax.Array, is_training: bool):
@@ -95,8 +133,7 @@ class NFBlock(hk.Module):
     out = self.conv2(act(out))
     # x2 keeps the variance of the gated branch at init (sigmoid(0) = 1/2).
     out = 2 * self.se(out) * out
-    return layers.residual_merge(out, shortcut, self.alpha, self.stochdepth_rate,
-                                 is_training)
+    return layers.residual_merge(out, shortcut, self.alpha, self.stochdepth_rate, is_training)
 
 
 class NFNet(hk.Module):
@@ -109,14 +146,24 @@ class NFNet(hk.Module):
   `res_avg_var` (of the residual branch before skip_gain and alpha).
   """
 
-  def __init__(self, num_classes: int, variant: str = 'F0', width: float = 1.0,
-               se_ratio: float = 0.5, alpha: float = 0.2,
-               stochdepth_rate: float = 0.1, drop_rate: Optional[float] = None,
-               activation: str = 'gelu',
-               fc_init: Optional[hk.initializers.Initializer] = None,
-               final_conv_mult: int = 2, final_conv_ch: Optional[int] = None,
-               use_two_convs: bool = True, name: str = 'NFNet', *,
-               group_size: int = 128):
+  def __init__(
+    self,
+    num_classes: int,
+    variant: str = 'F0',
+    width: float = 1.0,
+    se_ratio: float = 0.5,
+    alpha: float = 0.2,
+    stochdepth_rate: float = 0.1,
+    drop_rate: Optional[float] = None,
+    activation: str = 'gelu',
+    fc_init: Optional[hk.initializers.Initializer] = None,
+    final_conv_mult: int = 2,
+    final_conv_ch: Optional[int] = None,
+    use_two_convs: bool = True,
+    name: str = 'NFNet',
+    *,
+    group_size: int = 128,
+  ):
     super().__init__(name=name)
     self.num_classes = num_classes
     self.variant = variant
@@ -125,21 +172,35 @@ class NFNet(hk.Module):
     self.activation = layers.scaled_activation(activation)
     stem_ch, self.specs = block_specs(variant, width, alpha, stochdepth_rate, group_size)
 
-    self.stem = [layers.WSConv2D(ch, 3, stride=s, name=f'stem_conv{i}')
-                 for i, (ch, s) in enumerate(stem_layout(stem_ch))]
+    self.stem = [
+      layers.WSConv2D(ch, 3, stride=s, name=f'stem_conv{i}')
+      for i, (ch, s) in enumerate(stem_layout(stem_ch))
+    ]
     self.blocks = [
-        NFBlock(spec.in_ch, spec.out_ch, spec.bottleneck_ch, spec.groups,
-                stride=spec.stride, beta=spec.beta, alpha=alpha, se_ratio=se_ratio,
-                stochdepth_rate=spec.stochdepth_rate, activation=self.activation,
-                use_two_convs=use_two_convs)
-        for spec in self.specs]
+      NFBlock(
+        spec.in_ch,
+        spec.out_ch,
+        spec.bottleneck_ch,
+        spec.groups,
+        stride=spec.stride,
+        beta=spec.beta,
+        alpha=alpha,
+        se_ratio=se_ratio,
+        stochdepth_rate=spec.stochdepth_rate,
+        activation=self.activation,
+        use_two_convs=use_two_convs,
+      )
+      for spec in self.specs
+    ]
     final_ch = final_conv_ch or final_conv_mult * self.specs[-1].out_ch
     self.final_conv = layers.WSConv2D(final_ch, 1, name='final_conv')
-    self.fc = hk.Linear(num_classes, with_bias=True,
-                        w_init=fc_init or hk.initializers.RandomNormal(0.01))
+    self.fc = hk.Linear(
+      num_classes, with_bias=True, w_init=fc_init or hk.initializers.RandomNormal(0.01)
+    )
 
-  def __call__(self, x: jax.Array, is_training: bool,
-               return_metrics: bool = False) -> dict[str, Any]:
+  def __call__(
+    self, x: jax.Array, is_training: bool, return_metrics: bool = False
+  ) -> dict[str, Any]:
     layers.check_image_batch(x, 'NFNet')
     outputs = {}
     out = x
@@ -147,17 +208,23 @@ class NFNet(hk.Module):
       out = conv(out)
       if i < len(self.stem) - 1:
         out = self.activation(out)
-    out = layers.apply_blocks(self.blocks, out, is_training,
-                              outputs if return_metrics else None)
+    out = layers.apply_blocks(self.blocks, out, is_training, outputs if return_metrics else None)
     out = self.activation(self.final_conv(out))
     return layers.classifier_head(out, self.fc, self.drop_rate, is_training, outputs)
 
 
-def count_flops(variant: str = 'F0', image_size: Optional[int] = None,
-                num_classes: int = 1000, width: float = 1.0, se_ratio: float = 0.5,
-                final_conv_mult: int = 2, final_conv_ch: Optional[int] = None,
-                use_two_convs: bool = True, group_size: int = 128,
-                **unused_kwargs) -> family.Cost:
+def count_flops(
+  variant: str = 'F0',
+  image_size: Optional[int] = None,
+  num_classes: int = 1000,
+  width: float = 1.0,
+  se_ratio: float = 0.5,
+  final_conv_mult: int = 2,
+  final_conv_ch: Optional[int] = None,
+  use_two_convs: bool = True,
+  group_size: int = 128,
+  **unused_kwargs,
+) -> family.Cost:
   """Parameters and multiply-accumulates of one forward pass of one image, counted from
   the same BlockSpecs that build the model. `image_size` defaults to the variant's test
   size (the paper's convention). Arguments that change no shape (alpha, dropout, ...)
@@ -170,13 +237,13 @@ def count_flops(variant: str = 'F0', image_size: Optional[int] = None,
     total, in_ch = total + cost, ch
   for spec in specs:
     mid, groups = spec.bottleneck_ch, spec.groups
-    total += family.conv_cost(size, spec.in_ch, mid, 1)[0]                   # conv0
+    total += family.conv_cost(size, spec.in_ch, mid, 1)[0]  # conv0
     cost, side = family.conv_cost(size, mid, mid, 3, spec.stride, groups)
-    total += cost                                                            # conv1
+    total += cost  # conv1
     if use_two_convs:
-      total += family.conv_cost(side, mid, mid, 3, 1, groups)[0]             # conv1b
-    total += family.conv_cost(side, mid, spec.out_ch, 1)[0]                  # conv2
-    if spec.stride > 1 or spec.in_ch != spec.out_ch:                         # conv_shortcut
+      total += family.conv_cost(side, mid, mid, 3, 1, groups)[0]  # conv1b
+    total += family.conv_cost(side, mid, spec.out_ch, 1)[0]  # conv2
+    if spec.stride > 1 or spec.in_ch != spec.out_ch:  # conv_shortcut
       total += family.conv_cost(side, spec.in_ch, spec.out_ch, 1)[0]
     total += family.squeeze_excite_cost(spec.out_ch, max(1, int(spec.out_ch * se_ratio)))
     total += family.SKIP_GAIN
@@ -187,11 +254,26 @@ def count_flops(variant: str = 'F0', image_size: Optional[int] = None,
 
 
 FAMILY = family.Family(
-    name='NFNet', title='NFNet', model=NFNet, variants=NFNET_VARIANTS,
-    prefixes=('', 'NFNet-'),
-    # DeepMind's released arguments, with the paper's training value of stochastic
-    # depth (0.25, section 3); drop_rate None = the variant's.
-    defaults=dict(width=1.0, se_ratio=0.5, alpha=0.2, stochdepth_rate=0.25,
-                  drop_rate=None, activation='gelu', final_conv_mult=2,
-                  use_two_convs=True, group_size=128),
-    root='NFNet', block='nf_block', eval_view='resize_crop_32', count_flops=count_flops)
+  name='NFNet',
+  title='NFNet',
+  model=NFNet,
+  variants=NFNET_VARIANTS,
+  prefixes=('', 'NFNet-'),
+  # DeepMind's released arguments, with the paper's training value of stochastic
+  # depth (0.25, section 3); drop_rate None = the variant's.
+  defaults=dict(
+    width=1.0,
+    se_ratio=0.5,
+    alpha=0.2,
+    stochdepth_rate=0.25,
+    drop_rate=None,
+    activation='gelu',
+    final_conv_mult=2,
+    use_two_convs=True,
+    group_size=128,
+  ),
+  root='NFNet',
+  block='nf_block',
+  eval_view='resize_crop_32',
+  count_flops=count_flops,
+)

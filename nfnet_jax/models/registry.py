@@ -3,6 +3,7 @@
 Adding a family: write its file (variant table, blocks, network, cost counter, `FAMILY`)
 and add `FAMILY` to `FAMILIES` below. Everything else reads the record.
 """
+
 from typing import Any, Mapping, Optional
 
 import haiku as hk
@@ -13,11 +14,14 @@ import ml_collections
 from nfnet_jax.models import nf_regnet, nf_resnet, nfnet
 from nfnet_jax.models.family import Cost, Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
+FAMILIES: dict[str, Family] = {
+  f.name: f
+  for f in (
     nfnet.FAMILY,
     nf_resnet.FAMILY,
     nf_regnet.FAMILY,
-)}
+  )
+}
 
 
 def _model_names() -> dict[str, tuple[Family, str]]:
@@ -25,8 +29,10 @@ def _model_names() -> dict[str, tuple[Family, str]]:
   for fam in FAMILIES.values():
     for name, key in fam.names().items():
       if name in names:
-        raise ValueError(f'Model name {name!r} is both {names[name][0].title} and '
-                         f'{fam.title}: give one family another prefix.')
+        raise ValueError(
+          f'Model name {name!r} is both {names[name][0].title} and '
+          f'{fam.title}: give one family another prefix.'
+        )
       names[name] = (fam, key)
   return names
 
@@ -46,11 +52,14 @@ def resolve(model_name: str) -> tuple[Family, str]:
   """(family, variant-table key) of any model name: 'F0', 'NF-RegNet-B0', 'B0', ..."""
   if model_name not in _NAMES:
     listed = '; '.join(
-        f'{fam.title}: {", ".join(fam.canonical_name(k) for k in fam.variants)}'
-        for fam in FAMILIES.values())
-    raise ValueError(f'Unknown variant {model_name!r}; valid variants are {listed} '
-                     '(NF-ResNet and NF-RegNet variants also by their short names, '
-                     'e.g. ResNet50, B0).')
+      f'{fam.title}: {", ".join(fam.canonical_name(k) for k in fam.variants)}'
+      for fam in FAMILIES.values()
+    )
+    raise ValueError(
+      f'Unknown variant {model_name!r}; valid variants are {listed} '
+      '(NF-ResNet and NF-RegNet variants also by their short names, '
+      'e.g. ResNet50, B0).'
+    )
   return _NAMES[model_name]
 
 
@@ -83,13 +92,16 @@ def model_variant(model_config: ml_collections.ConfigDict) -> tuple[Family, str,
   named = get_family(model_config.name)
   fam, key = resolve(kwargs.pop('variant'))
   if fam is not named:
-    raise ValueError(f'model.kwargs.variant={key!r} is an {fam.name} variant but '
-                     f'model.name is {named.name!r}: set one to match the other.')
+    raise ValueError(
+      f'model.kwargs.variant={key!r} is an {fam.name} variant but '
+      f'model.name is {named.name!r}: set one to match the other.'
+    )
   return fam, key, kwargs
 
 
-def count_flops(variant: str = 'F0', image_size: Optional[int] = None,
-                num_classes: int = 1000, **model_kwargs) -> Cost:
+def count_flops(
+  variant: str = 'F0', image_size: Optional[int] = None, num_classes: int = 1000, **model_kwargs
+) -> Cost:
   """Parameters and multiply-accumulates of one image's forward pass of any family's
   variant (paper table 3), analytically: `count_flops('F7', 608)` is instant.
 
@@ -107,8 +119,9 @@ def mixed_precision_policy(dtype: str) -> jmp.Policy:
   return jmp.get_policy(f'params=float32,compute={dtype},output=float32')
 
 
-def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
-                dtype: str = 'float32') -> hk.Transformed:
+def build_model(
+  model_config: ml_collections.ConfigDict, num_classes: int, dtype: str = 'float32'
+) -> hk.Transformed:
   """A pure (init, apply) pair: apply(params, rng, images, is_training, ...) -> dict.
 
   With dtype='bfloat16', haiku casts the float32 parameters and the inputs to

@@ -7,6 +7,7 @@ root module (`NFNet`, `NF_ResNet`, `NF_RegNet`, the names of DeepMind's released
 run) and the package's own `.npz` files (`npz.py`), and checks every module path,
 parameter name and shape before handing the parameters over.
 """
+
 import functools
 import hashlib
 import os
@@ -15,10 +16,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from nfnet_jax import fileio
-from nfnet_jax import models
-from nfnet_jax.weights import npz
-from nfnet_jax.weights import released
+from nfnet_jax import fileio, models
+from nfnet_jax.weights import npz, released
 from nfnet_jax.weights.errors import CorruptCheckpointError, ParamsMismatchError
 
 ParamTree = dict[str, dict[str, np.ndarray]]
@@ -45,9 +44,12 @@ def _shapes_of(fam: models.Family, key: str, num_classes: int, kwargs: dict) -> 
     return fam.model(num_classes, variant=key, **kwargs)(x, False)
 
   try:
-    shapes = jax.eval_shape(hk.transform(forward).init, jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
-  except TypeError as e:   # an argument another family takes (group_size for NF-ResNet)
+    shapes = jax.eval_shape(
+      hk.transform(forward).init,
+      jax.random.PRNGKey(0),
+      jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+    )
+  except TypeError as e:  # an argument another family takes (group_size for NF-ResNet)
     raise ParamsMismatchError(f'{fam.title} {key}: {e}') from None
   return {m: {n: tuple(s.shape) for n, s in p.items()} for m, p in shapes.items()}
 
@@ -57,8 +59,9 @@ def _cached_shapes(family_name: str, key: str, num_classes: int, kwargs: tuple) 
   return _shapes_of(models.get_family(family_name), key, num_classes, dict(kwargs))
 
 
-def expected_param_shapes(variant: str = 'F0', num_classes: int = 1000,
-                          **model_kwargs) -> dict[str, dict[str, tuple]]:
+def expected_param_shapes(
+  variant: str = 'F0', num_classes: int = 1000, **model_kwargs
+) -> dict[str, dict[str, tuple]]:
   """{module path: {param name: shape}} of the model `variant` names, built as
   `Family(num_classes, variant=key, **model_kwargs)` (from `jax.eval_shape`: nothing is
   allocated or compiled)."""
@@ -77,11 +80,9 @@ def _family_of_params(params: Mapping) -> Optional[models.Family]:
   return next((fam for fam in map(models.family_of_root, sorted(roots)) if fam), None)
 
 
-def _block_layout(params: Mapping,
-                  fam: models.Family) -> Optional[tuple[list[int], list[int]]]:
+def _block_layout(params: Mapping, fam: models.Family) -> Optional[tuple[list[int], list[int]]]:
   """(stage depths, stage widths) read off a parameter tree, or None."""
-  pattern = re.compile(r'^(?P<prefix>.+)/~/' + re.escape(fam.block)
-                       + r'(?:_(?P<index>\d+))?$')
+  pattern = re.compile(r'^(?P<prefix>.+)/~/' + re.escape(fam.block) + r'(?:_(?P<index>\d+))?$')
   blocks = {}
   for module in params:
     match = pattern.match(module)
@@ -147,23 +148,25 @@ def _problems(params: Mapping, expected: Mapping) -> tuple[list[str], bool, bool
     for name, shape in shapes.items():
       where = f'{module}/{name}'
       if name not in found:
-        problems.append(f'missing parameter {where} (expected shape '
-                        f'{fileio.fmt_shape(shape)})')
+        problems.append(f'missing parameter {where} (expected shape {fileio.fmt_shape(shape)})')
         continue
       value = found[name]
       got = tuple(np.shape(value))
       if got != shape:
-        problems.append(f'{where}: expected shape {fileio.fmt_shape(shape)}, found '
-                        f'{fileio.fmt_shape(got)}')
+        problems.append(
+          f'{where}: expected shape {fileio.fmt_shape(shape)}, found {fileio.fmt_shape(got)}'
+        )
         if len(shape) == 4 and got == (shape[3], shape[2], shape[0], shape[1]):
           transposed = True
       elif not np.issubdtype(np.asarray(value).dtype, np.floating):
-        problems.append(f'{where}: expected a floating-point array, found dtype '
-                        f'{np.asarray(value).dtype}')
+        problems.append(
+          f'{where}: expected a floating-point array, found dtype {np.asarray(value).dtype}'
+        )
     for name in found:
       if name not in shapes:
-        problems.append(f'unexpected parameter {module}/{name} (shape '
-                        f'{fileio.fmt_shape(np.shape(found[name]))})')
+        problems.append(
+          f'unexpected parameter {module}/{name} (shape {fileio.fmt_shape(np.shape(found[name]))})'
+        )
   for label, modules in (('unexpected', extra_modules), ('missing', missing_modules)):
     if modules:
       listed = ', '.join(modules[:6]) + (', ...' if len(modules) > 6 else '')
@@ -171,8 +174,9 @@ def _problems(params: Mapping, expected: Mapping) -> tuple[list[str], bool, bool
   return problems, transposed, bool(extra_modules and missing_modules)
 
 
-def check_params(params: Mapping, variant: str = 'F0', num_classes: int = 1000,
-                 **model_kwargs) -> None:
+def check_params(
+  params: Mapping, variant: str = 'F0', num_classes: int = 1000, **model_kwargs
+) -> None:
   """Checks a parameter tree against `Family(num_classes, variant, **model_kwargs)`,
   the family (NFNet, NFResNet, NFRegNet) being the one `variant` belongs to.
 
@@ -181,11 +185,11 @@ def check_params(params: Mapping, variant: str = 'F0', num_classes: int = 1000,
   path with the expected and the found shape, and suggesting the likely fix (the
   variant or num_classes the file's shapes match, an OIHW layout, a renamed root).
   """
-  if not isinstance(params, Mapping) or not all(
-      isinstance(v, Mapping) for v in params.values()):
+  if not isinstance(params, Mapping) or not all(isinstance(v, Mapping) for v in params.values()):
     raise ParamsMismatchError(
-        'expected a Haiku parameter dict {module path: {param name: array}}, got '
-        f'{type(params).__name__}')
+      'expected a Haiku parameter dict {module path: {param name: array}}, got '
+      f'{type(params).__name__}'
+    )
   expected = expected_param_shapes(variant, num_classes, **model_kwargs)
   problems, transposed, misplaced = _problems(params, expected)
   if not problems:
@@ -196,30 +200,42 @@ def check_params(params: Mapping, variant: str = 'F0', num_classes: int = 1000,
   guess = guess_variant(params, model_kwargs.get('width'))
   if guess is not None and guess != fam.canonical_name(key):
     depths, widths = _block_layout(params, models.resolve(guess)[0])
-    hints.append(f'the file\'s shapes match variant {guess!r} (stage depths {depths}, '
-                 f'stage widths {widths}): pass variant={guess!r}')
+    hints.append(
+      f"the file's shapes match variant {guess!r} (stage depths {depths}, "
+      f'stage widths {widths}): pass variant={guess!r}'
+    )
   root = model_kwargs.get('name', fam.root)
   linear = params.get(fam.classifier_module(root), {}).get('w')
   if linear is not None and np.ndim(linear) == 2 and np.shape(linear)[1] != num_classes:
-    hints.append(f'the classifier has {np.shape(linear)[1]} outputs: pass '
-                 f'num_classes={np.shape(linear)[1]}')
+    hints.append(
+      f'the classifier has {np.shape(linear)[1]} outputs: pass num_classes={np.shape(linear)[1]}'
+    )
   if transposed:
-    hints.append('some conv weights look OIHW (PyTorch layout): Haiku wants HWIO, '
-                 'i.e. w.transpose(2, 3, 1, 0)')
+    hints.append(
+      'some conv weights look OIHW (PyTorch layout): Haiku wants HWIO, i.e. w.transpose(2, 3, 1, 0)'
+    )
   roots = {m.split('/~/')[0] for m in params}
   if misplaced and roots and root not in roots:
-    hints.append(f'the file\'s modules live under {sorted(roots)!r}, the model\'s under '
-                 f'{root!r}: rename them or pass name=')
+    hints.append(
+      f"the file's modules live under {sorted(roots)!r}, the model's under "
+      f'{root!r}: rename them or pass name='
+    )
   if not hints:
-    hints.append('check the variant and the model arguments (width, group_size, '
-                 'final_conv_mult, use_two_convs, ...) the file was trained with')
+    hints.append(
+      'check the variant and the model arguments (width, group_size, '
+      'final_conv_mult, use_two_convs, ...) the file was trained with'
+    )
   kw = ''.join(f', {k}={v!r}' for k, v in sorted(model_kwargs.items()))
   shown = problems[:12]
   more = f'\n  ... and {len(problems) - len(shown)} more' if len(problems) > len(shown) else ''
   raise ParamsMismatchError(
-      f'parameters do not match {fam.name}(num_classes={num_classes}, variant={key!r}{kw}).'
-      '\nLikely fix: ' + '; '.join(hints) + f'.\n{len(problems)} problem(s):\n  - '
-      + '\n  - '.join(shown) + more)
+    f'parameters do not match {fam.name}(num_classes={num_classes}, variant={key!r}{kw}).'
+    '\nLikely fix: '
+    + '; '.join(hints)
+    + f'.\n{len(problems)} problem(s):\n  - '
+    + '\n  - '.join(shown)
+    + more
+  )
 
 
 def _stored_variant(stored: str, path: str) -> str:
@@ -228,12 +244,14 @@ def _stored_variant(stored: str, path: str) -> str:
     return models.canonical_name(stored)
   except ValueError:
     raise ParamsMismatchError(
-        f'{path} was converted for variant {stored!r}, which this version does not know: '
-        'pass variant= (and check the file)') from None
+      f'{path} was converted for variant {stored!r}, which this version does not know: '
+      'pass variant= (and check the file)'
+    ) from None
 
 
-def _load_any(path, variant: Optional[str], num_classes: Optional[int], verify_md5: bool,
-              model_kwargs: dict) -> tuple[ParamTree, str]:
+def _load_any(
+  path, variant: Optional[str], num_classes: Optional[int], verify_md5: bool, model_kwargs: dict
+) -> tuple[ParamTree, str]:
   """Loads either format, resolves the variant, checks; returns (params, variant)."""
   path = os.fspath(path)
   variant = None if variant is None else models.canonical_name(variant)
@@ -242,36 +260,47 @@ def _load_any(path, variant: Optional[str], num_classes: Optional[int], verify_m
     stored = None if stored is None else _stored_variant(stored, path)
     if variant is not None and stored is not None and stored != variant:
       raise ParamsMismatchError(
-          f'{path} was converted for variant {stored!r}, but variant={variant!r} was '
-          f'asked for: pass variant={stored!r}')
+        f'{path} was converted for variant {stored!r}, but variant={variant!r} was '
+        f'asked for: pass variant={stored!r}'
+      )
     variant = variant or stored
   else:
     if fileio.is_remote(path):
       raise CorruptCheckpointError(
-          f'{path} is not a converted .npz; released pickles are read from local disk: '
-          'copy it here first (or convert it with nfnet_jax.convert)')
+        f'{path} is not a converted .npz; released pickles are read from local disk: '
+        'copy it here first (or convert it with nfnet_jax.convert)'
+      )
     params = released.load_released_params(path, variant, verify_md5=verify_md5)
     variant = variant or released.released_variant_from_name(path)
   if variant is None:
     variant = guess_variant(params, model_kwargs.get('width'))
     if variant is None:
       raise ParamsMismatchError(
-          f'cannot tell which variant {path} holds (NFNet F0.., NF-ResNet ResNet50.. or '
-          'NF-RegNet B0..): pass variant=')
-  if num_classes is None:   # whatever the file's classifier has
+        f'cannot tell which variant {path} holds (NFNet F0.., NF-ResNet ResNet50.. or '
+        'NF-RegNet B0..): pass variant='
+      )
+  if num_classes is None:  # whatever the file's classifier has
     head = classifier_module(variant, **model_kwargs)
     bias = params.get(head, {}).get('b')
     if bias is None or np.ndim(bias) != 1:
       raise ParamsMismatchError(f'{path} has no classifier bias {head}/b.')
     num_classes = int(np.shape(bias)[0])
   check_params(params, variant, num_classes, **model_kwargs)
-  params = {m: {n: np.asarray(v, dtype=np.float32, order='C') for n, v in group.items()}
-            for m, group in params.items()}
+  params = {
+    m: {n: np.asarray(v, dtype=np.float32, order='C') for n, v in group.items()}
+    for m, group in params.items()
+  }
   return params, variant
 
 
-def load_pretrained(path, variant: Optional[str] = None, num_classes: Optional[int] = 1000, *,
-                    verify_md5: bool = True, **model_kwargs) -> ParamTree:
+def load_pretrained(
+  path,
+  variant: Optional[str] = None,
+  num_classes: Optional[int] = 1000,
+  *,
+  verify_md5: bool = True,
+  **model_kwargs,
+) -> ParamTree:
   """Loads NFNet, NF-ResNet or NF-RegNet parameters, checked against the model, ready
   for `apply`.
 
@@ -295,10 +324,14 @@ def load_pretrained(path, variant: Optional[str] = None, num_classes: Optional[i
   return _load_any(path, variant, num_classes, verify_md5, model_kwargs)[0]
 
 
-def load_pretrained_with_variant(path, variant: Optional[str] = None,
-                                 num_classes: Optional[int] = 1000, *,
-                                 verify_md5: bool = True,
-                                 **model_kwargs) -> tuple[ParamTree, str]:
+def load_pretrained_with_variant(
+  path,
+  variant: Optional[str] = None,
+  num_classes: Optional[int] = 1000,
+  *,
+  verify_md5: bool = True,
+  **model_kwargs,
+) -> tuple[ParamTree, str]:
   """`load_pretrained`, also returning the variant's canonical name ('F0',
   'NF-RegNet-B0', ...: from the file when `variant` is None). The model class's
   `variant=` argument is `models.resolve(name)[1]`."""
@@ -315,8 +348,16 @@ def _md5(path: str) -> str:
   return digest.hexdigest()
 
 
-def convert(src, dst, variant: Optional[str] = None, *, overwrite: bool = False,
-            num_classes: int = 1000, verify_md5: bool = True, **model_kwargs) -> dict:
+def convert(
+  src,
+  dst,
+  variant: Optional[str] = None,
+  *,
+  overwrite: bool = False,
+  num_classes: int = 1000,
+  verify_md5: bool = True,
+  **model_kwargs,
+) -> dict:
   """Loads `src` (released pickle or converted .npz), checks it, writes `dst`.
 
   Returns a summary: `variant` (canonical name, as stored in `dst`), `family` (e.g.
@@ -325,7 +366,12 @@ def convert(src, dst, variant: Optional[str] = None, *, overwrite: bool = False,
   params, variant = _load_any(src, variant, num_classes, verify_md5, model_kwargs)
   dst = npz.save_converted(params, dst, variant, overwrite=overwrite)
   fam, key = models.resolve(variant)
-  return dict(variant=variant, family=fam.name, key=key, dst=dst,
-              arrays=sum(len(g) for g in params.values()),
-              values=int(sum(v.size for g in params.values() for v in g.values())),
-              md5=_md5(dst))
+  return dict(
+    variant=variant,
+    family=fam.name,
+    key=key,
+    dst=dst,
+    arrays=sum(len(g) for g in params.values()),
+    values=int(sum(v.size for g in params.values() for v in g.values())),
+    md5=_md5(dst),
+  )

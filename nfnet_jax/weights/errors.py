@@ -3,6 +3,7 @@
 `released.py` (NumPy and the standard library only) raises them as well as `check.py`
 and `npz.py`, so they live here rather than beside the model checks.
 """
+
 import pickle
 
 

@@ -11,9 +11,10 @@ as 'B0' or 'ResNet50', which the registry still resolves).
 Files are written whole or not at all (`fileio.atomic_write`), locally or to `gs://`.
 No model imports: checking a tree against a model is `check.py`'s job.
 """
+
 import os
-import zipfile
 from typing import Mapping, Optional
+import zipfile
 
 import numpy as np
 
@@ -31,8 +32,9 @@ def flatten_params(params: Mapping) -> dict[str, np.ndarray]:
   flat = {}
   for module, group in params.items():
     if SEPARATOR in module or module.startswith('__'):
-      raise ValueError(f'module path {module!r} cannot be stored: it contains '
-                       f'{SEPARATOR!r} or starts with "__"')
+      raise ValueError(
+        f'module path {module!r} cannot be stored: it contains {SEPARATOR!r} or starts with "__"'
+      )
     for name, value in group.items():
       if '/' in name:
         raise ValueError(f'parameter name {name!r} in {module} contains "/"')
@@ -64,8 +66,9 @@ def save_converted(params: Mapping, dst, variant: str, *, overwrite: bool = Fals
   sequential = fileio.is_remote(dst)
 
   def write(f):  # what np.savez does, on a stream it would not take
-    with zipfile.ZipFile(_WriteOnly(f) if sequential else f, 'w', zipfile.ZIP_STORED,
-                         allowZip64=True) as archive:
+    with zipfile.ZipFile(
+      _WriteOnly(f) if sequential else f, 'w', zipfile.ZIP_STORED, allowZip64=True
+    ) as archive:
       for key, value in entries.items():
         with archive.open(f'{key}.npy', 'w', force_zip64=True) as member:
           np.lib.format.write_array(member, value, allow_pickle=False)
@@ -114,14 +117,16 @@ def load_converted(path) -> tuple[dict[str, dict[str, np.ndarray]], Optional[str
         files = set(archive.files)
         if FORMAT_KEY not in files or str(archive[FORMAT_KEY]) != CONVERTED_FORMAT:
           raise CorruptCheckpointError(
-              f'{path} is a .npz archive but not one written by nfnet_jax.convert (no '
-              f'{FORMAT_KEY!r} = {CONVERTED_FORMAT!r} entry)')
+            f'{path} is a .npz archive but not one written by nfnet_jax.convert (no '
+            f'{FORMAT_KEY!r} = {CONVERTED_FORMAT!r} entry)'
+          )
         variant = str(archive[VARIANT_KEY]) if VARIANT_KEY in files else None
         flat = {k: archive[k] for k in archive.files if SEPARATOR in k}
     except PretrainedError:
       raise
     except Exception as e:  # zipfile.BadZipFile, a truncated member, an object array...
       raise CorruptCheckpointError(
-          f'{path} is not a readable converted .npz ({type(e).__name__}: {e}): it is '
-          'truncated or corrupt; convert the released file again') from e
+        f'{path} is not a readable converted .npz ({type(e).__name__}: {e}): it is '
+        'truncated or corrupt; convert the released file again'
+      ) from e
   return unflatten_params(flat), variant

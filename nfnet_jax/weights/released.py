@@ -25,30 +25,35 @@ hands such a file to `pickle`/`dill`/`np.load(allow_pickle=True)`. Instead:
 NumPy and the standard library only (no models, haiku or jax): `check.py` checks the
 loaded tree against a model.
 """
+
 import hashlib
 import os
 import pickle
 import pickletools
 import re
 import reprlib
-import warnings
 from typing import Any, Optional
+import warnings
 
 import numpy as np
 
-from nfnet_jax.weights.errors import (CorruptCheckpointError, PretrainedError,
-                                      UnsafePickleError, UnverifiedChecksumWarning)
+from nfnet_jax.weights.errors import (
+  CorruptCheckpointError,
+  PretrainedError,
+  UnsafePickleError,
+  UnverifiedChecksumWarning,
+)
 
 # Third-party MD5s of the released files. DeepMind did not publish checksums, so these
 # are unverified: a mismatch warns instead of refusing.
 RELEASED_MD5 = {
-    'F0': '0a41039da1cb43adf47f1b7d86ddfe0f',
-    'F1': 'c9126bbfaf855f9ddb7ff3b902558781',
-    'F2': '7a018d8d1498020e2f5a8719a1e7f53f',
-    'F3': 'd8e1e78d26db659c486150dbaccbe78a',
-    'F4': 'f5974a7e3388aa81b91a9f1403e759a4',
-    'F5': '8639e925de951030651ac775b9f915c3',
-    'F6': 'b16cca40ac1ecec2bd5e3273866da0c1',
+  'F0': '0a41039da1cb43adf47f1b7d86ddfe0f',
+  'F1': 'c9126bbfaf855f9ddb7ff3b902558781',
+  'F2': '7a018d8d1498020e2f5a8719a1e7f53f',
+  'F3': 'd8e1e78d26db659c486150dbaccbe78a',
+  'F4': 'f5974a7e3388aa81b91a9f1403e759a4',
+  'F5': '8639e925de951030651ac775b9f915c3',
+  'F6': 'b16cca40ac1ecec2bd5e3273866da0c1',
 }
 # Bytes of the released files; only F0's is on record (the tests rebuild a stream of
 # exactly this size from the model's shapes).
@@ -76,6 +81,7 @@ def _short(value) -> str:
 
 class _Token:
   """A named placeholder for a global that may only appear as an argument."""
+
   __slots__ = ('_name',)
 
   def __init__(self, name: str):
@@ -86,8 +92,9 @@ class _Token:
 
   def __call__(self, *args, **kwargs):
     raise UnsafePickleError(
-        f'the pickle calls {self._name}, which a parameter file only passes as an '
-        'argument; refusing it')
+      f'the pickle calls {self._name}, which a parameter file only passes as an '
+      'argument; refusing it'
+    )
 
   def __setstate__(self, state):
     raise UnsafePickleError(f'the pickle tries to set state on {self._name}; refusing it')
@@ -96,6 +103,7 @@ class _Token:
 class _StandIn:
   """A callable stand-in for an admitted global. Slotted, with a refusing
   `__setstate__`, so BUILD cannot alter it (plain functions would take attributes)."""
+
   __slots__ = ('_name', '_fn')
 
   def __init__(self, name: str, fn):
@@ -118,12 +126,19 @@ _NDARRAY = _Token('numpy.ndarray')
 # Module names dill writes for numpy's C module (`_reconstruct.__self__`): numpy>=1.16
 # (`_multiarray_umath`, under `numpy.core` for numpy 1.x and `numpy._core` for 2.x); older
 # numpy's C module was `multiarray` itself.
-_NUMPY_C_MODULES = frozenset({'numpy.core._multiarray_umath', 'numpy._core._multiarray_umath',
-                              'numpy.core.multiarray', 'numpy._core.multiarray'})
+_NUMPY_C_MODULES = frozenset(
+  {
+    'numpy.core._multiarray_umath',
+    'numpy._core._multiarray_umath',
+    'numpy.core.multiarray',
+    'numpy._core.multiarray',
+  }
+)
 
 
 class _NumpyCModule(_Token):
   """What `dill._dill._import_module(<numpy's C module>)` evaluates to."""
+
   __slots__ = ()
 
 
@@ -132,8 +147,9 @@ def _import_module(import_name, safe=False):
   del safe
   if not isinstance(import_name, str) or import_name not in _NUMPY_C_MODULES:
     raise UnsafePickleError(
-        f'dill._dill._import_module({_short(import_name)}) refused: a parameter file '
-        f'only imports numpy\'s C module ({", ".join(sorted(_NUMPY_C_MODULES))})')
+      f'dill._dill._import_module({_short(import_name)}) refused: a parameter file '
+      f"only imports numpy's C module ({', '.join(sorted(_NUMPY_C_MODULES))})"
+    )
   return _NumpyCModule(import_name)
 
 
@@ -141,13 +157,15 @@ def _get_attr(obj, name):
   """Stand-in for dill's `_get_attr`: `_reconstruct` of numpy's C module, only."""
   if not isinstance(obj, _NumpyCModule) or name != '_reconstruct':
     raise UnsafePickleError(
-        f'dill._dill._get_attr({_short(obj)}, {_short(name)}) refused: a parameter file '
-        "only fetches '_reconstruct' from numpy's C module")
+      f'dill._dill._get_attr({_short(obj)}, {_short(name)}) refused: a parameter file '
+      "only fetches '_reconstruct' from numpy's C module"
+    )
   return _RECONSTRUCT
 
 
 class _DType:
   """Placeholder for a numpy dtype (built from a validated type string + state)."""
+
   __slots__ = ('dtype', '_built')
 
   def __init__(self, dtype: np.dtype):
@@ -156,11 +174,18 @@ class _DType:
   def __setstate__(self, state):
     # numpy's dtype state for plain numeric types: (3, byteorder, None, None, None,
     # -1, -1, 0). Anything else (structured, subarray, object, metadata) is refused.
-    if (not isinstance(state, tuple) or len(state) != 8 or state[0] != 3
-        or state[1] not in ('<', '>', '|', '=') or state[2:5] != (None, None, None)
-        or state[5:] != (-1, -1, 0) or self._built):
+    if (
+      not isinstance(state, tuple)
+      or len(state) != 8
+      or state[0] != 3
+      or state[1] not in ('<', '>', '|', '=')
+      or state[2:5] != (None, None, None)
+      or state[5:] != (-1, -1, 0)
+      or self._built
+    ):
       raise UnsafePickleError(
-          f'numpy.dtype state {_short(state)} is not that of a plain numeric dtype')
+        f'numpy.dtype state {_short(state)} is not that of a plain numeric dtype'
+      )
     if state[1] in '<>' and self.dtype.itemsize > 1:
       self.dtype = self.dtype.newbyteorder(state[1])
     self._built = True
@@ -176,11 +201,16 @@ def _is_flag(value) -> bool:
 
 def _dtype(obj, align=False, copy=False):
   """Stand-in for `numpy.dtype(obj, align, copy)`: plain numeric types only."""
-  if (not isinstance(obj, str) or not _DTYPE_STRING.match(obj)
-      or not _is_flag(align) or not _is_flag(copy)):
+  if (
+    not isinstance(obj, str)
+    or not _DTYPE_STRING.match(obj)
+    or not _is_flag(align)
+    or not _is_flag(copy)
+  ):
     raise UnsafePickleError(
-        f'numpy.dtype({_short(obj)}, {_short(align)}, {_short(copy)}) refused: parameter '
-        "files hold plain numeric arrays (e.g. numpy.dtype('f4', False, True))")
+      f'numpy.dtype({_short(obj)}, {_short(align)}, {_short(copy)}) refused: parameter '
+      "files hold plain numeric arrays (e.g. numpy.dtype('f4', False, True))"
+    )
   try:
     dtype = np.dtype(obj)
   except TypeError as e:
@@ -190,6 +220,7 @@ def _dtype(obj, align=False, copy=False):
 
 class _Array:
   """Placeholder for an ndarray: `_reconstruct` makes it, BUILD fills it in."""
+
   __slots__ = ('shape', 'dtype', 'fortran', 'raw')
 
   def __init__(self):
@@ -199,25 +230,32 @@ class _Array:
   def __setstate__(self, state):
     # ndarray state: (version 1, shape, dtype, is_fortran, raw bytes).
     if not isinstance(state, tuple) or len(state) != 5 or state[0] != 1:
-      raise UnsafePickleError(f'unexpected ndarray state layout ({type(state).__name__} '
-                              f'of length {len(state) if isinstance(state, tuple) else "?"})')
+      raise UnsafePickleError(
+        f'unexpected ndarray state layout ({type(state).__name__} '
+        f'of length {len(state) if isinstance(state, tuple) else "?"})'
+      )
     _, shape, dtype, fortran, raw = state
     if self.raw is not None:
       raise UnsafePickleError('an ndarray was given state twice')
-    if (not isinstance(shape, tuple) or len(shape) > 32 or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if (
+      not isinstance(shape, tuple)
+      or len(shape) > 32
+      or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
       raise UnsafePickleError(f'ndarray shape {_short(shape)} is not a tuple of sizes')
     if not isinstance(dtype, _DType) or not isinstance(fortran, bool):
       raise UnsafePickleError('ndarray state does not hold a plain numeric dtype')
     if not isinstance(raw, bytes):
       raise UnsafePickleError(
-          f'ndarray data is a {type(raw).__name__}, not bytes (object arrays and '
-          'protocol-2 encodings are not parameter files)')
+        f'ndarray data is a {type(raw).__name__}, not bytes (object arrays and '
+        'protocol-2 encodings are not parameter files)'
+      )
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.dtype.itemsize
     if len(raw) != expected:
       raise CorruptCheckpointError(
-          f'an array of shape {shape} {dtype.dtype} should hold {expected} bytes, the '
-          f'file gives {len(raw)}: the file is corrupt')
+        f'an array of shape {shape} {dtype.dtype} should hold {expected} bytes, the '
+        f'file gives {len(raw)}: the file is corrupt'
+      )
     self.shape, self.dtype, self.fortran, self.raw = shape, dtype.dtype, fortran, raw
 
   def to_numpy(self) -> np.ndarray:
@@ -234,8 +272,9 @@ def _reconstruct(subtype, shape, typecode):
   """Stand-in for numpy's `_reconstruct(ndarray, (0,), b'b')`."""
   if subtype is not _NDARRAY or shape != (0,) or typecode != b'b':
     raise UnsafePickleError(
-        f'numpy _reconstruct({_short(subtype)}, {_short(shape)}, {_short(typecode)}) '
-        "refused: parameter files only call it as _reconstruct(numpy.ndarray, (0,), b'b')")
+      f'numpy _reconstruct({_short(subtype)}, {_short(shape)}, {_short(typecode)}) '
+      "refused: parameter files only call it as _reconstruct(numpy.ndarray, (0,), b'b')"
+    )
   return _Array()
 
 
@@ -243,7 +282,8 @@ def _flat_mapping(mapping):
   """Stand-in for `haiku._src.data_structures.FlatMapping(dict)`: a plain dict."""
   if not isinstance(mapping, dict):
     raise UnsafePickleError(
-        f'haiku FlatMapping called with a {type(mapping).__name__}, expected one dict')
+      f'haiku FlatMapping called with a {type(mapping).__name__}, expected one dict'
+    )
   return dict(mapping)
 
 
@@ -253,14 +293,14 @@ _RECONSTRUCT = _StandIn("numpy's _reconstruct", _reconstruct)
 # the same tree references. Protocol 3 stores bytes natively, so numpy's protocol-2
 # detour through `_codecs.encode` is not needed and not admitted.
 ADMITTED_GLOBALS = {
-    ('haiku._src.data_structures', 'FlatMapping'): _StandIn('FlatMapping', _flat_mapping),
-    ('numpy', 'ndarray'): _NDARRAY,
-    ('numpy', 'dtype'): _StandIn('numpy.dtype', _dtype),
-    ('numpy.core.multiarray', '_reconstruct'): _RECONSTRUCT,   # plain pickle, numpy 1.x
-    ('numpy._core.multiarray', '_reconstruct'): _RECONSTRUCT,  # plain pickle, numpy 2.x
-    # dill wrote numpy's C function indirectly: _get_attr(_import_module(C module), name).
-    ('dill._dill', '_import_module'): _StandIn('dill._dill._import_module', _import_module),
-    ('dill._dill', '_get_attr'): _StandIn('dill._dill._get_attr', _get_attr),
+  ('haiku._src.data_structures', 'FlatMapping'): _StandIn('FlatMapping', _flat_mapping),
+  ('numpy', 'ndarray'): _NDARRAY,
+  ('numpy', 'dtype'): _StandIn('numpy.dtype', _dtype),
+  ('numpy.core.multiarray', '_reconstruct'): _RECONSTRUCT,  # plain pickle, numpy 1.x
+  ('numpy._core.multiarray', '_reconstruct'): _RECONSTRUCT,  # plain pickle, numpy 2.x
+  # dill wrote numpy's C function indirectly: _get_attr(_import_module(C module), name).
+  ('dill._dill', '_import_module'): _StandIn('dill._dill._import_module', _import_module),
+  ('dill._dill', '_get_attr'): _StandIn('dill._dill._get_attr', _get_attr),
 }
 
 
@@ -269,9 +309,11 @@ def _refuse_global(module: str, name: str) -> UnsafePickleError:
   if len(offender) > 200:
     offender = offender[:200] + '...'
   return UnsafePickleError(
-      f'the pickle references the global {offender}, which a parameter file does '
-      'not need (admitted: '
-      + ', '.join(f'{m}.{n}' for m, n in ADMITTED_GLOBALS) + '); refusing to load it')
+    f'the pickle references the global {offender}, which a parameter file does '
+    'not need (admitted: '
+    + ', '.join(f'{m}.{n}' for m, n in ADMITTED_GLOBALS)
+    + '); refusing to load it'
+  )
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -297,19 +339,21 @@ class SafeUnpickler(pickle.Unpickler):
 # BYTEARRAY8/NEXT_BUFFER/READONLY_BUFFER (protocol-5 buffers), sets, and the protocol-0
 # text opcodes. GLOBAL and STACK_GLOBAL only ever reach `SafeUnpickler.find_class`;
 # REDUCE and BUILD only ever reach the admitted stand-ins.
-_ALLOWED_OPCODES = frozenset("""
+_ALLOWED_OPCODES = frozenset(
+  """
     PROTO FRAME STOP MARK POP POP_MARK DUP GLOBAL STACK_GLOBAL REDUCE BUILD
     EMPTY_DICT EMPTY_LIST EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 APPEND APPENDS SETITEM SETITEMS
     BINPUT LONG_BINPUT MEMOIZE BINGET LONG_BINGET NONE NEWTRUE NEWFALSE BININT BININT1 BININT2
     LONG1 LONG4 BINFLOAT BINUNICODE SHORT_BINUNICODE BINUNICODE8 BINBYTES SHORT_BINBYTES BINBYTES8
-""".split())
+""".split()
+)
 
 _REFUSED_OPCODES = {
-    'INST': 'it instantiates a class named in the stream',
-    'OBJ': 'it instantiates a class from the stack',
-    **dict.fromkeys(('NEWOBJ', 'NEWOBJ_EX'), 'it calls cls.__new__ for a class from the stack'),
-    **dict.fromkeys(('PERSID', 'BINPERSID'), 'it calls persistent_load'),
-    **dict.fromkeys(('EXT1', 'EXT2', 'EXT4'), 'it resolves a global through the copyreg registry'),
+  'INST': 'it instantiates a class named in the stream',
+  'OBJ': 'it instantiates a class from the stack',
+  **dict.fromkeys(('NEWOBJ', 'NEWOBJ_EX'), 'it calls cls.__new__ for a class from the stack'),
+  **dict.fromkeys(('PERSID', 'BINPERSID'), 'it calls persistent_load'),
+  **dict.fromkeys(('EXT1', 'EXT2', 'EXT4'), 'it resolves a global through the copyreg registry'),
 }
 
 
@@ -339,15 +383,14 @@ class _BoundedReader:
 def _size_hint(path: str) -> str:
   match = _RELEASED_NAME.search(os.path.basename(path))
   if match and match.group(1) in RELEASED_SIZES:
-    return (f' ({match.group(1)}_haiku.npz should be {RELEASED_SIZES[match.group(1)]:,} '
-            'bytes)')
+    return f' ({match.group(1)}_haiku.npz should be {RELEASED_SIZES[match.group(1)]:,} bytes)'
   return ''
 
 
 def _corrupt(path: str, size: int, what: str) -> CorruptCheckpointError:
   return CorruptCheckpointError(
-      f'{path} ({size:,} bytes) is truncated or corrupt: {what}{_size_hint(path)}. '
-      'Re-download it.')
+    f'{path} ({size:,} bytes) is truncated or corrupt: {what}{_size_hint(path)}. Re-download it.'
+  )
 
 
 def _scan_pickle(f, size: int, path: str) -> str:
@@ -362,19 +405,22 @@ def _scan_pickle(f, size: int, path: str) -> str:
       if opcode.name not in _ALLOWED_OPCODES:
         why = _REFUSED_OPCODES.get(opcode.name, 'a protocol-3 parameter file never uses it')
         raise UnsafePickleError(
-            f'{path}: pickle opcode {opcode.name} at byte {pos} refused ({why}); nothing '
-            'from the file was run')
+          f'{path}: pickle opcode {opcode.name} at byte {pos} refused ({why}); nothing '
+          'from the file was run'
+        )
       if opcode.name == 'PROTO' and not 2 <= arg <= 5:
         raise _corrupt(path, size, f'unknown pickle protocol {arg}')
   except PretrainedError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise _corrupt(path, size, f'the pickle stream breaks off or is garbled near byte '
-                   f'{reader.tell():,} ({e})') from None
+    raise _corrupt(
+      path, size, f'the pickle stream breaks off or is garbled near byte {reader.tell():,} ({e})'
+    ) from None
   end = reader.tell()
   if end != size:
-    raise _corrupt(path, size, f'{size - end:,} unexpected bytes after the pickle ends '
-                   f'at byte {end:,}')
+    raise _corrupt(
+      path, size, f'{size - end:,} unexpected bytes after the pickle ends at byte {end:,}'
+    )
   return reader.md5.hexdigest()
 
 
@@ -382,21 +428,22 @@ def _materialize(tree: Any, path: str) -> dict[str, dict[str, np.ndarray]]:
   """Turns the unpickled dict of dicts of placeholders into numpy arrays."""
   if not isinstance(tree, dict):
     raise CorruptCheckpointError(
-        f'{path} holds a {type(tree).__name__}, not a Haiku parameter dict '
-        '(module path -> {param name -> array})')
+      f'{path} holds a {type(tree).__name__}, not a Haiku parameter dict '
+      '(module path -> {param name -> array})'
+    )
   built = {}
   out = {}
   for module, params in tree.items():
     if not isinstance(module, str) or not isinstance(params, dict):
       raise CorruptCheckpointError(
-          f'{path}: entry {_short(module)} is not a module path mapping to a dict of '
-          'arrays')
+        f'{path}: entry {_short(module)} is not a module path mapping to a dict of arrays'
+      )
     out[module] = {}
     for name, value in params.items():
       if not isinstance(name, str) or not isinstance(value, _Array):
         raise CorruptCheckpointError(
-            f'{path}: {_short(module)}/{_short(name)} is a {type(value).__name__}, not '
-            'an array')
+          f'{path}: {_short(module)}/{_short(name)} is a {type(value).__name__}, not an array'
+        )
       if id(value) not in built:
         built[id(value)] = value.to_numpy()
       out[module][name] = built[id(value)]
@@ -426,27 +473,34 @@ def _check_md5(path: str, size: int, md5: str, variant: Optional[str]) -> None:
       return
     size_note = ''
     if expected_variant in RELEASED_SIZES:
-      size_note = (f'; its size is {size:,} bytes, the released file is '
-                   f'{RELEASED_SIZES[expected_variant]:,}')
+      size_note = (
+        f'; its size is {size:,} bytes, the released file is {RELEASED_SIZES[expected_variant]:,}'
+      )
     others = [v for v, h in RELEASED_MD5.items() if h == md5]
     other_note = f' (it is the listed MD5 of {others[0]})' if others else ''
     warnings.warn(
-        f'CHECKSUM MISMATCH: {path} has MD5 {md5}{other_note}, but the third-party list '
-        f'gives {RELEASED_MD5[expected_variant]} for {expected_variant}_haiku.npz'
-        f'{size_note}. Those figures are unverified (not published by DeepMind), so '
-        'this is not proof of tampering, but the file may be corrupt, modified or a '
-        'different release: re-download it if in doubt. Loading it anyway.',
-        UnverifiedChecksumWarning, stacklevel=3)
+      f'CHECKSUM MISMATCH: {path} has MD5 {md5}{other_note}, but the third-party list '
+      f'gives {RELEASED_MD5[expected_variant]} for {expected_variant}_haiku.npz'
+      f'{size_note}. Those figures are unverified (not published by DeepMind), so '
+      'this is not proof of tampering, but the file may be corrupt, modified or a '
+      'different release: re-download it if in doubt. Loading it anyway.',
+      UnverifiedChecksumWarning,
+      stacklevel=3,
+    )
   elif md5 not in RELEASED_MD5.values():
     warnings.warn(
-        f'CHECKSUM UNKNOWN: {path} (MD5 {md5}) matches none of the released F0..F6 '
-        'files in the third-party list (whose figures are themselves unverified): it '
-        'is not a known DeepMind release. Loading it anyway; its contents are checked '
-        'but not vouched for.', UnverifiedChecksumWarning, stacklevel=3)
+      f'CHECKSUM UNKNOWN: {path} (MD5 {md5}) matches none of the released F0..F6 '
+      'files in the third-party list (whose figures are themselves unverified): it '
+      'is not a known DeepMind release. Loading it anyway; its contents are checked '
+      'but not vouched for.',
+      UnverifiedChecksumWarning,
+      stacklevel=3,
+    )
 
 
-def load_released_params(path, variant: Optional[str] = None, *,
-                         verify_md5: bool = True) -> dict[str, dict[str, np.ndarray]]:
+def load_released_params(
+  path, variant: Optional[str] = None, *, verify_md5: bool = True
+) -> dict[str, dict[str, np.ndarray]]:
   """Loads DeepMind's released `F{k}_haiku.npz` (a dill pickle) without unpickling it
   unsafely.
 
@@ -468,19 +522,22 @@ def load_released_params(path, variant: Optional[str] = None, *,
   size = os.path.getsize(path)
   if size == 0:
     raise CorruptCheckpointError(
-        f'{path} is empty (0 bytes): the download failed or was truncated'
-        f'{_size_hint(path)}. Re-download it.')
+      f'{path} is empty (0 bytes): the download failed or was truncated'
+      f'{_size_hint(path)}. Re-download it.'
+    )
   with open(path, 'rb') as f:
     head = f.read(8)
     if head.startswith(ZIP_MAGIC):
       raise CorruptCheckpointError(
-          f'{path} is a real .npz (zip) archive, not a released pickle: if it was written '
-          'by nfnet_jax.convert, load it with nfnet_jax.weights.load_pretrained')
+        f'{path} is a real .npz (zip) archive, not a released pickle: if it was written '
+        'by nfnet_jax.convert, load it with nfnet_jax.weights.load_pretrained'
+      )
     if not head.startswith(PICKLE_MAGIC):
       raise CorruptCheckpointError(
-          f'{path} is not a pickle of protocol 2 or later (it starts with {head!r}); the '
-          'released files are protocol-3 pickles: the file is corrupt or not a release'
-          f'{_size_hint(path)}. Re-download it.')
+        f'{path} is not a pickle of protocol 2 or later (it starts with {head!r}); the '
+        'released files are protocol-3 pickles: the file is corrupt or not a release'
+        f'{_size_hint(path)}. Re-download it.'
+      )
     f.seek(0)
     md5 = _scan_pickle(f, size, path)
     f.seek(0)
@@ -491,8 +548,9 @@ def load_released_params(path, variant: Optional[str] = None, *,
       raise
     except Exception as e:  # the stand-ins refuse; anything else is a malformed stream
       raise CorruptCheckpointError(
-          f'{path}: the pickle is malformed for a parameter file ({type(e).__name__}: '
-          f'{e}){_size_hint(path)}') from e
+        f'{path}: the pickle is malformed for a parameter file ({type(e).__name__}: '
+        f'{e}){_size_hint(path)}'
+      ) from e
     del unpickler  # drop its memo, so the raw bytes go as each array is built
   if verify_md5:  # after the refusals: a refused file gets no checksum warning first
     _check_md5(path, size, md5, variant)

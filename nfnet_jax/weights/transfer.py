@@ -7,6 +7,7 @@ with a fresh classifier when the class count differs; `export_params` writes a f
 run's EMA parameters as `<workdir>/params_ema.npz`, which `load_pretrained`,
 `init_from` and `nfnet-classify --weights` read back.
 """
+
 import logging
 import os
 from typing import Any, Optional
@@ -16,14 +17,14 @@ import ml_collections
 import numpy as np
 
 from nfnet_jax import models
-from nfnet_jax.weights import check
-from nfnet_jax.weights import npz
+from nfnet_jax.weights import check, npz
 
 EXPORT_FILE = 'params_ema.npz'
 
 
-def load_for_model(model_config: ml_collections.ConfigDict, path,
-                   num_classes: Optional[int]) -> check.ParamTree:
+def load_for_model(
+  model_config: ml_collections.ConfigDict, path, num_classes: Optional[int]
+) -> check.ParamTree:
   """The parameters in `path`, checked against the config's model (`num_classes` None:
   whatever the file's classifier has).
 
@@ -32,12 +33,14 @@ def load_for_model(model_config: ml_collections.ConfigDict, path,
   """
   fam, key, kwargs = models.model_variant(model_config)
   params, _ = check.load_pretrained_with_variant(
-      path, fam.canonical_name(key), num_classes, **kwargs)
+    path, fam.canonical_name(key), num_classes, **kwargs
+  )
   return params
 
 
-def initial_params(model_config: ml_collections.ConfigDict, init_from,
-                   fresh_params: Any, num_classes: int) -> Any:
+def initial_params(
+  model_config: ml_collections.ConfigDict, init_from, fresh_params: Any, num_classes: int
+) -> Any:
   """The params a fine-tuning run starts from: every weight of `init_from`, except a
   classifier of another size (new classes), which keeps its fresh initialisation.
 
@@ -56,15 +59,20 @@ def initial_params(model_config: ml_collections.ConfigDict, init_from,
   head = fam.classifier_module(kwargs.get('name'))
   params = dict(loaded)
   if loaded[head]['b'].shape != np.shape(fresh_params[head]['b']):
-    logging.warning('%s has %d classes and this run %d: the classifier %s starts fresh.',
-                    init_from, loaded[head]['b'].shape[0], num_classes, head)
+    logging.warning(
+      '%s has %d classes and this run %d: the classifier %s starts fresh.',
+      init_from,
+      loaded[head]['b'].shape[0],
+      num_classes,
+      head,
+    )
     params[head] = fresh_params[head]
-  return jax.tree.map(lambda new, old: np.asarray(new, np.asarray(old).dtype),
-                      params, fresh_params)
+  return jax.tree.map(lambda new, old: np.asarray(new, np.asarray(old).dtype), params, fresh_params)
 
 
-def export_params(model_config: ml_collections.ConfigDict, params: Any,
-                  workdir: str) -> Optional[str]:
+def export_params(
+  model_config: ml_collections.ConfigDict, params: Any, workdir: str
+) -> Optional[str]:
   """Writes host `params` (a run's EMA params, already fetched from the devices) as
   `<workdir>/params_ema.npz`, replacing an older export, atomically, locally or on
   `gs://`. Only process 0 writes; it returns the path, the others None."""

@@ -15,7 +15,6 @@ import scipy.stats
 import tensorflow as tf
 
 from nfnet_jax import fileio
-from nfnet_jax.data import sources
 from nfnet_jax.data.augment import mixing
 
 fileio.hide_gpus_from_tensorflow()

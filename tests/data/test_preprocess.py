@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 
 from nfnet_jax import fileio
-from nfnet_jax.data import preprocess, sources
+from nfnet_jax.data import preprocess
 
 fileio.hide_gpus_from_tensorflow()
 

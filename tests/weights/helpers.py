@@ -7,6 +7,7 @@ streams reference `haiku._src.data_structures.FlatMapping`, dill's helpers and n
 `_reconstruct` exactly as the released files do, without importing (or faking in
 sys.modules) haiku's or dill's modules.
 """
+
 import io
 import pickle
 import pickletools
@@ -55,18 +56,21 @@ IMPORT_MODULE = Glob('dill._dill', '_import_module')
 GET_ATTR = Glob('dill._dill', '_get_attr')
 # How each writer references numpy's _reconstruct.
 RECONSTRUCT = {
-    'pickle_numpy1': Glob('numpy.core.multiarray', '_reconstruct'),
-    'pickle_numpy2': Glob('numpy._core.multiarray', '_reconstruct'),
-    # dill saves the builtin indirectly: _get_attr(_import_module(<C module>), name).
-    'dill_numpy1': Call(GET_ATTR, Call(IMPORT_MODULE, 'numpy.core._multiarray_umath'),
-                        '_reconstruct'),
-    'dill_numpy2': Call(GET_ATTR, Call(IMPORT_MODULE, 'numpy._core._multiarray_umath'),
-                        '_reconstruct'),
+  'pickle_numpy1': Glob('numpy.core.multiarray', '_reconstruct'),
+  'pickle_numpy2': Glob('numpy._core.multiarray', '_reconstruct'),
+  # dill saves the builtin indirectly: _get_attr(_import_module(<C module>), name).
+  'dill_numpy1': Call(
+    GET_ATTR, Call(IMPORT_MODULE, 'numpy.core._multiarray_umath'), '_reconstruct'
+  ),
+  'dill_numpy2': Call(
+    GET_ATTR, Call(IMPORT_MODULE, 'numpy._core._multiarray_umath'), '_reconstruct'
+  ),
 }
 
 
 class StreamWriter(pickle._Pickler):  # pylint: disable=protected-access
   """The pure-Python Pickler (which dill subclasses) plus placeholder globals."""
+
   dispatch = pickle._Pickler.dispatch.copy()  # pylint: disable=protected-access
 
   def __init__(self, f, reconstruct, int_dtype_flags=False, protocol=3):
@@ -112,8 +116,9 @@ def released_bytes(tree, style='dill_numpy1'):
 
 def payload_bytes(obj, style='dill_numpy1'):
   """A released-format file whose classifier weight is `obj` (a hostile payload)."""
-  return released_bytes({'NFNet/~/stem_conv0': {'w': np.ones(3, np.float32)},
-                         'NFNet/~/linear': {'w': obj}}, style)
+  return released_bytes(
+    {'NFNet/~/stem_conv0': {'w': np.ones(3, np.float32)}, 'NFNet/~/linear': {'w': obj}}, style
+  )
 
 
 def globals_in(data):
@@ -132,13 +137,16 @@ def write(path, data):
 def small_tree(seed=0):
   rng = np.random.default_rng(seed)
   return {
-      'NFNet/~/stem_conv0': {'w': rng.standard_normal((3, 3, 3, 4)).astype(np.float32),
-                             'gain': np.ones(4, np.float32),
-                             'bias': np.zeros(4, np.float32)},
-      'NFNet/~/nf_block': {'skip_gain': np.array(0.25, np.float32)},
-      'NFNet/~/linear': {'w': np.asfortranarray(rng.standard_normal((4, 3))
-                                                 .astype(np.float32)),
-                         'b': rng.standard_normal(3).astype(np.float32)},
+    'NFNet/~/stem_conv0': {
+      'w': rng.standard_normal((3, 3, 3, 4)).astype(np.float32),
+      'gain': np.ones(4, np.float32),
+      'bias': np.zeros(4, np.float32),
+    },
+    'NFNet/~/nf_block': {'skip_gain': np.array(0.25, np.float32)},
+    'NFNet/~/linear': {
+      'w': np.asfortranarray(rng.standard_normal((4, 3)).astype(np.float32)),
+      'b': rng.standard_normal(3).astype(np.float32),
+    },
   }
 
 
@@ -146,15 +154,18 @@ def model_tree(variant='F0', seed=0, num_classes=NUM_CLASSES, **kwargs):
   kwargs = kwargs or NARROW
   rng = np.random.default_rng(seed)
   shapes = weights.expected_param_shapes(variant, num_classes, **kwargs)
-  return {m: {n: rng.standard_normal(s).astype(np.float32) for n, s in p.items()}
-          for m, p in shapes.items()}
+  return {
+    m: {n: rng.standard_normal(s).astype(np.float32) for n, s in p.items()}
+    for m, p in shapes.items()
+  }
 
 
 def shape_only_tree(variant, num_classes=1000, **kwargs):
   """Full-size trees without the memory: zero-stride broadcast views."""
   shapes = weights.expected_param_shapes(variant, num_classes, **kwargs)
-  return {m: {n: np.broadcast_to(np.float32(0), s) for n, s in p.items()}
-          for m, p in shapes.items()}
+  return {
+    m: {n: np.broadcast_to(np.float32(0), s) for n, s in p.items()} for m, p in shapes.items()
+  }
 
 
 def assert_trees_equal(a, b):

@@ -1,14 +1,21 @@
 """nfnet_jax.weights.check: parameter trees against the models of every family (the
 module names of DeepMind's released code, deepmind-research/nfnets), variant guessing,
 `load_pretrained` and `convert`."""
+
 import numpy as np
 import pytest
 
-from nfnet_jax import models
-from nfnet_jax import weights
+from nfnet_jax import models, weights
 from nfnet_jax.weights import ParamsMismatchError, UnverifiedChecksumWarning
-from tests.weights.helpers import (NARROW, NUM_CLASSES, assert_trees_equal, model_tree,
-                                   released_bytes, shape_only_tree, write)
+from tests.weights.helpers import (
+  NARROW,
+  NUM_CLASSES,
+  assert_trees_equal,
+  model_tree,
+  released_bytes,
+  shape_only_tree,
+  write,
+)
 
 # The full-size variants checked per family: every one, except NFNets (a minute for all
 # sixteen), whose two widths (F0, F0+) and two depths (F0, F1) are covered.
@@ -42,10 +49,12 @@ def test_check_params_names_path_and_both_shapes():
   with pytest.raises(ParamsMismatchError) as err:
     weights.check_params(f1_tree, 'F0', NUM_CLASSES, **NARROW)
   msg = str(err.value)
-  module, name = next((m, n) for m in f0 for n in f0[m]
-                      if m in f1_tree and f1_tree[m][n].shape != f0[m][n])
-  assert (f'{module}/{name}: expected shape {f0[module][name]}, found '
-          f'{f1_tree[module][name].shape}') in msg
+  module, name = next(
+    (m, n) for m in f0 for n in f0[m] if m in f1_tree and f1_tree[m][n].shape != f0[m][n]
+  )
+  assert (
+    f'{module}/{name}: expected shape {f0[module][name]}, found {f1_tree[module][name].shape}'
+  ) in msg
   assert "pass variant='F1'" in msg
 
 
@@ -108,7 +117,7 @@ def test_guess_variant_reads_the_family_record(family):
   tree = model_tree(key, width=width)
   assert any(m.split('/~/')[1].startswith(fam.block) for m in tree if '/~/' in m)
   assert weights.guess_variant(tree, width=width) == fam.canonical_name(key)
-  assert weights.guess_variant(tree) == fam.canonical_name(key)   # same proportions
+  assert weights.guess_variant(tree) == fam.canonical_name(key)  # same proportions
   assert weights.guess_variant({'Other/~/linear': {'w': np.zeros((2, 2))}}) is None
 
 
@@ -129,7 +138,7 @@ def test_family_mix_ups_are_named():
 def test_narrow_nf_regnet_round_trip_without_naming_the_variant(tmp_path):
   tree = model_tree('B2', width=0.25)
   assert weights.guess_variant(tree, width=0.25) == 'NF-RegNet-B2'
-  assert weights.guess_variant(tree) == 'NF-RegNet-B2'   # another width: same proportions
+  assert weights.guess_variant(tree) == 'NF-RegNet-B2'  # another width: same proportions
   dst = weights.save_converted(tree, tmp_path / 'b2.npz', 'NF-RegNet-B2')
   loaded, variant = weights.load_pretrained_with_variant(dst, num_classes=None, width=0.25)
   assert variant == 'NF-RegNet-B2'
@@ -138,14 +147,14 @@ def test_narrow_nf_regnet_round_trip_without_naming_the_variant(tmp_path):
     weights.load_pretrained(dst, 'B3', width=0.25)
 
 
-@pytest.mark.parametrize('stored,asked', [('B2', None), ('B2', 'NF-RegNet-B2'),
-                                          ('NF-RegNet-B2', 'B2')])
+@pytest.mark.parametrize(
+  'stored,asked', [('B2', None), ('B2', 'NF-RegNet-B2'), ('NF-RegNet-B2', 'B2')]
+)
 def test_files_with_short_variant_names_still_load(tmp_path, stored, asked):
   """Files written before the canonical names stored short ones ('B0', 'ResNet50')."""
   tree = model_tree('B2', width=0.25)
   dst = weights.save_converted(tree, tmp_path / 'b2.npz', stored)
-  loaded, variant = weights.load_pretrained_with_variant(dst, asked, num_classes=None,
-                                                         width=0.25)
+  loaded, variant = weights.load_pretrained_with_variant(dst, asked, num_classes=None, width=0.25)
   assert variant == 'NF-RegNet-B2'
   assert_trees_equal(tree, loaded)
 
@@ -173,8 +182,9 @@ def test_convert_round_trip_and_overwrite(tmp_path):
   with np.load(dst, allow_pickle=False) as archive:
     assert str(archive['__variant__']) == 'F0'
     flat = {k: archive[k] for k in archive.files}
-  assert (flat['NFNet/~/nf_block_1/~/conv1//w'].shape
-          == tree['NFNet/~/nf_block_1/~/conv1']['w'].shape)
+  assert (
+    flat['NFNet/~/nf_block_1/~/conv1//w'].shape == tree['NFNet/~/nf_block_1/~/conv1']['w'].shape
+  )
   assert_trees_equal(tree, weights.unflatten_params(flat))
   # The variant comes from the file's metadata.
   loaded = weights.load_pretrained(dst, num_classes=NUM_CLASSES, **NARROW)
@@ -188,8 +198,9 @@ def test_convert_round_trip_and_overwrite(tmp_path):
   assert dst.read_bytes() == before
   other = model_tree('F0', seed=4)
   write(src, released_bytes(other))
-  weights.convert(src, dst, 'F0', overwrite=True, num_classes=NUM_CLASSES,
-                  verify_md5=False, **NARROW)
+  weights.convert(
+    src, dst, 'F0', overwrite=True, num_classes=NUM_CLASSES, verify_md5=False, **NARROW
+  )
   assert_trees_equal(other, weights.load_pretrained(dst, 'F0', NUM_CLASSES, **NARROW))
   assert sorted(p.name for p in tmp_path.iterdir()) == ['F0_haiku.npz', 'F0_params.npz']
 
@@ -199,7 +210,10 @@ def test_convert_stores_the_canonical_name(tmp_path):
   src = weights.save_converted(tree, tmp_path / 'old.npz', 'ResNet50')
   summary = weights.convert(src, tmp_path / 'new.npz', num_classes=NUM_CLASSES, width=0.25)
   assert (summary['variant'], summary['family'], summary['key']) == (
-      'NF-ResNet50', 'NFResNet', 'ResNet50')
+    'NF-ResNet50',
+    'NFResNet',
+    'ResNet50',
+  )
   with np.load(tmp_path / 'new.npz', allow_pickle=False) as archive:
     assert str(archive['__variant__']) == 'NF-ResNet50'
 
@@ -207,7 +221,8 @@ def test_convert_stores_the_canonical_name(tmp_path):
 def test_convert_refuses_unchecked_params(tmp_path):
   src = write(tmp_path / 'x.pkl', released_bytes(model_tree('F1')))
   with pytest.raises(ParamsMismatchError):
-    weights.convert(src, tmp_path / 'out.npz', 'F0', num_classes=NUM_CLASSES,
-                    verify_md5=False, **NARROW)
+    weights.convert(
+      src, tmp_path / 'out.npz', 'F0', num_classes=NUM_CLASSES, verify_md5=False, **NARROW
+    )
   assert not (tmp_path / 'out.npz').exists()
   assert [p.name for p in tmp_path.iterdir()] == ['x.pkl']

@@ -1,5 +1,6 @@
 """nfnet_jax.weights.npz: the pickle-free format (flat '//' keys, `__format__`,
 `__variant__`), written atomically locally and to remote (gs://-style) paths."""
+
 import os
 import zipfile
 
@@ -7,8 +8,7 @@ import numpy as np
 import pytest
 
 from nfnet_jax import weights
-from nfnet_jax.weights import npz
-from nfnet_jax.weights import CorruptCheckpointError
+from nfnet_jax.weights import CorruptCheckpointError, npz
 from tests.weights.helpers import assert_trees_equal, small_tree, write
 
 
@@ -75,7 +75,7 @@ def test_corrupt_converted_file(tmp_path):
   dst = tmp_path / 'c.npz'
   weights.save_converted(small_tree(), dst, 'F0')
   data = dst.read_bytes()
-  write(dst, data[:len(data) // 2])
+  write(dst, data[: len(data) // 2])
   with pytest.raises(CorruptCheckpointError, match='truncated or corrupt'):
     weights.load_pretrained(dst)
   np.savez(tmp_path / 'foreign.npz', a=np.ones(2))
@@ -88,8 +88,10 @@ def test_corrupt_converted_file(tmp_path):
 def test_object_arrays_are_not_loaded(tmp_path):
   """A converted-looking archive holding a pickled (object) array is refused unread."""
   path = tmp_path / 'o.npz'
-  np.savez(path, **{'__format__': np.array('nfnet_jax.params.v1'),
-                    'm//w': np.array([{'a': 1}], dtype=object)})
+  np.savez(
+    path,
+    **{'__format__': np.array('nfnet_jax.params.v1'), 'm//w': np.array([{'a': 1}], dtype=object)},
+  )
   assert zipfile.is_zipfile(path)
   with pytest.raises(CorruptCheckpointError, match='truncated or corrupt'):
     weights.load_converted(path)

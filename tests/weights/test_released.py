@@ -1,6 +1,7 @@
 """nfnet_jax.weights.released: DeepMind's released `F{k}_haiku.npz` pickles
 (deepmind-research/nfnets), read by a restricted unpickler that runs nothing from them.
 """
+
 import hashlib
 import io
 import pickle
@@ -12,13 +13,29 @@ import numpy as np
 import pytest
 
 from nfnet_jax import weights
-from nfnet_jax.weights import released
-from nfnet_jax.weights import CorruptCheckpointError, UnsafePickleError
-from nfnet_jax.weights import UnverifiedChecksumWarning
-from tests.weights.helpers import (FLATMAPPING, GET_ATTR, IMPORT_MODULE, RECONSTRUCT, Call,
-                                   FlatMapping, Glob, StreamWriter, assert_trees_equal,
-                                   globals_in, payload_bytes, released_bytes,
-                                   shape_only_tree, small_tree, write)
+from nfnet_jax.weights import (
+  CorruptCheckpointError,
+  UnsafePickleError,
+  UnverifiedChecksumWarning,
+  released,
+)
+from tests.weights.helpers import (
+  FLATMAPPING,
+  GET_ATTR,
+  IMPORT_MODULE,
+  RECONSTRUCT,
+  Call,
+  FlatMapping,
+  Glob,
+  StreamWriter,
+  assert_trees_equal,
+  globals_in,
+  payload_bytes,
+  released_bytes,
+  shape_only_tree,
+  small_tree,
+  write,
+)
 
 
 def load_quiet(path, **kwargs):
@@ -29,13 +46,25 @@ def load_quiet(path, **kwargs):
 def test_released_module_needs_no_model_haiku_or_jax():
   """The unpickler is NumPy and the standard library: check its own imports."""
   import ast  # pylint: disable=g-import-not-at-top
+
   with open(released.__file__, encoding='utf-8') as f:
     tree = ast.parse(f.read())
-  imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-              for alias in node.names}
+  imported = {
+    alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+  }
   imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-  assert imported <= {'hashlib', 'os', 'pickle', 'pickletools', 're', 'reprlib',
-                      'warnings', 'typing', 'numpy', 'nfnet_jax.weights.errors'}, imported
+  assert imported <= {
+    'hashlib',
+    'os',
+    'pickle',
+    'pickletools',
+    're',
+    'reprlib',
+    'warnings',
+    'typing',
+    'numpy',
+    'nfnet_jax.weights.errors',
+  }, imported
 
 
 # ---------------------------------------------------------------------------
@@ -63,8 +92,7 @@ def test_released_format_loads(tmp_path, style):
   assert all(type(v) is dict for v in out.values())  # pylint: disable=unidiomatic-typecheck
   assert_trees_equal(tree, out)
   assert out['NFNet/~/nf_block']['skip_gain'].shape == ()
-  assert all(v.flags.writeable and v.flags.c_contiguous
-             for p in out.values() for v in p.values())
+  assert all(v.flags.writeable and v.flags.c_contiguous for p in out.values() for v in p.values())
   # Nothing was imported or faked to load it.
   assert sys.modules.get('haiku._src.data_structures') is haiku_ds
   assert 'dill' not in sys.modules and 'dill._dill' not in sys.modules
@@ -103,30 +131,40 @@ def test_plain_pickle_of_a_dict_tree_loads(tmp_path, protocol):
 def hostile_payloads(marker):
   cmd = f'touch {marker}'
   return {
-      'os.system': (Call(Glob('os', 'system'), cmd), 'os.system'),
-      'posix.system': (Call(Glob('posix', 'system'), cmd), 'posix.system'),
-      'builtins.eval': (Call(Glob('builtins', 'eval'), f'open({str(marker)!r}, "w")'),
-                        'builtins.eval'),
-      'builtins.getattr': (Call(Glob('builtins', 'getattr'), 1, 'real'), 'builtins.getattr'),
-      'dill_os_system': (Call(Call(GET_ATTR, Call(IMPORT_MODULE, 'os'), 'system'), cmd),
-                         "_import_module('os')"),
-      'dill_subprocess': (Call(IMPORT_MODULE, 'subprocess'), "'subprocess'"),
-      'dill_numpy_other_attr': (
-          Call(Call(GET_ATTR, Call(IMPORT_MODULE, 'numpy.core._multiarray_umath'), 'scalar'),
-               1), "'scalar'"),
-      'dill_get_attr_on_string': (Call(GET_ATTR, 'os', '_reconstruct'), '_get_attr'),
-      'numpy.load': (Call(Glob('numpy', 'load'), str(marker)), 'numpy.load'),
-      'numpy.testing': (Call(Glob('numpy.testing._private.utils', 'runstring'),
-                             f'open({str(marker)!r}, "w")', {}),
-                        'numpy.testing._private.utils.runstring'),
-      'numpy.core.multiarray.scalar': (Call(Glob('numpy.core.multiarray', 'scalar'), 1),
-                                       'numpy.core.multiarray.scalar'),
-      'ndarray_called': (Call(Glob('numpy', 'ndarray'), (10 ** 12,)), 'numpy.ndarray'),
-      'reconstruct_wrong_args': (Call(RECONSTRUCT['pickle_numpy2'],
-                                      Glob('numpy', 'dtype'), (0,), b'b'), '_reconstruct'),
-      'object_dtype': (Call(Glob('numpy', 'dtype'), 'O', False, True), "numpy.dtype('O'"),
-      'flatmapping_of_list': (Call(FLATMAPPING, [('a', 1)]), 'FlatMapping'),
-      'codecs_protocol2': (Call(Glob('_codecs', 'encode'), 'x', 'latin1'), '_codecs.encode'),
+    'os.system': (Call(Glob('os', 'system'), cmd), 'os.system'),
+    'posix.system': (Call(Glob('posix', 'system'), cmd), 'posix.system'),
+    'builtins.eval': (
+      Call(Glob('builtins', 'eval'), f'open({str(marker)!r}, "w")'),
+      'builtins.eval',
+    ),
+    'builtins.getattr': (Call(Glob('builtins', 'getattr'), 1, 'real'), 'builtins.getattr'),
+    'dill_os_system': (
+      Call(Call(GET_ATTR, Call(IMPORT_MODULE, 'os'), 'system'), cmd),
+      "_import_module('os')",
+    ),
+    'dill_subprocess': (Call(IMPORT_MODULE, 'subprocess'), "'subprocess'"),
+    'dill_numpy_other_attr': (
+      Call(Call(GET_ATTR, Call(IMPORT_MODULE, 'numpy.core._multiarray_umath'), 'scalar'), 1),
+      "'scalar'",
+    ),
+    'dill_get_attr_on_string': (Call(GET_ATTR, 'os', '_reconstruct'), '_get_attr'),
+    'numpy.load': (Call(Glob('numpy', 'load'), str(marker)), 'numpy.load'),
+    'numpy.testing': (
+      Call(Glob('numpy.testing._private.utils', 'runstring'), f'open({str(marker)!r}, "w")', {}),
+      'numpy.testing._private.utils.runstring',
+    ),
+    'numpy.core.multiarray.scalar': (
+      Call(Glob('numpy.core.multiarray', 'scalar'), 1),
+      'numpy.core.multiarray.scalar',
+    ),
+    'ndarray_called': (Call(Glob('numpy', 'ndarray'), (10**12,)), 'numpy.ndarray'),
+    'reconstruct_wrong_args': (
+      Call(RECONSTRUCT['pickle_numpy2'], Glob('numpy', 'dtype'), (0,), b'b'),
+      '_reconstruct',
+    ),
+    'object_dtype': (Call(Glob('numpy', 'dtype'), 'O', False, True), "numpy.dtype('O'"),
+    'flatmapping_of_list': (Call(FLATMAPPING, [('a', 1)]), 'FlatMapping'),
+    'codecs_protocol2': (Call(Glob('_codecs', 'encode'), 'x', 'latin1'), '_codecs.encode'),
   }
 
 
@@ -152,17 +190,16 @@ def test_hostile_pickles_are_refused(tmp_path, name):
 def _unicode(text):
   data = text.encode('utf-8')
   if len(data) < 256:
-    return b'\x8c' + bytes([len(data)]) + data                   # SHORT_BINUNICODE
-  return b'X' + len(data).to_bytes(4, 'little') + data           # BINUNICODE
+    return b'\x8c' + bytes([len(data)]) + data  # SHORT_BINUNICODE
+  return b'X' + len(data).to_bytes(4, 'little') + data  # BINUNICODE
 
 
 def _call_global_payloads(marker):
   """`os.system('touch marker')` named both ways a pickle can name a global."""
   cmd = _unicode(f'touch {marker}')
   return {
-      'GLOBAL': b'\x80\x03cos\nsystem\n' + cmd + b'\x85R.',
-      'STACK_GLOBAL': b'\x80\x04' + _unicode('os') + _unicode('system') + b'\x93' + cmd
-                      + b'\x85R.',
+    'GLOBAL': b'\x80\x03cos\nsystem\n' + cmd + b'\x85R.',
+    'STACK_GLOBAL': b'\x80\x04' + _unicode('os') + _unicode('system') + b'\x93' + cmd + b'\x85R.',
   }
 
 
@@ -195,13 +232,16 @@ def test_globals_are_admitted_in_one_place(tmp_path, monkeypatch, opcode):
   assert not marker.exists()
 
 
-@pytest.mark.parametrize('data,opcode,offender', [
+@pytest.mark.parametrize(
+  'data,opcode,offender',
+  [
     (b'\x80\x03(X\x01\x00\x00\x00xios\nsystem\n.', 'INST', 'os.system'),
     (b'\x80\x03(cnumpy\ndtype\nX\x01\x00\x00\x00Oo.', 'OBJ', "numpy.dtype\\('O'"),
     (b'\x80\x03cnumpy\ndtype\n)\x81.', 'NEWOBJ', None),
     (b'\x80\x03X\x01\x00\x00\x00xQ.', 'BINPERSID', 'persistent id'),
     (b'\x80\x03\x82\x01.', 'EXT1', None),
-])
+  ],
+)
 def test_opcodes_that_call_things_are_refused(tmp_path, data, opcode, offender):
   with pytest.raises(UnsafePickleError, match=opcode):
     load_quiet(write(tmp_path / 'x.pkl', data))
@@ -221,8 +261,14 @@ def test_build_cannot_modify_the_stand_ins(tmp_path):
 def test_dtype_stand_in_takes_numpy1_and_numpy2_flags_only():
   make_dtype = weights.ADMITTED_GLOBALS[('numpy', 'dtype')]
   assert make_dtype('f4', 0, 1).dtype == make_dtype('f4', False, True).dtype == np.float32
-  for args in [('f4', 2, 1), ('f4', 0.0, 1), ('V8', 0, 1), ('O8', 0, 1), ('U4', 0, 1),
-               (b'f4', 0, 1)]:
+  for args in [
+    ('f4', 2, 1),
+    ('f4', 0.0, 1),
+    ('V8', 0, 1),
+    ('O8', 0, 1),
+    ('U4', 0, 1),
+    (b'f4', 0, 1),
+  ]:
     with pytest.raises(UnsafePickleError, match='numpy.dtype'):
       make_dtype(*args)
 
@@ -236,10 +282,14 @@ def test_refusal_messages_stay_short(tmp_path):
 
 def test_admitted_globals_are_exactly_the_released_ones():
   assert set(weights.ADMITTED_GLOBALS) == {
-      ('haiku._src.data_structures', 'FlatMapping'), ('numpy', 'ndarray'),
-      ('numpy', 'dtype'), ('numpy.core.multiarray', '_reconstruct'),
-      ('numpy._core.multiarray', '_reconstruct'), ('dill._dill', '_import_module'),
-      ('dill._dill', '_get_attr')}
+    ('haiku._src.data_structures', 'FlatMapping'),
+    ('numpy', 'ndarray'),
+    ('numpy', 'dtype'),
+    ('numpy.core.multiarray', '_reconstruct'),
+    ('numpy._core.multiarray', '_reconstruct'),
+    ('dill._dill', '_import_module'),
+    ('dill._dill', '_get_attr'),
+  }
   # None of them is a real numpy/haiku/dill object.
   for value in weights.ADMITTED_GLOBALS.values():
     assert type(value).__module__ == 'nfnet_jax.weights.released'
@@ -251,7 +301,7 @@ def test_admitted_globals_are_exactly_the_released_ones():
 
 def test_truncated_released_file(tmp_path):
   data = released_bytes(small_tree())
-  path = write(tmp_path / 'F0_haiku.npz', data[:len(data) // 2])
+  path = write(tmp_path / 'F0_haiku.npz', data[: len(data) // 2])
   with pytest.raises(CorruptCheckpointError) as err:
     weights.load_released_params(path)
   msg = str(err.value)
@@ -272,7 +322,8 @@ def test_empty_and_non_pickle_files(tmp_path):
     weights.load_pretrained(write(tmp_path / 'b.npz', b'hello world\n'))
   with pytest.raises(CorruptCheckpointError, match='after the pickle ends'):
     weights.load_released_params(
-        write(tmp_path / 'c.pkl', released_bytes(small_tree()) + b'junk'), verify_md5=False)
+      write(tmp_path / 'c.pkl', released_bytes(small_tree()) + b'junk'), verify_md5=False
+    )
   # A stream claiming a 4 GiB bytes object in a tiny file: corrupt, no huge allocation.
   with pytest.raises(CorruptCheckpointError, match='truncated or corrupt'):
     weights.load_released_params(write(tmp_path / 'd.pkl', b'\x80\x03B\xff\xff\xff\xffab'))
@@ -288,7 +339,7 @@ def test_empty_and_non_pickle_files(tmp_path):
 def test_array_with_wrong_byte_count_is_corrupt(tmp_path):
   data = released_bytes({'m': {'w': np.arange(4, dtype=np.float32)}})
   i = data.index(b'C\x10')  # SHORT_BINBYTES of 16 bytes: the array's data
-  data = data[:i] + b'C\x0c' + data[i + 2:i + 14] + data[i + 18:]  # keep 12 of 16
+  data = data[:i] + b'C\x0c' + data[i + 2 : i + 14] + data[i + 18 :]  # keep 12 of 16
   with pytest.raises(CorruptCheckpointError, match='should hold 16 bytes'):
     load_quiet(write(tmp_path / 'x.pkl', data))
 
