@@ -167,8 +167,7 @@ def define_flags(values: flags.FlagValues) -> None:
 
 
 def _benchmark_cli(f: flags.FlagValues, positional: list[str]) -> int:
-  if positional:
-    raise cli.UserError(f'unexpected arguments {positional}; flags start with --.')
+  del positional  # cli.run refuses positional arguments
   result = benchmark(
     f.variant,
     f.mode,

@@ -198,7 +198,11 @@ def _classify_cli(f: flags.FlagValues, images: list[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`nfnet-classify [flags] IMAGE_OR_FOLDER...`; returns the exit status."""
   return cli.run(
-    _classify_cli, define_flags, argv, user_errors=(cli.UserError, ValueError, OSError)
+    _classify_cli,
+    define_flags,
+    argv,
+    user_errors=(cli.UserError, ValueError, OSError),
+    takes_positional=True,
   )
 
 

@@ -42,24 +42,27 @@ def run(
   define_flags: Callable[[flags.FlagValues], None],
   argv: Optional[Sequence[str]] = None,
   user_errors: tuple[type[BaseException], ...] = (UserError,),
+  takes_positional: bool = False,
 ) -> int:
   """Parses `argv` (default: sys.argv[1:]) with the tool's flags and calls
   `work(flag_values, positional_args)`; returns the exit status (its return value, 0
-  by default; 1 for one of `user_errors`; 2 for bad flags)."""
+  by default; 1 for one of `user_errors`; 2 for bad flags, or for positional arguments
+  given to a tool that `takes_positional` none)."""
   values = flags.FlagValues()
   args = normalize_argv(['nfnet_jax', *(sys.argv[1:] if argv is None else argv)])
+  flags.DEFINE_bool('verbose', False, 'Show the traceback of errors.', flag_values=values)
   saved, sys.argv = sys.argv, args
   try:  # ml_collections' config flags find their `--config.x=` overrides in sys.argv
     define_flags(values)
-  finally:
-    sys.argv = saved
-  flags.DEFINE_bool('verbose', False, 'Show the traceback of errors.', flag_values=values)
-  try:
     positional = values(args)[1:]
     values.validate_all_flags()
+    if positional and not takes_positional:
+      raise flags.Error(f'unexpected arguments {positional}: every option is a --flag')
   except flags.Error as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  finally:
+    sys.argv = saved
   try:
     return work(values, positional) or 0
   except user_errors as e:

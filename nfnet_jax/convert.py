@@ -79,7 +79,13 @@ def _convert_cli(f: flags.FlagValues, positional: list[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`nfnet-convert [flags] SRC DST`; returns the exit status (1 after one `error: ...`
   line for a bad file, an unknown variant or an existing DST)."""
-  return cli.run(_convert_cli, define_flags, argv, user_errors=(cli.UserError, ValueError, OSError))
+  return cli.run(
+    _convert_cli,
+    define_flags,
+    argv,
+    user_errors=(cli.UserError, ValueError, OSError),
+    takes_positional=True,
+  )
 
 
 def run_main():

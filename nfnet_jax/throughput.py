@@ -364,8 +364,7 @@ def define_flags(values: flags.FlagValues) -> None:
 
 
 def _throughput_cli(args: flags.FlagValues, positional: list[str]) -> None:
-  if positional:
-    raise cli.UserError(f'unexpected arguments: {" ".join(positional)}')
+  del positional  # cli.run refuses positional arguments
   r = run(
     args.variant,
     args.images,

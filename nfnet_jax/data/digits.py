@@ -212,8 +212,7 @@ def define_flags(values: flags.FlagValues) -> None:
 
 
 def _write_folder_cli(args: flags.FlagValues, positional: list[str]) -> None:
-  if positional:
-    raise cli.UserError(f'unexpected arguments: {" ".join(positional)}')
+  del positional  # cli.run refuses positional arguments
   counts = write_folder(args.write_folder, args.task)
   print(
     f'wrote {counts["train"]} train and {counts["val"]} val images ({args.task}) '

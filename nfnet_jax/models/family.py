@@ -56,6 +56,31 @@ def squeeze_excite_cost(channels: int, hidden: int) -> Cost:
 SKIP_GAIN = Cost(params=1, macs=0)
 
 
+def bottleneck_cost(
+  spec, size: int, *, second_3x3: bool = False, se_hidden: int = 0, se_on_bottleneck: bool = False
+) -> tuple[Cost, int]:
+  """One residual block of the NF families (a `layers.BlockSpec`) at input side `size`.
+
+  conv0 (1x1 to the bottleneck), conv1 (3x3, grouped, strided), conv1b (a second 3x3,
+  NFNets), conv2 (1x1 to the output), a squeeze-excite of `se_hidden` units (0: none) on
+  the output channels or on the bottleneck, the 1x1 `conv_shortcut` of a block that
+  changes stride or width (strided or after pooling: the same cost), and `skip_gain`.
+  Returns the cost and the output side.
+  """
+  mid, groups = spec.bottleneck_ch, spec.groups
+  total = conv_cost(size, spec.in_ch, mid, 1)[0]
+  cost, side = conv_cost(size, mid, mid, 3, spec.stride, groups)
+  total += cost
+  if second_3x3:
+    total += conv_cost(side, mid, mid, 3, 1, groups)[0]
+  total += conv_cost(side, mid, spec.out_ch, 1)[0]
+  if se_hidden:
+    total += squeeze_excite_cost(mid if se_on_bottleneck else spec.out_ch, se_hidden)
+  if spec.stride > 1 or spec.in_ch != spec.out_ch:
+    total += conv_cost(side, spec.in_ch, spec.out_ch, 1)[0]
+  return total + SKIP_GAIN, side
+
+
 def lookup_variant(
   table: Mapping[str, Mapping[str, Any]], title: str, variant: str
 ) -> Mapping[str, Any]:

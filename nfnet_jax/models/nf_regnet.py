@@ -256,17 +256,9 @@ def count_flops(
   size = image_size or NF_REGNET_VARIANTS[variant]['test_imsize']
   total, size = family.conv_cost(size, 3, stem_ch, 3, 2)
   for spec in specs:
-    mid = spec.bottleneck_ch
-    total += family.conv_cost(size, spec.in_ch, mid, 1)[0]  # conv0
-    cost, side = family.conv_cost(size, mid, mid, 3, spec.stride, spec.groups)
-    total += cost  # conv1
-    if se_ratio and se_ratio > 0:
-      total += family.squeeze_excite_cost(mid, max(1, int(mid * se_ratio)))
-    total += family.conv_cost(side, mid, spec.out_ch, 1)[0]  # conv2
-    if spec.stride > 1 or spec.in_ch != spec.out_ch:  # conv_shortcut
-      total += family.conv_cost(side, spec.in_ch, spec.out_ch, 1)[0]
-    total += family.SKIP_GAIN
-    size = side
+    se_hidden = max(1, int(spec.bottleneck_ch * se_ratio)) if se_ratio and se_ratio > 0 else 0
+    cost, size = family.bottleneck_cost(spec, size, se_hidden=se_hidden, se_on_bottleneck=True)
+    total += cost
   final_ch = final_conv_channels(specs[-1].out_ch)
   total += family.conv_cost(size, specs[-1].out_ch, final_ch, 1)[0]
   return total + family.linear_cost(final_ch, num_classes)

@@ -218,17 +218,9 @@ def count_flops(
   total, size = family.conv_cost(size, 3, stem_ch, 7, 2)
   size = family.out_size(size, 2)  # max-pool
   for spec in specs:
-    mid = spec.bottleneck_ch
-    total += family.conv_cost(size, spec.in_ch, mid, 1)[0]  # conv0
-    cost, side = family.conv_cost(size, mid, mid, 3, spec.stride)
-    total += cost  # conv1
-    total += family.conv_cost(side, mid, spec.out_ch, 1)[0]  # conv2
-    if spec.stride > 1 or spec.in_ch != spec.out_ch:  # conv_shortcut
-      total += family.conv_cost(size, spec.in_ch, spec.out_ch, 1, spec.stride)[0]
-    if use_se:
-      total += family.squeeze_excite_cost(spec.out_ch, max(1, int(spec.out_ch * se_ratio)))
-    total += family.SKIP_GAIN
-    size = side
+    se_hidden = max(1, int(spec.out_ch * se_ratio)) if use_se else 0
+    cost, size = family.bottleneck_cost(spec, size, se_hidden=se_hidden)
+    total += cost
   return total + family.linear_cost(specs[-1].out_ch, num_classes)
 
 

@@ -236,18 +236,10 @@ def count_flops(
     cost, size = family.conv_cost(size, in_ch, ch, 3, stride)
     total, in_ch = total + cost, ch
   for spec in specs:
-    mid, groups = spec.bottleneck_ch, spec.groups
-    total += family.conv_cost(size, spec.in_ch, mid, 1)[0]  # conv0
-    cost, side = family.conv_cost(size, mid, mid, 3, spec.stride, groups)
-    total += cost  # conv1
-    if use_two_convs:
-      total += family.conv_cost(side, mid, mid, 3, 1, groups)[0]  # conv1b
-    total += family.conv_cost(side, mid, spec.out_ch, 1)[0]  # conv2
-    if spec.stride > 1 or spec.in_ch != spec.out_ch:  # conv_shortcut
-      total += family.conv_cost(side, spec.in_ch, spec.out_ch, 1)[0]
-    total += family.squeeze_excite_cost(spec.out_ch, max(1, int(spec.out_ch * se_ratio)))
-    total += family.SKIP_GAIN
-    size = side
+    cost, size = family.bottleneck_cost(
+      spec, size, second_3x3=use_two_convs, se_hidden=max(1, int(spec.out_ch * se_ratio))
+    )
+    total += cost
   final_ch = final_conv_ch or final_conv_mult * specs[-1].out_ch
   total += family.conv_cost(size, specs[-1].out_ch, final_ch, 1)[0]
   return total + family.linear_cost(final_ch, num_classes)
