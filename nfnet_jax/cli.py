@@ -37,6 +37,16 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
   return out
 
 
+def _end_of_flags(args: Sequence[str]) -> int:
+  return args.index('--') if '--' in args else len(args)
+
+
+def _usage(work: Callable, values: flags.FlagValues) -> str:
+  """The tool's module docstring (its commands and what it does), then its flags."""
+  doc = (sys.modules[work.__module__].__doc__ or '').strip()
+  return f'{doc}\n\nFlags:\n{values.get_help()}'
+
+
 def run(
   work: Callable[[flags.FlagValues, list[str]], Optional[int]],
   define_flags: Callable[[flags.FlagValues], None],
@@ -47,13 +57,17 @@ def run(
   """Parses `argv` (default: sys.argv[1:]) with the tool's flags and calls
   `work(flag_values, positional_args)`; returns the exit status (its return value, 0
   by default; 1 for one of `user_errors`; 2 for bad flags, or for positional arguments
-  given to a tool that `takes_positional` none)."""
+  given to a tool that `takes_positional` none). `--help` prints the tool's module
+  docstring and its flags."""
   values = flags.FlagValues()
   args = normalize_argv(['nfnet_jax', *(sys.argv[1:] if argv is None else argv)])
   flags.DEFINE_bool('verbose', False, 'Show the traceback of errors.', flag_values=values)
   saved, sys.argv = sys.argv, args
   try:  # ml_collections' config flags find their `--config.x=` overrides in sys.argv
     define_flags(values)
+    if {'--help', '-h', '--helpshort', '--helpfull'} & set(args[: _end_of_flags(args)]):
+      print(_usage(work, values))
+      return 0
     positional = values(args)[1:]
     values.validate_all_flags()
     if positional and not takes_positional:

@@ -61,3 +61,9 @@ def test_a_tool_runs_twice_in_one_process():
       [f'--batch-per-device={n}', '--name=x'],
     )
   assert values == [1, 2]
+
+
+def test_help_prints_the_tools_docstring_and_flags(capsys):
+  assert cli.run(lambda f, p: 1 / 0, _define, ['--help']) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(__doc__.strip()) and '--batch_per_device' in out and '--name' in out

@@ -20,6 +20,7 @@ from experiments import nfnet as nfnet_config
 from nfnet_jax import checkpoint as checkpoint_lib
 from nfnet_jax import data, models, parallel, train, weights
 from nfnet_jax import metrics as metrics_lib
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_TRAIN = 1_281_167  # images in ILSVRC-2012's training set
@@ -151,6 +152,7 @@ def test_mixed_precision_computes_in_bfloat16_with_float32_params():
   assert np.isfinite(metrics['loss'])
 
 
+@pytest.mark.slow
 def test_train_resumes_and_refuses_a_different_model(tmp_path):
   workdir = str(tmp_path / 'run')
   config = tiny_config(num_steps=4)
@@ -243,21 +245,13 @@ def test_config_overrides_and_typos():
 def test_nfnet_configs_reproduce_the_published_recipe(variant):
   config = nfnet_config.get_config(variant)
   train.validate_config(config)
-  spec = {
-    'F0': (192, 256, 5, 0.2),
-    'F1': (224, 320, 10, 0.3),
-    'F3': (320, 416, 15, 0.4),
-    'F5': (416, 544, 15, 0.5),
-    'F7': (480, 608, 15, 0.5),
-    'F0+': (192, 256, 5, 0.2),
-    'F6+': (448, 576, 15, 0.5),
-  }[variant]
+  expected = helpers.NFNET_SIZES[variant.rstrip('+')]  # "+" variants: the same sizes
   assert (
     config.data.image_size,
     config.data.eval_image_size,
     config.data.randaug_magnitude,
     config.model.kwargs.drop_rate,
-  ) == spec
+  ) == expected
   assert config.data.randaug_layers == 4
   assert config.train.batch_size == 4096
   assert train.total_train_steps(config, IMAGENET_TRAIN) == 112_602
@@ -297,22 +291,8 @@ RELEASED_NF_REGNET_WD = {
 def test_nf_regnet_configs_carry_the_released_recipe(variant):
   config = nf_regnet_config.get_config(variant)
   train.validate_config(config)
-  sizes = {
-    'B0': (192, 224, 0.2),
-    'B1': (224, 256, 0.2),
-    'B2': (240, 272, 0.3),
-    'B3': (288, 320, 0.3),
-    'B4': (320, 384, 0.4),
-    'B5': (384, 456, 0.4),
-    'B6': (448, 528, 0.5),
-    'B7': (512, 600, 0.5),
-    'B8': (600, 672, 0.5),
-  }[variant]
-  assert (
-    config.data.image_size,
-    config.data.eval_image_size,
-    config.model.kwargs.drop_rate,
-  ) == sizes
+  assert (config.data.image_size, config.data.eval_image_size) == helpers.NF_REGNET_SIZES[variant]
+  assert config.model.kwargs.drop_rate == helpers.NF_REGNET_DROPOUT[variant]
   assert config.model.name == 'NFRegNet'
   kw = config.model.kwargs
   assert (
@@ -457,6 +437,7 @@ def tiny_family_config(family):
   return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family,root', [('NFResNet', 'NF_ResNet'), ('NFRegNet', 'NF_RegNet')])
 def test_other_families_train_export_evaluate_and_classify(tmp_path, family, root):
   """The training loop, the exported params_ema.npz, --weights evaluation, fine-tuning
@@ -526,7 +507,7 @@ def test_finetune_configs_take_every_family(variant, family):
   assert (config.model.kwargs.drop_rate, config.model.kwargs.stochdepth_rate) == (0.25, 0.1)
   assert config.optimizer.weight_decay == 1e-5
   assert config.data.eval_preprocess == 'crop_resize'
-  sizes = {'B3': (288, 320), 'ResNet101': (224, 224)}[variant]
+  sizes = {'B3': helpers.NF_REGNET_SIZES['B3'], 'ResNet101': (224, 224)}[variant]
   assert (config.data.image_size, config.data.eval_image_size) == sizes
   with pytest.raises(
     ValueError, match='NFNet: F0, .*NF-ResNet: NF-ResNet50, .*NF-RegNet: NF-RegNet-B0'
@@ -616,6 +597,7 @@ def test_trains_on_an_image_folder_with_the_papers_augmentation(tmp_path):
   assert open(os.path.join(workdir, 'metrics.jsonl'), 'rb').read() == metrics_before
 
 
+@pytest.mark.slow
 def test_exported_weights_evaluate_like_the_checkpoint_and_seed_fine_tuning(tmp_path):
   """params_ema.npz is written at the end of training; `--weights` evaluates it through
   the normal eval path; init_from starts a run with new classes from it."""
