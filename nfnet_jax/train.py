@@ -56,7 +56,7 @@ def total_train_steps(config: ml_collections.ConfigDict, num_train_examples: int
   Partial last steps are dropped, as in the paper (360 ImageNet epochs at batch
   4096 = 112,602 steps).
   """
-  if config.train.get('num_steps'):
+  if config.train.num_steps:
     return int(config.train.num_steps)
   return max(1, int(config.train.num_epochs * num_train_examples // config.train.batch_size))
 
@@ -226,7 +226,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   models.model_variant(config.model)
   if config.train.batch_size < 1 or config.eval.batch_size < 1:
     raise ValueError('train.batch_size and eval.batch_size must be positive.')
-  if not config.train.get('num_steps') and not config.train.get('num_epochs'):
+  if not config.train.num_steps and not config.train.num_epochs:
     raise ValueError('Set train.num_epochs or train.num_steps.')
   for key in ('log_every_steps', 'eval_every_steps'):
     if config.train[key] < 1:
@@ -256,7 +256,7 @@ def setup(
   checkpoint_lib.check_and_write_class_index(
     info.name, info.class_names, workdir, write=training and jax.process_index() == 0
   )
-  devices = parallel.local_devices(config.get('num_devices'))
+  devices = parallel.local_devices(config.num_devices)
   model = models.build_model(config.model, info.num_classes, config.dtype)
   num_train = data.split_size(config.data, data.train_split(config.data))
   total_steps = total_train_steps(config, num_train)
@@ -330,7 +330,7 @@ def train_and_evaluate(
   state = run.state
   if ckpt.latest_step() is not None:
     state = parallel.replicate(restore(ckpt, state), devices)
-  elif config.get('init_from'):
+  elif config.init_from:
     params = weights_lib.initial_params(
       config.model, config.init_from, parallel.to_host(state.params), num_classes
     )
