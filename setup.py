@@ -44,10 +44,10 @@ setuptools.setup(
   entry_points={
     'console_scripts': [
       'nfnet-train=nfnet_jax.train:run_main',
-      'nfnet-benchmark=nfnet_jax.benchmark:run_main',
-      'nfnet-throughput=nfnet_jax.throughput:run_main',
-      'nfnet-convert=nfnet_jax.convert:run_main',
-      'nfnet-classify=nfnet_jax.classify:run_main',
+      'nfnet-benchmark=nfnet_jax.benchmark:main',
+      'nfnet-throughput=nfnet_jax.throughput:main',
+      'nfnet-convert=nfnet_jax.convert:main',
+      'nfnet-classify=nfnet_jax.classify:main',
     ],
   },
 )

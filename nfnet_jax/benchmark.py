@@ -203,9 +203,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return cli.run(_benchmark_cli, define_flags, argv, user_errors=(cli.UserError, ValueError))
 
 
-def run_main():
-  sys.exit(main())
-
-
 if __name__ == '__main__':
-  run_main()
+  sys.exit(main())

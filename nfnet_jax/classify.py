@@ -206,9 +206,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   )
 
 
-def run_main():
-  sys.exit(main())
-
-
 if __name__ == '__main__':
-  run_main()
+  sys.exit(main())

@@ -405,9 +405,5 @@ def main(argv: Sequence[str] | None = None) -> int:
   return cli.run(_throughput_cli, define_flags, argv)
 
 
-def run_main():
-  sys.exit(main())
-
-
 if __name__ == '__main__':
-  run_main()
+  sys.exit(main())

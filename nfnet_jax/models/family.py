@@ -56,6 +56,14 @@ def squeeze_excite_cost(channels: int, hidden: int) -> Cost:
 SKIP_GAIN = Cost(params=1, macs=0)
 
 
+def head_cost(size: int, in_ch: int, num_classes: int, final_ch: int = 0) -> Cost:
+  """The 1x1 `final_conv` to `final_ch` channels (0: none) and the classifier."""
+  total = Cost(0, 0)
+  if final_ch:
+    total, in_ch = conv_cost(size, in_ch, final_ch, 1)[0], final_ch
+  return total + linear_cost(in_ch, num_classes)
+
+
 def bottleneck_cost(
   spec, size: int, *, second_3x3: bool = False, se_hidden: int = 0, se_on_bottleneck: bool = False
 ) -> tuple[Cost, int]:

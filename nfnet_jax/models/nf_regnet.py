@@ -259,9 +259,8 @@ def count_flops(
     se_hidden = max(1, int(spec.bottleneck_ch * se_ratio)) if se_ratio and se_ratio > 0 else 0
     cost, size = family.bottleneck_cost(spec, size, se_hidden=se_hidden, se_on_bottleneck=True)
     total += cost
-  final_ch = final_conv_channels(specs[-1].out_ch)
-  total += family.conv_cost(size, specs[-1].out_ch, final_ch, 1)[0]
-  return total + family.linear_cost(final_ch, num_classes)
+  last_ch = specs[-1].out_ch
+  return total + family.head_cost(size, last_ch, num_classes, final_conv_channels(last_ch))
 
 
 FAMILY = family.Family(

@@ -221,7 +221,7 @@ def count_flops(
     se_hidden = max(1, int(spec.out_ch * se_ratio)) if use_se else 0
     cost, size = family.bottleneck_cost(spec, size, se_hidden=se_hidden)
     total += cost
-  return total + family.linear_cost(specs[-1].out_ch, num_classes)
+  return total + family.head_cost(size, specs[-1].out_ch, num_classes)  # no final conv
 
 
 FAMILY = family.Family(

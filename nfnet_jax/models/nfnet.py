@@ -240,9 +240,9 @@ def count_flops(
       spec, size, second_3x3=use_two_convs, se_hidden=max(1, int(spec.out_ch * se_ratio))
     )
     total += cost
-  final_ch = final_conv_ch or final_conv_mult * specs[-1].out_ch
-  total += family.conv_cost(size, specs[-1].out_ch, final_ch, 1)[0]
-  return total + family.linear_cost(final_ch, num_classes)
+  last_ch = specs[-1].out_ch
+  final_ch = final_conv_ch or final_conv_mult * last_ch
+  return total + family.head_cost(size, last_ch, num_classes, final_ch)
 
 
 FAMILY = family.Family(
