@@ -14,6 +14,9 @@ import os
 import re
 from typing import Mapping, Optional
 
+import haiku as hk
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nfnet_jax import fileio, models
@@ -36,10 +39,6 @@ def classifier_module(variant: str, **model_kwargs) -> str:
 
 
 def _shapes_of(fam: models.Family, key: str, num_classes: int, kwargs: dict) -> dict:
-  import haiku as hk  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
   def forward(x):
     return fam.model(num_classes, variant=key, **kwargs)(x, False)
 
