@@ -1,4 +1,4 @@
-"""Step latency of the real train/eval steps, as in the paper's table 3 (appendix A.2).
+r"""Step latency of the real train/eval steps, as in the paper's table 3 (appendix A.2).
 
     python -m nfnet_jax.benchmark --variant F0 --mode train --batch-per-device 32 \
         --image-size 192 --dtype bfloat16

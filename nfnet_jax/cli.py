@@ -37,14 +37,15 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
   return out
 
 
-def _end_of_flags(args: Sequence[str]) -> int:
-  return args.index('--') if '--' in args else len(args)
+def wants_help(args: Sequence[str]) -> bool:
+  """Whether the flags (before a `--`) ask for help."""
+  flags_part = args[: args.index('--')] if '--' in args else args
+  return bool({'--help', '-h', '--helpshort', '--helpfull'} & set(flags_part))
 
 
-def _usage(work: Callable, values: flags.FlagValues) -> str:
-  """The tool's module docstring (its commands and what it does), then its flags."""
-  doc = (sys.modules[work.__module__].__doc__ or '').strip()
-  return f'{doc}\n\nFlags:\n{values.get_help()}'
+def usage(doc: Optional[str], values: flags.FlagValues) -> str:
+  """A tool's module docstring (its commands and what it does), then its flags."""
+  return f'{(doc or "").strip()}\n\nFlags:\n{values.get_help()}'
 
 
 def run(
@@ -65,8 +66,8 @@ def run(
   saved, sys.argv = sys.argv, args
   try:  # ml_collections' config flags find their `--config.x=` overrides in sys.argv
     define_flags(values)
-    if {'--help', '-h', '--helpshort', '--helpfull'} & set(args[: _end_of_flags(args)]):
-      print(_usage(work, values))
+    if wants_help(args):
+      print(usage(sys.modules[work.__module__].__doc__, values))
       return 0
     positional = values(args)[1:]
     values.validate_all_flags()

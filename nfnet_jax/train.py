@@ -1,4 +1,4 @@
-"""Training and evaluation: the per-device steps and the loop.
+r"""Training and evaluation: the per-device steps and the loop.
 
     python -m nfnet_jax.train --config experiments/digits.py --workdir /tmp/digits
     python -m nfnet_jax.train --config experiments/nfnet.py:F0 --workdir gs://b/f0 \
@@ -545,8 +545,14 @@ def main(argv) -> None:
 def run_main():
   # absl's app (not cli.run): it sets up absl logging, which the multi-host start-up
   # and Orbax report through.
+  argv = cli.normalize_argv(sys.argv)
+  if cli.wants_help(argv):  # this tool's flags, not every absl module's
+    values = flags.FlagValues()
+    define_flags(values)
+    print(cli.usage(__doc__, values))
+    return
   define_flags(flags.FLAGS)
-  app.run(main, argv=cli.normalize_argv(sys.argv))
+  app.run(main, argv=argv)
 
 
 if __name__ == '__main__':

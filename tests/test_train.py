@@ -633,3 +633,17 @@ def test_exported_weights_evaluate_like_the_checkpoint_and_seed_fine_tuning(tmp_
   config3.model.kwargs.width = 0.125  # weights of another width: a clear error
   with pytest.raises(weights.ParamsMismatchError, match=r'final_conv/w: expected shape'):
     weights.initial_params(config3.model, config3.init_from, fresh, 3)
+
+
+def test_help_lists_the_trainers_flags():
+  proc = subprocess.run(
+    [sys.executable, '-m', 'nfnet_jax.train', '--help'],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith('Training and evaluation')
+  for flag in ('--config', '--workdir', '--mode', '--weights', '--coordinator_address'):
+    assert flag in proc.stdout
