@@ -526,8 +526,7 @@ def check_and_write_class_index(
   """
   path = os.path.join(workdir, CLASS_INDEX_FILE)
   record = {'dataset': dataset, 'num_classes': len(class_names), 'class_names': list(class_names)}
-  exists = fileio.gfile().exists(path) if fileio.is_remote(path) else os.path.exists(path)
-  if not exists:
+  if not fileio.exists(path):
     if write:
       fileio.atomic_write_text(path, json.dumps(record, indent=1))
     return

@@ -75,7 +75,7 @@ def atomic_write(path, write: Callable[[BinaryIO], None], *, overwrite: bool = T
   FileExistsError and is left as it was.
   """
   path = os.fspath(path)
-  if not overwrite and _exists(path):
+  if not overwrite and exists(path):
     raise FileExistsError(f'{path} already exists; pass overwrite=True (--overwrite) to replace it')
   if is_remote(path):
     fs = gfile()
@@ -122,7 +122,9 @@ def read_text(path) -> str:
     return f.read()
 
 
-def _exists(path: str) -> bool:
+def exists(path) -> bool:
+  """Whether a local or remote path exists (a dangling local link counts)."""
+  path = os.fspath(path)
   return gfile().exists(path) if is_remote(path) else os.path.lexists(path)
 
 
