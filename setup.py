@@ -4,8 +4,11 @@ import setuptools
 
 # Every range below was installed and tested together (see README, "Tested versions").
 INSTALL_REQUIRES = [
-  'jax>=0.10.1,<0.11',
-  'jaxlib>=0.10.1,<0.11',
+  # JAX 0.11+ needs Python >= 3.12: each Python line gets the newest JAX tested on it.
+  'jax>=0.10.1,<0.11; python_version < "3.12"',
+  'jaxlib>=0.10.1,<0.11; python_version < "3.12"',
+  'jax>=0.12.0,<0.13; python_version >= "3.12"',
+  'jaxlib>=0.12.0,<0.13; python_version >= "3.12"',
   'dm-haiku>=0.0.17,<0.0.18',
   'optax>=0.2.8,<0.3',
   'chex>=0.1.92,<0.2',

@@ -31,6 +31,7 @@ import numpy as np
 
 from nfnet_jax import cli, models, parallel, train
 from nfnet_jax import config as config_lib
+from nfnet_jax import steps as steps_lib
 from nfnet_jax.models import layers
 
 
@@ -75,15 +76,15 @@ def benchmark(
 
   with layers.conv_impl(conv_impl):
     state = parallel.replicate(
-      train.init_state(jax.random.PRNGKey(0), model, optimizer, size), devices
+      steps_lib.init_state(jax.random.PRNGKey(0), model, optimizer, size), devices
     )
     if mode == 'train':
       fn = parallel.map_train_step(
-        train.make_train_step(model, optimizer, schedule, config, num_classes), devices
+        steps_lib.make_train_step(model, optimizer, schedule, config, num_classes), devices
       )
       run = lambda s: fn(s, batch)  # noqa: E731
     else:
-      fn = parallel.map_eval_step(train.make_eval_step(model, num_classes), devices)
+      fn = parallel.map_eval_step(steps_lib.make_eval_step(model, num_classes), devices)
       run = lambda s: (s, fn(s.params, s.ema_params, batch))  # noqa: E731
 
     start = time.perf_counter()

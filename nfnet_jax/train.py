@@ -1,12 +1,11 @@
-r"""Training and evaluation: the per-device steps and the loop.
+r"""Training and evaluation: the loop around the per-device steps of steps.py.
 
     python -m nfnet_jax.train --config experiments/digits.py --workdir /tmp/digits
     python -m nfnet_jax.train --config experiments/nfnet.py:F0 --workdir gs://b/f0 \
         --config.train.batch_size=4096
     python -m nfnet_jax.train --config experiments/digits.py --workdir /tmp/digits --mode eval
 
-The file reads top to bottom: the optimizer and the train state, the per-device steps
-(pure functions; parallel.py maps them over devices), evaluation of a split, the setup
+The file reads top to bottom: the optimizer, evaluation of a split, the setup
 shared by training and evaluation, the training loop in its stages (build data, build
 model and optimizer, restore, loop: step, log, evaluate, save; final evaluation and
 export), evaluation on its own, and the command line.
@@ -15,7 +14,7 @@ export), evaluation on its own, and the command line.
 import dataclasses
 import sys
 import time
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from absl import app, flags, logging
 import jax
@@ -26,21 +25,9 @@ import numpy as np
 import optax
 
 from nfnet_jax import checkpoint as checkpoint_lib
-from nfnet_jax import cli, data, losses, models, optim, parallel
+from nfnet_jax import cli, data, models, optim, parallel, steps
 from nfnet_jax import metrics as metrics_lib
 from nfnet_jax import weights as weights_lib
-
-AXIS = parallel.AXIS
-
-
-class TrainState(NamedTuple):
-  """Everything a step changes; checkpointed as a dict of these fields."""
-
-  step: jax.Array  # int32 scalar: steps taken
-  params: Any  # Haiku parameter tree (float32)
-  opt_state: Any  # optax state of `make_optimizer`'s transformation
-  ema_params: Any  # EMA of params, evaluated beside them
-  rng: jax.Array  # the run's key; each step folds in the step and the device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,112 +74,15 @@ def make_optimizer(
   return tx, schedule
 
 
-def init_state(rng: jax.Array, model, optimizer, image_size: int) -> TrainState:
-  params_rng, state_rng = jax.random.split(rng)
-
-  @jax.jit
-  def _init(params_rng):
-    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    params = model.init(params_rng, dummy, is_training=True)
-    return params, optimizer.init(params)
-
-  params, opt_state = _init(params_rng)
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    opt_state=opt_state,
-    ema_params=jax.tree.map(jnp.copy, params),
-    rng=state_rng,
-  )
-
-
-# ---------------------------------------------------------------------------
-# The per-device steps: pure functions, reduced over the AXIS device axis.
-# ---------------------------------------------------------------------------
-def model_inputs(images: jax.Array) -> jax.Array:
-  """uint8 pixels (training batches) -> float32 normalised with the ImageNet mean/std,
-  on the device; float batches (evaluation) arrive normalised and pass through."""
-  if images.dtype != jnp.uint8:
-    return images
-  mean = jnp.asarray(data.MEAN_RGB, jnp.float32)
-  std = jnp.asarray(data.STDDEV_RGB, jnp.float32)
-  return (images.astype(jnp.float32) - mean) / std
-
-
-def make_train_step(
-  model, optimizer, schedule, config: ml_collections.ConfigDict, num_classes: int
-):
-  clipping = config.optimizer.clipping
-
-  def loss_fn(params, images, labels, rng):
-    outputs = model.apply(params, rng, images, is_training=True)
-    logits = outputs['logits'].astype(jnp.float32)  # the loss runs in float32
-    loss = jnp.mean(
-      losses.softmax_cross_entropy(logits, labels, num_classes, config.label_smoothing)
-    )
-    return loss, logits
-
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    step, params = state.step, state.params
-    # Same key on every device, then a different stream per device (and step),
-    # for stochastic depth and dropout.
-    rng = jax.random.fold_in(jax.random.fold_in(state.rng, step), jax.lax.axis_index(AXIS))
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      params, model_inputs(batch['images']), batch['labels'], rng
-    )
-    # Gradients are averaged across devices in float32; AGC then sees the
-    # global-batch gradient, as in the paper. No batch-norm: nothing else syncs.
-    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    grads = jax.lax.pmean(grads, AXIS)
-    updates, opt_state = optimizer.update(grads, state.opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    ema_params = optim.ema_update(state.ema_params, new_params, step, config.ema_max_decay)
-    metrics = {
-      'loss': jax.lax.pmean(loss, AXIS),
-      'top1': jax.lax.pmean(jnp.mean(losses.topk_correct(logits, batch['labels'], 1)), AXIS),
-      'learning_rate': schedule(step),
-      'grad_norm': optim.global_norm(grads),
-      'param_norm': optim.global_norm(new_params),
-      'update_norm': optim.global_norm(updates),
-    }
-    if clipping:
-      metrics['agc_clip_fraction'] = optim.agc_clip_fraction(
-        grads, params, clipping, config.optimizer.eps, mask=optim.agc_mask
-      )
-    new_state = TrainState(
-      step=step + 1, params=new_params, opt_state=opt_state, ema_params=ema_params, rng=state.rng
-    )
-    return new_state, metrics
-
-  return train_step
-
-
-def make_eval_step(model, num_classes: int):
-  """Sums (not means) of loss/top-1/top-5 over real examples, for raw and EMA params."""
-
-  def eval_step(params, ema_params, batch):
-    mask = batch['mask']
-    sums = {'count': jnp.sum(mask)}
-    for prefix, p in (('', params), ('ema_', ema_params)):
-      logits = model.apply(p, None, model_inputs(batch['images']), is_training=False)['logits']
-      labels = batch['labels']
-      sums[prefix + 'loss'] = jnp.sum(
-        losses.softmax_cross_entropy(logits, labels, num_classes) * mask
-      )
-      sums[prefix + 'top1'] = jnp.sum(losses.topk_correct(logits, labels, 1) * mask)
-      sums[prefix + 'top5'] = jnp.sum(
-        losses.topk_correct(logits, labels, min(5, num_classes)) * mask
-      )
-    return jax.lax.psum(sums, AXIS)
-
-  return eval_step
-
-
 # ---------------------------------------------------------------------------
 # Evaluation over a whole split.
 # ---------------------------------------------------------------------------
 def evaluate_split(
-  p_eval_step, state: TrainState, config: ml_collections.ConfigDict, split: str, devices: Sequence
+  p_eval_step,
+  state: steps.TrainState,
+  config: ml_collections.ConfigDict,
+  split: str,
+  devices: Sequence,
 ) -> dict[str, float]:
   num_devices = len(devices)
   per_device = parallel.per_device_batch_size(config.eval.batch_size, num_devices)
@@ -244,7 +134,7 @@ class Setup:
   schedule: optax.Schedule
   total_steps: int
   checkpointer: Optional[checkpoint_lib.Checkpointer]
-  state: TrainState  # freshly initialised, replicated over `devices`
+  state: steps.TrainState  # freshly initialised, replicated over `devices`
 
 
 def setup(
@@ -271,7 +161,9 @@ def setup(
     if checkpoints
     else None
   )
-  state = init_state(jax.random.PRNGKey(config.seed), model, optimizer, config.data.image_size)
+  state = steps.init_state(
+    jax.random.PRNGKey(config.seed), model, optimizer, config.data.image_size
+  )
   # Restore keeps this layout, so restored and fresh states are laid out alike.
   return Setup(
     info=info,
@@ -285,9 +177,9 @@ def setup(
   )
 
 
-def restore(checkpointer: checkpoint_lib.Checkpointer, state: TrainState) -> TrainState:
+def restore(checkpointer: checkpoint_lib.Checkpointer, state: steps.TrainState) -> steps.TrainState:
   """The newest checkpoint, in `state`'s layout (the checkpoint holds its fields)."""
-  return TrainState(**checkpointer.restore(state._asdict()))
+  return steps.TrainState(**checkpointer.restore(state._asdict()))
 
 
 def check_finite(
@@ -350,9 +242,9 @@ def train_and_evaluate(
     devices,
   )
   p_train_step = parallel.map_train_step(
-    make_train_step(run.model, run.optimizer, run.schedule, config, num_classes), devices
+    steps.make_train_step(run.model, run.optimizer, run.schedule, config, num_classes), devices
   )
-  p_eval_step = parallel.map_eval_step(make_eval_step(run.model, num_classes), devices)
+  p_eval_step = parallel.map_eval_step(steps.make_eval_step(run.model, num_classes), devices)
   logger = metrics_lib.MetricsLogger(
     workdir, total_steps=run.total_steps, progress_bar=progress_bar
   )
@@ -442,7 +334,9 @@ def evaluate(
     finally:
       run.checkpointer.close()
   state = parallel.replicate(state, run.devices)
-  p_eval_step = parallel.map_eval_step(make_eval_step(run.model, run.info.num_classes), run.devices)
+  p_eval_step = parallel.map_eval_step(
+    steps.make_eval_step(run.model, run.info.num_classes), run.devices
+  )
   results = evaluate_split(p_eval_step, state, config, split or config.eval.split, run.devices)
   with metrics_lib.MetricsLogger(
     workdir, total_steps=run.total_steps, progress_bar=False

@@ -18,7 +18,7 @@ from experiments import nf_regnet as nf_regnet_config
 from experiments import nf_resnet as nf_resnet_config
 from experiments import nfnet as nfnet_config
 from nfnet_jax import checkpoint as checkpoint_lib
-from nfnet_jax import data, models, parallel, train, weights
+from nfnet_jax import data, models, parallel, steps, train, weights
 from nfnet_jax import metrics as metrics_lib
 from tests import helpers
 
@@ -52,7 +52,7 @@ def test_data_parallel_step_equals_single_device_step():
   config = tiny_config()
   config.optimizer.warmup_epochs = 0.0  # a non-zero learning rate at the first step
   model, optimizer, schedule = _model_and_steps(config)
-  state = train.init_state(jax.random.PRNGKey(0), model, optimizer, 16)
+  state = steps.init_state(jax.random.PRNGKey(0), model, optimizer, 16)
   # Non-zero skip gains, so that every parameter gets a gradient.
   state = state._replace(
     params=jax.tree_util.tree_map_with_path(
@@ -63,7 +63,7 @@ def test_data_parallel_step_equals_single_device_step():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(16, 16, 16, 3)).astype(np.float32)
   labels = rng.integers(0, 10, size=(16,)).astype(np.int32)
-  step_fn = train.make_train_step(model, optimizer, schedule, config, 10)
+  step_fn = steps.make_train_step(model, optimizer, schedule, config, 10)
 
   copy = lambda tree: jax.tree.map(jnp.array, tree)  # the steps donate their input
   eight = parallel.map_train_step(step_fn, jax.local_devices()[:8])
@@ -89,7 +89,7 @@ def test_data_parallel_step_equals_single_device_step():
 def test_eval_counts_every_example_once_and_matches_direct_computation():
   config = tiny_config()
   model, optimizer, _ = _model_and_steps(config)
-  state = train.init_state(jax.random.PRNGKey(1), model, optimizer, 16)
+  state = steps.init_state(jax.random.PRNGKey(1), model, optimizer, 16)
   # A trained-looking classifier so that top-1 is not trivially 10%.
   params = jax.tree.map(lambda p: p, state.params)
   params['NFNet/~/linear']['w'] = jax.random.normal(
@@ -97,7 +97,7 @@ def test_eval_counts_every_example_once_and_matches_direct_computation():
   )
   params['NFNet/~/nf_block_3']['skip_gain'] = jnp.asarray(1.0)
   state = state._replace(params=params, ema_params=jax.tree.map(lambda p: p * 0.5, params))
-  p_eval = parallel.map_eval_step(train.make_eval_step(model, 10), jax.local_devices())
+  p_eval = parallel.map_eval_step(steps.make_eval_step(model, 10), jax.local_devices())
   results = train.evaluate_split(p_eval, state, config, 'test', jax.local_devices())
 
   # Independent: the whole split in one batch through model.apply, no padding.
@@ -129,7 +129,7 @@ def test_mixed_precision_computes_in_bfloat16_with_float32_params():
   config = tiny_config()
   config.dtype = 'bfloat16'
   model, optimizer, schedule = _model_and_steps(config)
-  state = train.init_state(jax.random.PRNGKey(0), model, optimizer, 16)
+  state = steps.init_state(jax.random.PRNGKey(0), model, optimizer, 16)
   dtypes = {x.dtype for x in jax.tree.leaves(state.params)}
   assert dtypes == {jnp.dtype(jnp.float32)}
   images = jnp.ones((2, 16, 16, 3), jnp.float32)
@@ -139,7 +139,7 @@ def test_mixed_precision_computes_in_bfloat16_with_float32_params():
   out = model.apply(state.params, None, images, False)
   assert out['logits'].dtype == jnp.float32
   step = parallel.map_train_step(
-    train.make_train_step(model, optimizer, schedule, config, 10), jax.local_devices()[:2]
+    steps.make_train_step(model, optimizer, schedule, config, 10), jax.local_devices()[:2]
   )
   new_state, metrics = step(
     state, {'images': np.ones((2, 1, 16, 16, 3), np.float32), 'labels': np.zeros((2, 1), np.int32)}
@@ -208,7 +208,7 @@ def test_divergence_stops_training_and_keeps_a_finite_checkpoint(tmp_path):
   saved = ckpt.latest_step()
   assert saved is not None and saved <= last_logged
   model, optimizer, _ = _model_and_steps(config)
-  state = train.restore(ckpt, train.init_state(jax.random.PRNGKey(0), model, optimizer, 16))
+  state = train.restore(ckpt, steps.init_state(jax.random.PRNGKey(0), model, optimizer, 16))
   ckpt.close()
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
@@ -462,7 +462,7 @@ def test_other_families_train_export_evaluate_and_classify(tmp_path, family, roo
   config3.init_from = exported
   model, optimizer, _ = _model_and_steps(config3, num_classes=3)
   fresh = jax.tree.map(
-    np.asarray, train.init_state(jax.random.PRNGKey(7), model, optimizer, 32).params
+    np.asarray, steps.init_state(jax.random.PRNGKey(7), model, optimizer, 32).params
   )
   start = weights.initial_params(config3.model, config3.init_from, fresh, 3)
   head = f'{root}/~/linear'
@@ -620,7 +620,7 @@ def test_exported_weights_evaluate_like_the_checkpoint_and_seed_fine_tuning(tmp_
   config3.init_from = exported
   model, optimizer, _ = _model_and_steps(config3, num_classes=3)
   fresh = jax.tree.map(
-    np.asarray, train.init_state(jax.random.PRNGKey(7), model, optimizer, 16).params
+    np.asarray, steps.init_state(jax.random.PRNGKey(7), model, optimizer, 16).params
   )
   start = weights.initial_params(config3.model, config3.init_from, fresh, 3)
   assert sorted(start) == sorted(fresh)

@@ -267,7 +267,7 @@ def train_iterator(
   training batches of this process's shard of the train split.
 
   Yields {'images': uint8 [local_devices, per_device_batch, S, S, 3] in 0..255, NOT
-                    normalised (``train.model_inputs`` does it on the device),
+                    normalised (``steps.model_inputs`` does it on the device),
           'labels': int32 [local_devices, per_device_batch] (float32 [..., num_classes]
                     label distributions when MixUp/CutMix is on)}.
   With data_config.deterministic, the same (config, seed, process) gives the same

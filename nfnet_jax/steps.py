@@ -1,0 +1,129 @@
+"""The per-device steps: pure functions of (state, batch) that reduce over the device axis.
+
+`parallel.py` maps them over devices; `train.py` runs them in its loop. Nothing here
+knows how many devices there are: each step sees one device's share of the batch, and the
+only values that cross devices are the gradients and the metrics (NFNets have no batch
+norm, arXiv 2102.06171 section 1).
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from nfnet_jax import data, losses, optim, parallel
+
+AXIS = parallel.AXIS
+
+
+class TrainState(NamedTuple):
+  """Everything a step changes; checkpointed as a dict of these fields."""
+
+  step: jax.Array  # int32 scalar: steps taken
+  params: Any  # Haiku parameter tree (float32)
+  opt_state: Any  # optax state of `make_optimizer`'s transformation
+  ema_params: Any  # EMA of params, evaluated beside them
+  rng: jax.Array  # the run's key; each step folds in the step and the device
+
+
+def init_state(rng: jax.Array, model, optimizer, image_size: int) -> TrainState:
+  params_rng, state_rng = jax.random.split(rng)
+
+  @jax.jit
+  def _init(params_rng):
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    params = model.init(params_rng, dummy, is_training=True)
+    return params, optimizer.init(params)
+
+  params, opt_state = _init(params_rng)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=opt_state,
+    ema_params=jax.tree.map(jnp.copy, params),
+    rng=state_rng,
+  )
+
+
+# ---------------------------------------------------------------------------
+# The per-device steps: pure functions, reduced over the AXIS device axis.
+# ---------------------------------------------------------------------------
+def model_inputs(images: jax.Array) -> jax.Array:
+  """uint8 pixels (training batches) -> float32 normalised with the ImageNet mean/std,
+  on the device; float batches (evaluation) arrive normalised and pass through."""
+  if images.dtype != jnp.uint8:
+    return images
+  mean = jnp.asarray(data.MEAN_RGB, jnp.float32)
+  std = jnp.asarray(data.STDDEV_RGB, jnp.float32)
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def make_train_step(
+  model, optimizer, schedule, config: ml_collections.ConfigDict, num_classes: int
+):
+  clipping = config.optimizer.clipping
+
+  def loss_fn(params, images, labels, rng):
+    outputs = model.apply(params, rng, images, is_training=True)
+    logits = outputs['logits'].astype(jnp.float32)  # the loss runs in float32
+    loss = jnp.mean(
+      losses.softmax_cross_entropy(logits, labels, num_classes, config.label_smoothing)
+    )
+    return loss, logits
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    step, params = state.step, state.params
+    # Same key on every device, then a different stream per device (and step),
+    # for stochastic depth and dropout.
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, step), jax.lax.axis_index(AXIS))
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, model_inputs(batch['images']), batch['labels'], rng
+    )
+    # Gradients are averaged across devices in float32; AGC then sees the
+    # global-batch gradient, as in the paper. No batch-norm: nothing else syncs.
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    grads = jax.lax.pmean(grads, AXIS)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    ema_params = optim.ema_update(state.ema_params, new_params, step, config.ema_max_decay)
+    metrics = {
+      'loss': jax.lax.pmean(loss, AXIS),
+      'top1': jax.lax.pmean(jnp.mean(losses.topk_correct(logits, batch['labels'], 1)), AXIS),
+      'learning_rate': schedule(step),
+      'grad_norm': optim.global_norm(grads),
+      'param_norm': optim.global_norm(new_params),
+      'update_norm': optim.global_norm(updates),
+    }
+    if clipping:
+      metrics['agc_clip_fraction'] = optim.agc_clip_fraction(
+        grads, params, clipping, config.optimizer.eps, mask=optim.agc_mask
+      )
+    new_state = TrainState(
+      step=step + 1, params=new_params, opt_state=opt_state, ema_params=ema_params, rng=state.rng
+    )
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, num_classes: int):
+  """Sums (not means) of loss/top-1/top-5 over real examples, for raw and EMA params."""
+
+  def eval_step(params, ema_params, batch):
+    mask = batch['mask']
+    sums = {'count': jnp.sum(mask)}
+    for prefix, p in (('', params), ('ema_', ema_params)):
+      logits = model.apply(p, None, model_inputs(batch['images']), is_training=False)['logits']
+      labels = batch['labels']
+      sums[prefix + 'loss'] = jnp.sum(
+        losses.softmax_cross_entropy(logits, labels, num_classes) * mask
+      )
+      sums[prefix + 'top1'] = jnp.sum(losses.topk_correct(logits, labels, 1) * mask)
+      sums[prefix + 'top5'] = jnp.sum(
+        losses.topk_correct(logits, labels, min(5, num_classes)) * mask
+      )
+    return jax.lax.psum(sums, AXIS)
+
+  return eval_step
