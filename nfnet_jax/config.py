@@ -19,7 +19,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   kwargs = dict(variant=key, **family.defaults)
   if kwargs.get('drop_rate', 0.0) is None:
     kwargs['drop_rate'] = family.variants[key]['drop_rate']
-  return ml_collections.ConfigDict(dict(name=family.name, kwargs=kwargs))
+  # remat: recompute each residual block's activations in the backward pass instead of
+  # storing them; less memory for big variants, the same outputs and gradients.
+  return ml_collections.ConfigDict(dict(name=family.name, kwargs=kwargs, remat=False))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -27,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.dtype = 'bfloat16'  # compute dtype; params/optimizer stay float32
   config.num_devices = 0  # 0: every local device
+  # How the per-device steps are mapped over the devices: 'pmap', or 'shard_map' (jit of
+  # jax.shard_map over a one-axis mesh); both run the same step body (parallel.py).
+  config.parallel = 'pmap'
   config.label_smoothing = 0.1
   config.ema_max_decay = 0.99999  # EMA decay = min(this, (1 + step) / (10 + step))
   # Fine-tuning: weights to start from when the workdir has no checkpoint yet
@@ -45,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_steps=0,  # > 0 overrides num_epochs
       log_every_steps=100,
       eval_every_steps=5000,
+      # Micro-batches per device per step: gradients are summed over them (lax.scan)
+      # before the one cross-device mean, so the step equals one pass over the batch.
+      grad_accum_steps=1,
     )
   )
 
