@@ -24,11 +24,12 @@ Conventions:
   scalars (numpy/jax/0-d or size-1 arrays) become Python floats, bools stay
   bools. Anything else (strings, non-scalar arrays) raises ``TypeError`` /
   ``ValueError``.
-* **Resumed runs** append to the existing ``metrics.jsonl``; it is never
-  truncated. A trailing incomplete line left by a crash is dropped on start-up
-  so the file stays valid JSONL. Steps between the last checkpoint and the crash
-  are logged again after a resume: readers should keep the *last* record of a
-  step.
+* **Resumed runs** append to the existing ``metrics.jsonl``. A trailing
+  incomplete line left by a crash is dropped on start-up so the file stays valid
+  JSONL. With ``resume_step`` (the step the run restored), records of later steps
+  came from work that was never checkpointed and is about to be redone: they move
+  to ``metrics_discarded.jsonl`` (kept, for diagnosis), so ``metrics.jsonl`` holds
+  each step once and in order.
 * Only the main process (default: ``jax.process_index() == 0``) does anything;
   on the other processes every method is a no-op and no file is created.
 * ``tensorflow`` (for ``tf.summary`` and remote files) is imported when the
@@ -55,9 +56,16 @@ from tqdm import tqdm
 
 from nfnet_jax import fileio
 
-__all__ = ['MetricsLogger', 'read_metrics', 'METRICS_FILENAME', 'TENSORBOARD_SUBDIR']
+__all__ = [
+  'MetricsLogger',
+  'read_metrics',
+  'METRICS_FILENAME',
+  'DISCARDED_FILENAME',
+  'TENSORBOARD_SUBDIR',
+]
 
 METRICS_FILENAME = 'metrics.jsonl'
+DISCARDED_FILENAME = 'metrics_discarded.jsonl'
 TENSORBOARD_SUBDIR = 'tensorboard'
 _NON_FINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
 
@@ -128,6 +136,8 @@ class MetricsLogger:
     progress_bar: show a tqdm bar on stderr when ``progress`` is called.
     flush_secs: how often TensorBoard (and a remote ``metrics.jsonl``) are
       flushed; everything is flushed on ``close``.
+    resume_step: the step a resumed run restored; records of later steps (work
+      lost with the process) move to ``metrics_discarded.jsonl``.
   """
 
   def __init__(
@@ -139,6 +149,7 @@ class MetricsLogger:
     tensorboard: bool = True,
     progress_bar: bool = True,
     flush_secs: float = 30.0,
+    resume_step: int | None = None,
   ):
     if is_main_process is None:
       is_main_process = jax.process_index() == 0
@@ -168,9 +179,17 @@ class MetricsLogger:
       if gfile.exists(self.metrics_path):
         text = gfile.GFile(self.metrics_path, 'r').read()
         self._remote_lines = [line for line in text.split('\n')[:-1] if line.strip()]
+      if resume_step is not None:
+        self._remote_lines = self._discard_after(self._remote_lines, resume_step)
     else:
       os.makedirs(self._workdir, exist_ok=True)
       self._drop_incomplete_last_line(self.metrics_path)
+      if resume_step is not None and os.path.exists(self.metrics_path):
+        with open(self.metrics_path, encoding='utf-8') as f:
+          lines = f.read().splitlines()
+        kept = self._discard_after(lines, resume_step)
+        if len(kept) != len(lines):
+          fileio.atomic_write_text(self.metrics_path, ''.join(line + '\n' for line in kept))
       self._file = open(self.metrics_path, 'a', encoding='utf-8')
 
     if tensorboard:
@@ -179,6 +198,32 @@ class MetricsLogger:
       self._tb_writer = self._tf.summary.create_file_writer(
         self.tensorboard_dir, flush_millis=int(self._flush_secs * 1000)
       )
+
+  def _discard_after(self, lines: list[str], resume_step: int) -> list[str]:
+    """`lines` without the records of steps after `resume_step`, which are appended
+    to the discarded file (written before `metrics.jsonl` is rewritten: a crash in
+    between duplicates them there, never loses them)."""
+    kept, dropped = [], []
+    for line in lines:
+      if not line.strip():
+        continue
+      try:
+        step = int(json.loads(line)['step'])
+      except (ValueError, KeyError, TypeError):
+        kept.append(line)  # not ours to judge
+        continue
+      (dropped if step > resume_step else kept).append(line)
+    if dropped:
+      path = os.path.join(self._workdir, DISCARDED_FILENAME)
+      old = fileio.read_text(path) if fileio.exists(path) else ''
+      fileio.atomic_write_text(path, old + ''.join(line + '\n' for line in dropped))
+      self._remote_dirty = self._remote_lines is not None
+      print(
+        f'MetricsLogger: the run resumed from step {resume_step}; {len(dropped)} records of '
+        f'later steps (work that was not checkpointed) moved to {path}.',
+        file=sys.stderr,
+      )
+    return kept
 
   @staticmethod
   def _drop_incomplete_last_line(path: str) -> None:

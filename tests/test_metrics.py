@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnet_jax.metrics import MetricsLogger, read_metrics
+from nfnet_jax.metrics import DISCARDED_FILENAME, MetricsLogger, read_metrics
 
 
 def read_lines(path):
@@ -147,6 +147,33 @@ def test_remote_workdir_rewrites_whole_file(tmp_path):
     {'step': 2, 'loss': 'inf'},
   ]
   assert read_metrics(wd)[1]['loss'] == math.inf
+
+
+def _log_steps(workdir, steps, **kwargs):
+  with MetricsLogger(
+    workdir, total_steps=20, tensorboard=False, progress_bar=False, **kwargs
+  ) as log:
+    for step in steps:
+      log.write(step, {'loss': float(step)})
+      if step % 4 == 0:
+        log.write(step, {'eval_top1': 0.5})
+
+
+@pytest.mark.parametrize('remote', [False, True])
+def test_resume_sets_aside_records_of_work_that_was_not_checkpointed(tmp_path, remote):
+  """Killed at step 7 after a checkpoint at step 4: steps 5-7 are redone, and the
+  file keeps one record per step, in order; the first copies are kept aside."""
+  workdir = f'ram://metrics_resume_{os.getpid()}/run' if remote else str(tmp_path)
+  _log_steps(workdir, range(1, 8))
+  _log_steps(workdir, range(5, 10), resume_step=4)
+  records = read_metrics(workdir)
+  assert [r['step'] for r in records if 'loss' in r] == list(range(1, 10))
+  assert [r['step'] for r in records if 'eval_top1' in r] == [4, 8]
+  aside = read_metrics(os.path.join(workdir, DISCARDED_FILENAME))
+  assert [r['step'] for r in aside] == [5, 6, 7]
+  # A resume with nothing to set aside leaves the file as it was.
+  _log_steps(workdir, [], resume_step=9)
+  assert read_metrics(workdir) == records
 
 
 def test_progress_bar_shows_position_postfix_and_eta(tmp_path, capsys):
