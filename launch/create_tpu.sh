@@ -9,7 +9,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 usage() {
   cat <<EOF
 Usage: $PROG --project PROJECT --zone ZONE [--name NAME]
-           [--accelerator-type TYPE] [--version VERSION] [--spot] [--queued] [--dry-run]
+           [--accelerator-type TYPE] [--version VERSION] [--spot | --preemptible]
+           [--queued] [--dry-run]
 
 Creates the TPU VM slice NAME (gcloud compute tpus tpu-vm create), or asks for
 one through a queued resource of the same name (--queued).
@@ -22,7 +23,10 @@ Options (each can also be set by the environment variable on the right):
   --accelerator-type TYPE  ACCELERATOR_TYPE  default: v4-32 (also v3-32, v3-8, v4-8, ...)
   --version VERSION        TPU_VERSION       TPU VM image, default: tpu-ubuntu2204-base
   --spot                   SPOT=1            spot capacity: cheaper, can be preempted
-                                             (training resumes from the last checkpoint)
+                                             (training resumes from the last checkpoint;
+                                             launch/run_spot.sh does that for you)
+  --preemptible            PREEMPTIBLE=1     the older preemptible capacity: can be
+                                             preempted, and runs for 24 h at most
   --queued                 QUEUED=1          queued resource: waits for capacity instead
                                              of failing when none is free right now
   --dry-run                DRY_RUN=1         print the gcloud command, run nothing
@@ -38,6 +42,7 @@ EOF
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v4-32}
 TPU_VERSION=${TPU_VERSION:-tpu-ubuntu2204-base}
 SPOT=${SPOT:-0}
+PREEMPTIBLE=${PREEMPTIBLE:-0}
 QUEUED=${QUEUED:-0}
 
 while [[ $# -gt 0 ]]; do
@@ -57,6 +62,7 @@ while [[ $# -gt 0 ]]; do
       esac
       shift 2 ;;
     --spot) SPOT=1; shift ;;
+    --preemptible) PREEMPTIBLE=1; shift ;;
     --queued) QUEUED=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     *) die "unknown argument '$1'." ;;
@@ -69,6 +75,11 @@ done
   || die "invalid TPU name '$TPU_NAME': lowercase letters, digits and hyphens, starting with a letter."
 [[ "$ACCELERATOR_TYPE" =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] \
   || die "invalid accelerator type '$ACCELERATOR_TYPE' (expected e.g. v3-32 or v4-32)."
+[[ "$SPOT" != 1 || "$PREEMPTIBLE" != 1 ]] \
+  || die "--spot and --preemptible are two kinds of capacity: pass one of them."
+# Queued resources know spot capacity only; preemptible is a flag of tpu-vm create.
+[[ "$QUEUED" != 1 || "$PREEMPTIBLE" != 1 ]] \
+  || die "--queued takes --spot, not --preemptible (queued resources have no preemptible capacity)."
 if [[ "$DRY_RUN" != 1 ]]; then
   command -v gcloud >/dev/null || die "gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install)."
 fi
@@ -76,6 +87,9 @@ fi
 extra=()
 if [[ "$SPOT" == 1 ]]; then
   extra+=(--spot)
+fi
+if [[ "$PREEMPTIBLE" == 1 ]]; then
+  extra+=(--preemptible)
 fi
 
 if [[ "$QUEUED" == 1 ]]; then

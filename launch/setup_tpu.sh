@@ -14,7 +14,8 @@ LIBTPU_RELEASES=https://storage.googleapis.com/jax-releases/libtpu_releases.html
 
 usage() {
   cat <<EOF
-Usage: $PROG --project PROJECT --zone ZONE [--name NAME] [--fresh-venv] [--dry-run]
+Usage: $PROG --project PROJECT --zone ZONE [--name NAME] [--commit REV] [--fresh-venv]
+           [--dry-run]
 
 Copies the committed code of this checkout (git archive HEAD) to every worker of
 the TPU VM slice NAME, creates a virtualenv there, installs jax[tpu]==JAX_VERSION
@@ -26,6 +27,8 @@ Options (each can also be set by the environment variable on the right):
   --project PROJECT   PROJECT        GCP project (required)
   --zone ZONE         ZONE           zone of the slice (required)
   --name NAME         TPU_NAME       default: nfnet-tpu
+  --commit REV        COMMIT_REV     the commit to copy, default: HEAD (launch/run_spot.sh
+                                     pins the one it started with, for every new slice)
   --jax-version V     JAX_VERSION    default: $JAX_VERSION_DEFAULT (pinned; all hosts get the same)
   --python PYTHON     REMOTE_PYTHON  interpreter on the workers, default: python3.11
                                      (installed with apt if missing; nfnet_jax needs >= 3.11,
@@ -48,6 +51,7 @@ REMOTE_PYTHON=${REMOTE_PYTHON:-python3.11}
 REMOTE_DIR=${REMOTE_DIR:-nfnet_jax}
 REMOTE_VENV=${REMOTE_VENV:-nfnet_venv}
 FRESH_VENV=${FRESH_VENV:-0}
+COMMIT_REV=${COMMIT_REV:-HEAD}
 
 while [[ $# -gt 0 ]]; do
   if [[ "$1" == --*=* ]]; then          # --opt=value -> --opt value
@@ -55,7 +59,7 @@ while [[ $# -gt 0 ]]; do
   fi
   case "$1" in
     -h|--help) usage; exit 0 ;;
-    --project|--zone|--name|--jax-version|--python)
+    --project|--zone|--name|--jax-version|--python|--commit)
       [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value."
       case "$1" in
         --project) PROJECT=$2 ;;
@@ -63,6 +67,7 @@ while [[ $# -gt 0 ]]; do
         --name) TPU_NAME=$2 ;;
         --jax-version) JAX_VERSION=$2 ;;
         --python) REMOTE_PYTHON=$2 ;;
+        --commit) COMMIT_REV=$2 ;;
       esac
       shift 2 ;;
     --fresh-venv) FRESH_VENV=1; shift ;;
@@ -80,20 +85,26 @@ for dir in "$REMOTE_DIR" "$REMOTE_VENV"; do
     || die "REMOTE_DIR / REMOTE_VENV must be plain directory names under the home directory (got '$dir')."
 done
 [[ "$REMOTE_PYTHON" =~ ^[A-Za-z0-9_./-]+$ ]] || die "invalid --python '$REMOTE_PYTHON'."
+[[ "$COMMIT_REV" =~ ^[A-Za-z0-9_][A-Za-z0-9_./@~^-]*$ ]] \
+  || die "invalid --commit '$COMMIT_REV' (a commit hash, branch or tag)."
 if [[ "$DRY_RUN" != 1 ]]; then
   command -v gcloud >/dev/null || die "gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install)."
 fi
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-COMMIT=$(git -C "$REPO_ROOT" rev-parse HEAD 2>/dev/null) \
+head=$(git -C "$REPO_ROOT" rev-parse HEAD 2>/dev/null) \
   || die "$REPO_ROOT is not a git checkout with a commit: setup copies 'git archive HEAD'."
-if [[ -n "$(git -C "$REPO_ROOT" status --porcelain)" ]]; then
+COMMIT=$(git -C "$REPO_ROOT" rev-parse --verify --quiet "$COMMIT_REV^{commit}") \
+  || die "--commit $COMMIT_REV is not a commit of $REPO_ROOT."
+if [[ "$COMMIT" != "$head" ]]; then
+  echo "$PROG: note: the workers get commit $COMMIT (--commit $COMMIT_REV), not HEAD ($head)." >&2
+elif [[ -n "$(git -C "$REPO_ROOT" status --porcelain)" ]]; then
   echo "$PROG: warning: uncommitted changes and untracked files in $REPO_ROOT are NOT copied; the workers get commit $COMMIT." >&2
 fi
 
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-git -C "$REPO_ROOT" archive --format=tar.gz -o "$TMP/nfnet_jax.tar.gz" HEAD
+git -C "$REPO_ROOT" archive --format=tar.gz -o "$TMP/nfnet_jax.tar.gz" "$COMMIT"
 
 # What every worker runs. Arguments: commit, jax version, python, code dir,
 # venv dir, fresh venv (0/1). Paths are relative to the home directory.

@@ -20,7 +20,7 @@ usage() {
 Usage: $PROG --project PROJECT --zone ZONE --workdir gs://BUCKET/RUN
            [--config CONFIG] [--name NAME] [--tfds-data-dir gs://BUCKET/tfds]
            [--dry-run] [-- EXTRA_TRAIN_ARGS ...]
-       $PROG --project PROJECT --zone ZONE [--name NAME] --stop
+       $PROG --project PROJECT --zone ZONE [--name NAME] --stop | --status
 
 Runs, in the background on every worker (nohup, one log per worker in
 ~/nfnet_logs, ~/nfnet_logs/latest.log pointing at the newest):
@@ -38,6 +38,12 @@ Options (each can also be set by the environment variable on the right):
   --tfds-data-dir DIR      TFDS_DATA_DIR  where TFDS finds imagenet2012 (required, except
                                           for experiments/digits.py), e.g. gs://BUCKET/tfds
   --stop                                  stop the run on every worker (SIGTERM)
+  --status                                say, for every worker, whether the run is
+                                          going on, finished or not running. Exit code:
+                                          0 running (on every worker, or finished on
+                                          some), 3 finished everywhere (exit code 0),
+                                          4 not running on some worker (never started,
+                                          stopped or died), 1 a worker could not be reached
                            CHECK_AFTER_SECS  after starting, wait this long (default 90),
                                           then check the run is alive everywhere (0: don't)
   --dry-run                DRY_RUN=1      print the gcloud commands, run nothing
@@ -63,6 +69,7 @@ REMOTE_VENV=${REMOTE_VENV:-nfnet_venv}
 REMOTE_LOGS=${REMOTE_LOGS:-nfnet_logs}
 CHECK_AFTER_SECS=${CHECK_AFTER_SECS:-90}
 STOP=0
+STATUS=0
 EXTRA=()
 
 while [[ $# -gt 0 ]]; do
@@ -83,6 +90,7 @@ while [[ $# -gt 0 ]]; do
       esac
       shift 2 ;;
     --stop) STOP=1; shift ;;
+    --status) STATUS=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     *) die "unknown argument '$1' (arguments for nfnet_jax.train go after --)." ;;
@@ -99,7 +107,12 @@ done
 if [[ "$DRY_RUN" != 1 ]]; then
   command -v gcloud >/dev/null || die "gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install)."
 fi
+[[ "$STOP" != 1 || "$STATUS" != 1 ]] || die "--stop and --status: pass one of them."
 GCLOUD_SSH=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all --project "$PROJECT" --zone "$ZONE")
+# One line per worker: NFNET_ALIVE (with the run's command line, so that a caller can
+# tell which run it is), NFNET_DONE (exited 0), NFNET_NONE (never started there) or
+# NFNET_DEAD (with the end of its log, which holds the exit code).
+status_body="if pgrep -f '$TRAIN_PATTERN' >/dev/null; then echo \"NFNET_ALIVE \$(hostname): \$(pgrep -af '$TRAIN_PATTERN' | tail -n 1)\"; elif [ ! -e $REMOTE_LOGS/latest.log ]; then echo \"NFNET_NONE \$(hostname): no run was started here\"; elif grep -q 'exited with code 0]' $REMOTE_LOGS/latest.log; then echo \"NFNET_DONE \$(hostname)\"; else echo \"NFNET_DEAD \$(hostname), last lines of its log:\"; tr '\\r' '\\n' < $REMOTE_LOGS/latest.log | tail -n 15; fi"
 
 # ---------------------------------------------------------------------------
 # --stop: every worker, so that no host is left waiting for the others.
@@ -109,6 +122,35 @@ if [[ "$STOP" == 1 ]]; then
   stop_body="if pkill -f '$TRAIN_PATTERN'; then for i in \$(seq 60); do pgrep -f '$TRAIN_PATTERN' >/dev/null || break; sleep 1; done; pkill -9 -f '$TRAIN_PATTERN' && echo \"[\$(hostname)] killed: it did not exit within 60 s\"; echo \"[\$(hostname)] stopped\"; else echo \"[\$(hostname)] no run\"; fi"
   run_quiet "${GCLOUD_SSH[@]}" --command "$stop_body"
   exit 0
+fi
+
+# ---------------------------------------------------------------------------
+# --status: for people, and for launch/run_spot.sh, which reads the exit code.
+# ---------------------------------------------------------------------------
+if [[ "$STATUS" == 1 ]]; then
+  if [[ "$DRY_RUN" == 1 ]]; then
+    run_quiet "${GCLOUD_SSH[@]}" --command "$status_body"
+    exit 0
+  fi
+  if ! out=$("${GCLOUD_SSH[@]}" --command "$status_body"); then
+    printf '%s\n' "$out"
+    echo "$PROG: could not reach every worker of $TPU_NAME." >&2
+    exit 1
+  fi
+  printf '%s\n' "$out"
+  alive=$(printf '%s\n' "$out" | grep -c '^NFNET_ALIVE ' || true)
+  finished=$(printf '%s\n' "$out" | grep -c '^NFNET_DONE ' || true)
+  stopped=$(printf '%s\n' "$out" | grep -c -E '^NFNET_(NONE|DEAD) ' || true)
+  echo "Running on $alive workers, finished on $finished, not running on $stopped."
+  if [[ "$stopped" -gt 0 ]]; then
+    exit 4
+  elif [[ "$alive" -gt 0 ]]; then
+    exit 0
+  elif [[ "$finished" -gt 0 ]]; then
+    exit 3
+  fi
+  echo "$PROG: no worker of $TPU_NAME answered." >&2
+  exit 1
 fi
 
 # ---------------------------------------------------------------------------
@@ -181,9 +223,9 @@ fi
 if [[ "$CHECK_AFTER_SECS" -gt 0 ]]; then
   echo "Checking in $CHECK_AFTER_SECS s that the run is alive on every worker ..."
   sleep "$CHECK_AFTER_SECS"
-  alive_body="if pgrep -f '$TRAIN_PATTERN' >/dev/null; then echo \"NFNET_ALIVE \$(hostname)\"; elif grep -q 'exited with code 0]' $REMOTE_LOGS/latest.log; then echo \"NFNET_DONE \$(hostname)\"; else echo \"NFNET_DEAD \$(hostname), last lines of its log:\"; tr '\\r' '\\n' < $REMOTE_LOGS/latest.log | tail -n 15; fi"
-  out=$("${GCLOUD_SSH[@]}" --command "$alive_body") || true
-  if [[ "$out" == *NFNET_DEAD* || ( "$out" != *NFNET_ALIVE* && "$out" != *NFNET_DONE* ) ]]; then
+  out=$("${GCLOUD_SSH[@]}" --command "$status_body") || true
+  if [[ "$out" == *NFNET_DEAD* || "$out" == *NFNET_NONE* \
+        || ( "$out" != *NFNET_ALIVE* && "$out" != *NFNET_DONE* ) ]]; then
     printf '%s\n' "$out" >&2
     cat >&2 <<EOF
 
@@ -201,5 +243,6 @@ cat <<EOF
 Started on every worker (run $RUN_ID). Follow process 0's log:
   launch/tail_logs.sh --name $TPU_NAME --project $PROJECT --zone $ZONE --follow
 Metrics: gcloud storage cat $WORKDIR/metrics.jsonl | tail
+Status:  $PROG --status --name $TPU_NAME --project $PROJECT --zone $ZONE
 Stop:    $PROG --stop --name $TPU_NAME --project $PROJECT --zone $ZONE
 EOF
