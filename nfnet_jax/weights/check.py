@@ -5,7 +5,10 @@ Any family of the registry (`nfnet_jax.models`): the variant name says which (`F
 root module (`NFNet`, `NF_ResNet`, `NF_RegNet`, the names of DeepMind's released code).
 `load_pretrained` reads DeepMind's released pickles (`released.py`, nothing in them is
 run) and the package's own `.npz` files (`npz.py`), and checks every module path,
-parameter name and shape before handing the parameters over.
+parameter name and shape against the model before the arrays are built: a `.npz`'s from
+its entries' headers, before any data is inflated; a pickle's from the unpickled
+placeholders. A file whose headers declare other (or more, or huge) arrays is refused
+without costing their memory.
 """
 
 import functools
@@ -248,31 +251,18 @@ def _stored_variant(stored: str, path: str) -> str:
     ) from None
 
 
-def _load_any(
-  path, variant: Optional[str], num_classes: Optional[int], verify_md5: bool, model_kwargs: dict
-) -> tuple[ParamTree, str]:
-  """Loads either format, resolves the variant, checks; returns (params, variant)."""
-  path = os.fspath(path)
-  variant = None if variant is None else models.canonical_name(variant)
-  if npz.read_head(path).startswith(released.ZIP_MAGIC):
-    params, stored = npz.load_converted(path)
-    stored = None if stored is None else _stored_variant(stored, path)
-    if variant is not None and stored is not None and stored != variant:
-      raise ParamsMismatchError(
-        f'{path} was converted for variant {stored!r}, but variant={variant!r} was '
-        f'asked for: pass variant={stored!r}'
-      )
-    variant = variant or stored
-  else:
-    if fileio.is_remote(path):
-      raise CorruptCheckpointError(
-        f'{path} is not a converted .npz; released pickles are read from local disk: '
-        'copy it here first (or convert it with nfnet_jax.convert)'
-      )
-    params = released.load_released_params(path, variant, verify_md5=verify_md5)
-    variant = variant or released.released_variant_from_name(path)
+def _check_shapes(
+  path: str,
+  shapes: Mapping,
+  variant: Optional[str],
+  num_classes: Optional[int],
+  model_kwargs: dict,
+) -> tuple[str, int]:
+  """Resolves the variant and the class count, and checks `shapes` (a tree of the
+  file's arrays or of placeholders of their declared shapes) against the model;
+  returns (variant, num_classes). Raises ParamsMismatchError naming `path`."""
   if variant is None:
-    variant = guess_variant(params, model_kwargs.get('width'))
+    variant = guess_variant(shapes, model_kwargs.get('width'))
     if variant is None:
       raise ParamsMismatchError(
         f'cannot tell which variant {path} holds (NFNet F0.., NF-ResNet ResNet50.. or '
@@ -280,11 +270,57 @@ def _load_any(
       )
   if num_classes is None:  # whatever the file's classifier has
     head = classifier_module(variant, **model_kwargs)
-    bias = params.get(head, {}).get('b')
+    bias = shapes.get(head, {}).get('b')
     if bias is None or np.ndim(bias) != 1:
       raise ParamsMismatchError(f'{path} has no classifier bias {head}/b.')
     num_classes = int(np.shape(bias)[0])
-  check_params(params, variant, num_classes, **model_kwargs)
+  try:
+    check_params(shapes, variant, num_classes, **model_kwargs)
+  except ParamsMismatchError as e:
+    raise ParamsMismatchError(f'{path}: {e}') from None
+  return variant, num_classes
+
+
+def _load_any(
+  path, variant: Optional[str], num_classes: Optional[int], verify_md5: bool, model_kwargs: dict
+) -> tuple[ParamTree, str]:
+  """Loads either format, resolves the variant, checks; returns (params, variant).
+
+  The shapes are checked against the model before the arrays are built: for a
+  converted .npz, from the entries' headers, before any data is inflated; for a
+  released pickle, from the unpickled placeholders, before any array is allocated."""
+  path = os.fspath(path)
+  variant = None if variant is None else models.canonical_name(variant)
+  if npz.read_head(path).startswith(released.ZIP_MAGIC):
+    with npz.ConvertedFile(path) as archive:
+      stored = None if archive.variant is None else _stored_variant(archive.variant, path)
+      if variant is not None and stored is not None and stored != variant:
+        raise ParamsMismatchError(
+          f'{path} was converted for variant {stored!r}, but variant={variant!r} was '
+          f'asked for: pass variant={stored!r}'
+        )
+      variant, num_classes = _check_shapes(
+        path, archive.shapes(), variant or stored, num_classes, model_kwargs
+      )
+      params = archive.read_params()
+  else:
+    if fileio.is_remote(path):
+      raise CorruptCheckpointError(
+        f'{path} is not a converted .npz; released pickles are read from local disk: '
+        'copy it here first (or convert it with nfnet_jax.convert)'
+      )
+
+    def check(shapes: Mapping) -> None:
+      nonlocal variant, num_classes
+      variant, num_classes = _check_shapes(
+        path,
+        shapes,
+        variant or released.released_variant_from_name(path),
+        num_classes,
+        model_kwargs,
+      )
+
+    params = released.load_released_params(path, variant, verify_md5=verify_md5, check=check)
   params = {
     m: {n: np.asarray(v, dtype=np.float32, order='C') for n, v in group.items()}
     for m, group in params.items()

@@ -18,9 +18,13 @@ hands such a file to `pickle`/`dill`/`np.load(allow_pickle=True)`. Instead:
    validate their arguments: `dill._dill._import_module` only for numpy's C module,
    `dill._dill._get_attr` only for (that module, '_reconstruct'), numpy's `_reconstruct`
    only for (ndarray, (0,), b'b'), `numpy.dtype` only for plain numeric dtype strings.
-3. The arrays come out as placeholders holding (shape, dtype, raw bytes); once the
-   stream is fully read they are rebuilt with `np.frombuffer`, after checking the byte
-   count matches the shape.
+3. The arrays come out as placeholders holding (shape, dtype, raw bytes), each checked
+   to hold exactly its shape's byte count (computed in Python ints: no overflow). Before
+   any array is built, the bytes of all of them together must fit in the file: the
+   stream's memo lets many arrays share one bytes object, so a small file could
+   otherwise make the loader allocate without bound. A caller that knows the model
+   (`check.py`) then checks their shapes (`check=`) before the arrays are built with
+   `np.frombuffer`.
 
 NumPy and the standard library only (no models, haiku or jax): `check.py` checks the
 loaded tree against a model.
@@ -32,7 +36,7 @@ import pickle
 import pickletools
 import re
 import reprlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 import warnings
 
 import numpy as np
@@ -60,6 +64,7 @@ RELEASED_MD5 = {
 RELEASED_SIZES = {'F0': 285_976_842}
 
 PICKLE_MAGIC = b'\x80'
+_MAX_BYTES = int(np.iinfo(np.intp).max)  # no array spans more
 ZIP_MAGIC = b'PK\x03\x04'
 _RELEASED_NAME = re.compile(r'(?<![A-Za-z0-9])(F[0-7])_haiku')
 
@@ -245,18 +250,32 @@ class _Array:
       raise UnsafePickleError(f'ndarray shape {_short(shape)} is not a tuple of sizes')
     if not isinstance(dtype, _DType) or not isinstance(fortran, bool):
       raise UnsafePickleError('ndarray state does not hold a plain numeric dtype')
+    extent = dtype.dtype.itemsize  # what NumPy checks: an empty side counts as 1
+    for d in shape:  # Python ints: a product NumPy's int64 would wrap stays exact
+      extent *= max(d, 1)
+    if extent > _MAX_BYTES:
+      raise CorruptCheckpointError(
+        f'an array of shape {_short(shape)} {dtype.dtype} would span {extent:.3e} bytes, '
+        'more than any array can hold: the file is corrupt'
+      )
     if not isinstance(raw, bytes):
       raise UnsafePickleError(
         f'ndarray data is a {type(raw).__name__}, not bytes (object arrays and '
         'protocol-2 encodings are not parameter files)'
       )
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.dtype.itemsize
+    expected = dtype.dtype.itemsize
+    for d in shape:
+      expected *= d
     if len(raw) != expected:
       raise CorruptCheckpointError(
-        f'an array of shape {shape} {dtype.dtype} should hold {expected} bytes, the '
-        f'file gives {len(raw)}: the file is corrupt'
+        f'an array of shape {_short(shape)} {dtype.dtype} should hold {expected:,} bytes, the '
+        f'file gives {len(raw):,}: the file is corrupt'
       )
     self.shape, self.dtype, self.fortran, self.raw = shape, dtype.dtype, fortran, raw
+
+  def placeholder(self) -> np.ndarray:
+    """A zero-stride read-only array of this shape and dtype (one element's memory)."""
+    return np.broadcast_to(np.zeros((), self.dtype), self.shape)
 
   def to_numpy(self) -> np.ndarray:
     if self.raw is None:
@@ -424,26 +443,52 @@ def _scan_pickle(f, size: int, path: str) -> str:
   return reader.md5.hexdigest()
 
 
-def _materialize(tree: Any, path: str) -> dict[str, dict[str, np.ndarray]]:
-  """Turns the unpickled dict of dicts of placeholders into numpy arrays."""
+def _placeholders(tree: Any, path: str) -> dict[str, dict[str, _Array]]:
+  """The unpickled tree, checked to be a dict of dicts of array placeholders."""
   if not isinstance(tree, dict):
     raise CorruptCheckpointError(
       f'{path} holds a {type(tree).__name__}, not a Haiku parameter dict '
       '(module path -> {param name -> array})'
     )
-  built = {}
-  out = {}
   for module, params in tree.items():
     if not isinstance(module, str) or not isinstance(params, dict):
       raise CorruptCheckpointError(
         f'{path}: entry {_short(module)} is not a module path mapping to a dict of arrays'
       )
-    out[module] = {}
     for name, value in params.items():
       if not isinstance(name, str) or not isinstance(value, _Array):
         raise CorruptCheckpointError(
           f'{path}: {_short(module)}/{_short(name)} is a {type(value).__name__}, not an array'
         )
+      if value.raw is None:
+        raise CorruptCheckpointError(
+          f'{path}: {module}/{name} was never given its data: the file is corrupt'
+        )
+  return tree
+
+
+def _check_total(tree: dict[str, dict[str, _Array]], path: str, size: int) -> None:
+  """Refuses arrays whose bytes together exceed the file's. Each distinct array is
+  built as a copy of its bytes, and a writer pickles each array's bytes once; only a
+  crafted stream makes several arrays share one bytes object through the memo (n
+  arrays of a file's worth of bytes: n times the file in memory)."""
+  arrays = {id(a): a for params in tree.values() for a in params.values()}
+  total = sum(len(a.raw) for a in arrays.values())
+  if total > size:
+    raise CorruptCheckpointError(
+      f'{path} ({size:,} bytes) declares {len(arrays)} arrays of {total:,} bytes in all, '
+      'more than the file holds (arrays share their data through the pickle memo, which '
+      'no writer of parameter files does): the file is corrupt or crafted; re-download it'
+    )
+
+
+def _materialize(tree: dict[str, dict[str, _Array]]) -> dict[str, dict[str, np.ndarray]]:
+  """Turns the checked dict of dicts of placeholders into numpy arrays."""
+  built = {}
+  out = {}
+  for module, params in tree.items():
+    out[module] = {}
+    for name, value in params.items():
       if id(value) not in built:
         built[id(value)] = value.to_numpy()
       out[module][name] = built[id(value)]
@@ -499,7 +544,11 @@ def _check_md5(path: str, size: int, md5: str, variant: Optional[str]) -> None:
 
 
 def load_released_params(
-  path, variant: Optional[str] = None, *, verify_md5: bool = True
+  path,
+  variant: Optional[str] = None,
+  *,
+  verify_md5: bool = True,
+  check: Optional[Callable[[dict[str, dict[str, np.ndarray]]], None]] = None,
 ) -> dict[str, dict[str, np.ndarray]]:
   """Loads DeepMind's released `F{k}_haiku.npz` (a dill pickle) without unpickling it
   unsafely.
@@ -509,6 +558,9 @@ def load_released_params(
     variant: which release this should be ('F0'..'F6'), for the MD5 comparison;
       default: from the file name (`F3_haiku.npz` -> 'F3').
     verify_md5: compare the MD5 with the third-party list and warn on a mismatch.
+    check: called, before any array is built, with {module path: {param name:
+      placeholder}} (zero-stride read-only arrays of each array's shape and dtype); it
+      raises to refuse the file (`check.py` compares the shapes with the model's).
 
   Returns:
     {module path: {param name: ndarray}}, arrays as stored (float32 for the releases).
@@ -544,14 +596,20 @@ def load_released_params(
     unpickler = SafeUnpickler(f)
     try:
       tree = unpickler.load()
-    except PretrainedError:
-      raise
+    except PretrainedError as e:  # the stand-ins' refusals do not know the file's name
+      if str(e).startswith(path):
+        raise
+      raise type(e)(f'{path}: {e}') from None
     except Exception as e:  # the stand-ins refuse; anything else is a malformed stream
       raise CorruptCheckpointError(
         f'{path}: the pickle is malformed for a parameter file ({type(e).__name__}: '
         f'{e}){_size_hint(path)}'
       ) from e
     del unpickler  # drop its memo, so the raw bytes go as each array is built
+  tree = _placeholders(tree, path)
+  _check_total(tree, path, size)
   if verify_md5:  # after the refusals: a refused file gets no checksum warning first
     _check_md5(path, size, md5, variant)
-  return _materialize(tree, path)
+  if check is not None:  # after the warning, which may name the release the file is
+    check({m: {n: a.placeholder() for n, a in p.items()} for m, p in tree.items()})
+  return _materialize(tree)

@@ -11,6 +11,10 @@ sys.modules) haiku's or dill's modules.
 import io
 import pickle
 import pickletools
+import struct
+import tracemalloc
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -49,6 +53,15 @@ class FlatMapping:
 
   def __init__(self, mapping):
     self.mapping = mapping
+
+
+class SharedState:
+  """Pickles as an ndarray whose BUILD state is the given tuple (version, shape, dtype,
+  fortran, raw bytes) as is: instances given one tuple share it through the memo (a
+  writer never does that; a crafted stream can)."""
+
+  def __init__(self, state):
+    self.state = state
 
 
 FLATMAPPING = Glob('haiku._src.data_structures', 'FlatMapping')
@@ -100,10 +113,15 @@ class StreamWriter(pickle._Pickler):  # pylint: disable=protected-access
     _, args, state = obj.__reduce__()  # (_reconstruct, (ndarray, (0,), b'b'), state)
     self.save_reduce(self.reconstruct, args, state, obj=obj)
 
+  def save_shared_state(self, obj):
+    args = np.zeros(0, np.float32).__reduce__()[1]  # (ndarray, (0,), b'b')
+    self.save_reduce(self.reconstruct, args, obj.state, obj=obj)
+
   dispatch[Glob] = save_glob
   dispatch[Call] = save_call
   dispatch[FlatMapping] = save_flat_mapping
   dispatch[np.ndarray] = save_ndarray
+  dispatch[SharedState] = save_shared_state
 
 
 def released_bytes(tree, style='dill_numpy1'):
@@ -175,3 +193,95 @@ def assert_trees_equal(a, b):
     for n in a[m]:
       assert b[m][n].dtype == np.float32 and b[m][n].shape == a[m][n].shape, (m, n)
       np.testing.assert_array_equal(b[m][n], a[m][n])
+
+
+# ---------------------------------------------------------------------------
+# Hand-made .npz archives: honest members, or headers declaring huge runs of zeros.
+
+
+def npy_bytes(array) -> bytes:
+  """An .npy file's bytes (what np.savez puts in each member)."""
+  buf = io.BytesIO()
+  np.lib.format.write_array(buf, np.asanyarray(array), allow_pickle=False)
+  return buf.getvalue()
+
+
+def npy_header(shape, descr='<f4', fortran_order=False, version=(1, 0)) -> bytes:
+  """An .npy header declaring anything (numpy writes what it is given, unchecked)."""
+  buf = io.BytesIO()
+  write = {
+    (1, 0): np.lib.format.write_array_header_1_0,
+    (2, 0): np.lib.format.write_array_header_2_0,
+  }[version]
+  write(buf, {'descr': descr, 'fortran_order': fortran_order, 'shape': tuple(shape)})
+  return buf.getvalue()
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _deflate(prefix: bytes, zeros: int) -> tuple[bytes, int]:
+  """(raw deflate stream, CRC-32) of `prefix` then `zeros` zero bytes, without making
+  the zeros: after a full flush the compressor starts afresh, so every MiB of zeros
+  deflates to the same block, computed once and repeated."""
+  co = zlib.compressobj(9, zlib.DEFLATED, -15)
+  out = [co.compress(prefix), co.flush(zlib.Z_FULL_FLUSH)]
+  crc = zlib.crc32(prefix)
+  whole, rest = divmod(zeros, len(_ZEROS))
+  if whole:
+    out.append((co.compress(_ZEROS) + co.flush(zlib.Z_FULL_FLUSH)) * whole)
+    for _ in range(whole):
+      crc = zlib.crc32(_ZEROS, crc)
+  out += [co.compress(bytes(rest)), co.flush()]
+  return b''.join(out), zlib.crc32(bytes(rest), crc)
+
+
+def write_deflated_npz(path, members):
+  """Writes a deflated zip (what np.savez_compressed writes) by hand: `members` maps
+  each member name to its bytes, or to (prefix, n) for `prefix` followed by n zero
+  bytes: a header can declare gigabytes that the file holds in a few KiB, with sizes
+  and CRCs as honest as np.savez_compressed's. Names may repeat (zipfile refuses to
+  write that). Returns `path`."""
+  body, central, count = bytearray(), bytearray(), 0
+  for name, content in members if isinstance(members, list) else members.items():
+    prefix, zeros = (content, 0) if isinstance(content, bytes) else content
+    data, crc = _deflate(prefix, zeros)
+    size = len(prefix) + zeros
+    assert size < 1 << 32 and len(data) < 1 << 32, 'no zip64 here'
+    encoded, offset = name.encode('utf-8'), len(body)
+    fields = (zipfile.ZIP_DEFLATED, 0, 0x21, crc, len(data), size, len(encoded))  # date: 1980
+    body += struct.pack(zipfile.structFileHeader, zipfile.stringFileHeader, 20, 0, 0, *fields, 0)
+    body += encoded + data
+    central += struct.pack(
+      zipfile.structCentralDir, zipfile.stringCentralDir, 20, 0, 20, 0, 0, *fields,
+      0, 0, 0, 0, 0, offset,
+    )  # fmt: skip
+    central += encoded
+    count += 1
+  end = struct.pack(
+    zipfile.structEndArchive, zipfile.stringEndArchive, 0, 0, count, count, len(central),
+    len(body), 0,
+  )  # fmt: skip
+  path.write_bytes(bytes(body + central + end))
+  return path
+
+
+def converted_members(tree, variant='F0'):
+  """{member name: .npy bytes} of `tree` as save_converted lays it out."""
+  members = {f'{k}.npy': npy_bytes(v) for k, v in weights.flatten_params(tree).items()}
+  members['__format__.npy'] = npy_bytes(np.array('nfnet_jax.params.v1'))
+  if variant is not None:
+    members['__variant__.npy'] = npy_bytes(np.array(variant))
+  return members
+
+
+def traced_peak(fn) -> int:
+  """The peak of Python's and NumPy's traced allocations (bytes) while `fn()` runs:
+  NumPy reports its array buffers to tracemalloc, so an array the loader allocates
+  counts, touched or not."""
+  tracemalloc.start()
+  try:
+    fn()
+    return tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()

@@ -6,6 +6,7 @@ import hashlib
 import io
 import pickle
 import pickletools
+import re
 import sys
 import warnings
 
@@ -15,6 +16,7 @@ import pytest
 from nfnet_jax import weights
 from nfnet_jax.weights import (
   CorruptCheckpointError,
+  ParamsMismatchError,
   UnsafePickleError,
   UnverifiedChecksumWarning,
   released,
@@ -23,17 +25,22 @@ from tests.weights.helpers import (
   FLATMAPPING,
   GET_ATTR,
   IMPORT_MODULE,
+  NARROW,
+  NUM_CLASSES,
   RECONSTRUCT,
   Call,
   FlatMapping,
   Glob,
+  SharedState,
   StreamWriter,
   assert_trees_equal,
   globals_in,
+  model_tree,
   payload_bytes,
   released_bytes,
   shape_only_tree,
   small_tree,
+  traced_peak,
   write,
 )
 
@@ -385,3 +392,85 @@ def test_released_variant_from_name():
   assert weights.released_variant_from_name('/x/NF-F3_haiku.npz') == 'F3'
   assert weights.released_variant_from_name('/x/XF3_haiku.npz') is None
   assert weights.released_variant_from_name('/F3_haiku/params.npz') is None
+
+
+# ---------------------------------------------------------------------------
+# Memory: what a file declares is checked before arrays are built.
+
+
+def shared_state_bytes(state, count, style='pickle_numpy2'):
+  """A released-format stream of `count` arrays all given the one state tuple."""
+  tree = FlatMapping(
+    {'NFNet/~/linear': FlatMapping({f'w{i}': SharedState(state) for i in range(count)})}
+  )
+  buf = io.BytesIO()
+  StreamWriter(buf, RECONSTRUCT[style]).dump(tree)
+  return buf.getvalue()
+
+
+def test_arrays_sharing_their_bytes_are_refused_before_building(tmp_path):
+  """The memo lets 128 arrays share one 4 MiB bytes object: each would be built as its
+  own copy (512 MiB from a 4 MiB file). Refused before any is built."""
+  raw = bytes(4 << 20)
+  data = shared_state_bytes((1, (1 << 20,), np.dtype('f4'), False, raw), 128)
+  assert len(data) < 5 << 20
+  assert [op.name for op, _, _ in pickletools.genops(data)].count('BINGET') >= 127
+  path = write(tmp_path / 'shared.pkl', data)
+
+  def load():
+    with pytest.raises(CorruptCheckpointError) as err:
+      load_quiet(path)
+    msg = str(err.value)
+    assert msg.startswith(f'{path} ({len(data):,} bytes) declares 128 arrays of 536,870,912')
+    assert 'more than the file holds' in msg
+
+  assert traced_peak(load) < 200 << 20
+  # One array given a file's worth of bytes is what a writer makes: it loads.
+  one = write(
+    tmp_path / 'one.pkl', shared_state_bytes((1, (1 << 20,), np.dtype('f4'), False, raw), 1)
+  )
+  assert load_quiet(one)['NFNet/~/linear']['w0'].shape == (1 << 20,)
+
+
+@pytest.mark.parametrize(
+  'shape,error,words',
+  [
+    # NumPy's int64 product wraps to 0, which the empty data would have matched.
+    ((1 << 32, 1 << 32), CorruptCheckpointError, 'would span 7.379e+19 bytes, more than any'),
+    # Empty, but NumPy refuses the sides (or an int64 cannot hold them).
+    ((1 << 61, 0), CorruptCheckpointError, 'would span 9.223e+18 bytes, more than any'),
+    ((1 << 70, 0), CorruptCheckpointError, 'would span 4.722e+21 bytes, more than any'),
+    ((-1, 0), UnsafePickleError, 'is not a tuple of sizes'),
+  ],
+)
+def test_overflowing_shapes_get_the_loaders_error(tmp_path, shape, error, words):
+  path = write(tmp_path / 'o.pkl', shared_state_bytes((1, shape, np.dtype('f4'), False, b''), 1))
+  with pytest.raises(error) as err:
+    load_quiet(path)
+  assert str(err.value).startswith(f'{path}: ') and words in str(err.value)
+  with pytest.raises(error, match=re.escape(words)):
+    weights.load_pretrained(path, 'F0', verify_md5=False)
+
+
+def test_shapes_are_checked_before_arrays_are_built(tmp_path, monkeypatch):
+  """A narrow F1 file asked for as F0: refused from the placeholders' shapes, not one
+  array built; the right variant builds every array once."""
+  built = []
+  to_numpy = released._Array.to_numpy  # pylint: disable=protected-access
+
+  def spy(self):
+    built.append(self.shape)
+    return to_numpy(self)
+
+  monkeypatch.setattr(released._Array, 'to_numpy', spy)  # pylint: disable=protected-access
+  tree = model_tree('F1')
+  path = write(tmp_path / 'narrow.pkl', released_bytes(tree))
+  with pytest.raises(ParamsMismatchError) as err:
+    weights.load_pretrained(path, 'F0', NUM_CLASSES, verify_md5=False, **NARROW)
+  assert str(err.value).startswith(f'{path}: parameters do not match NFNet(')
+  assert "pass variant='F1'" in str(err.value)
+  assert built == []
+  assert_trees_equal(
+    tree, weights.load_pretrained(path, 'F1', NUM_CLASSES, verify_md5=False, **NARROW)
+  )
+  assert len(built) == sum(len(p) for p in tree.values())
