@@ -13,7 +13,13 @@ LAYERS = [
   {'nfnet_jax.fileio', 'nfnet_jax.cli'},
   {'nfnet_jax.models', 'nfnet_jax.data', 'nfnet_jax.optim', 'nfnet_jax.losses'},
   {'nfnet_jax.weights', 'nfnet_jax.config'},
-  {'nfnet_jax.parallel', 'nfnet_jax.checkpoint', 'nfnet_jax.metrics', 'nfnet_jax.steps'},
+  {
+    'nfnet_jax.parallel',
+    'nfnet_jax.checkpoint',
+    'nfnet_jax.metrics',
+    'nfnet_jax.steps',
+    'nfnet_jax.workdir',
+  },
   {'nfnet_jax.train'},
   {'nfnet_jax.classify', 'nfnet_jax.convert', 'nfnet_jax.benchmark', 'nfnet_jax.throughput'},
 ]
