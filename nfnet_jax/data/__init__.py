@@ -1,7 +1,8 @@
 """The dataset interface: one set of functions for every source, chosen by data_config.name.
 
     info = dataset_info(cfg)                      # DatasetInfo(name, num_classes, ...)
-    for batch in train_iterator(cfg, per_device_batch=..., local_devices=..., seed=...): ...
+    for batch in train_iterator(cfg, per_device_batch=..., local_devices=..., seed=...,
+                                start_step=...): ...    # resumes exactly at start_step
     for batch in eval_iterator(cfg, split='test', per_device_batch=..., local_devices=...): ...
     image = eval_image(open('cat.jpg', 'rb').read(), 256)   # the paper's eval view, NumPy
 

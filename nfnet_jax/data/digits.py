@@ -123,13 +123,14 @@ class DigitsSource(sources.DataSource):
     *,
     process_index: int,
     process_count: int,
-    shuffle_seed: int | None = None,
+    shuffle_seed: int | tf.Tensor | None = None,
   ) -> tuple[tf.data.Dataset, int]:
     del data_config, shuffle_seed  # In memory: the pipeline's shuffle is enough.
     images, labels = load_split(split)
     ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
-    ds, size = sources.shard_for_process(ds, process_index, process_count)
-    return ds, size
+    ds, _ = sources.shard_for_process(ds, process_index, process_count)
+    # From the arrays: inside a tf.data function the dataset's cardinality is symbolic.
+    return ds, len(range(process_index, len(labels), process_count))
 
   def shard_size(
     self,

@@ -24,7 +24,8 @@ SHA-256 of their path relative to root, so stable across machines, runs and adde
 form the 'holdout' split and are removed from 'train'.
 
 Sharding: process p of n reads the p-th contiguous, near-equal range of the sorted,
-checked file list; training shuffles the paths (cheap) before reading the bytes.
+checked file list; training shuffles the paths (cheap, a new order each epoch) before
+reading the bytes.
 """
 
 from __future__ import annotations
@@ -259,15 +260,16 @@ class FolderSource(sources.DataSource):
     *,
     process_index: int,
     process_count: int,
-    shuffle_seed: int | None = None,
+    shuffle_seed: int | tf.Tensor | None = None,
   ) -> tuple[tf.data.Dataset, int]:
     index, start, end = self._bounds(data_config, split, process_index, process_count)
     ds = tf.data.Dataset.from_tensor_slices(
       {'path': list(index.files[split][start:end]), 'label': index.labels[split][start:end]}
     )
     if shuffle_seed is not None:
-      # Shuffling paths is free; shuffling decoded-size bytes in a buffer is not.
-      ds = ds.shuffle(end - start, seed=shuffle_seed, reshuffle_each_iteration=True)
+      # Shuffling paths is free; shuffling decoded-size bytes in a buffer is not. A full
+      # permutation, the same for the same seed (train_iterator seeds each epoch).
+      ds = ds.shuffle(end - start, seed=shuffle_seed, reshuffle_each_iteration=False)
     ds = ds.map(
       lambda ex: {'image': tf.io.read_file(ex['path']), 'label': ex['label']},
       num_parallel_calls=tf.data.AUTOTUNE,

@@ -5,14 +5,28 @@ ImageNet and any TFDS image dataset, ``folder`` for the user's own images) provi
 process's shard of a split as a ``tf.data.Dataset`` of raw examples and knows how to turn
 one example into an image in 0..255; this module does the rest, the same for every source:
 
-    source.examples (this process's disjoint shard)  ->  [cache]
-      train: shuffle -> repeat -> source.preprocess(rng) -> uint8 -> per-device batches
-             -> [MixUp on one half, CutMix on the other (soft labels)]
-             -> [RandAugment on each image, batched]
-      eval:  source.preprocess(rng=None) -> normalise -> pad + mask
-      ->  batch [local_devices, per_device_batch, ...]  ->  prefetch  ->  NumPy
+    train: for epoch e = start_epoch, start_epoch + 1, ...:
+             source.examples (this process's disjoint shard, files shuffled with a seed
+             of (seed, e)) or the [cache] of one such pass -> shuffle buffer (seed of
+             (seed, e))
+           -> skip the raw examples of the current epoch already consumed
+           -> source.preprocess(rng of the example's position) -> uint8
+           -> per-device batches
+           -> [MixUp on one half, CutMix on the other (soft labels)]
+           -> [RandAugment on each image, batched] (rng of the batch's position)
+    eval:  source.examples (this process's shard) -> source.preprocess(rng=None)
+           -> normalise -> pad + mask
+    ->  batch [local_devices, per_device_batch, ...]  ->  prefetch  ->  NumPy
 
 The order is the paper's: RandAugment runs *after* mixing (arXiv 2102.06171 section 3).
+
+Training is resumable exactly: each step consumes per_device_batch * local_devices
+examples, so step k starts at a known position (epoch, offset); every epoch's order and
+every random draw is a function of the seed and of positions only, never of how many
+elements this iterator has produced. ``train_iterator(start_step=k)`` therefore starts at
+epoch k * batch // shard_size without touching the epochs before it, drops the rest of
+the offset as raw (undecoded) records, and continues bit for bit as the uninterrupted
+stream would (with data.deterministic; see ``train_iterator``).
 
 Every batch is a dict of NumPy arrays:
   'images': training: uint8 [local_devices, per_device_batch, S, S, 3] in 0..255, to be
@@ -35,6 +49,7 @@ code.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -250,6 +265,113 @@ def _normalize(ex):
 
 
 # ---------------------------------------------------------------------------------------
+# Epochs: the training order as a function of (seed, process, epoch).
+# ---------------------------------------------------------------------------------------
+
+
+# Stages of ``_stage_seed``: independent random streams per use.
+_EXAMPLE_STAGE, _BATCH_STAGE, _FILE_ORDER_STAGE, _EXAMPLE_ORDER_STAGE = 0, 1, 2, 3
+
+
+def _epoch_seed(seed: int, process_index: int, stage: int, epoch: tf.Tensor | int) -> tf.Tensor:
+  """A scalar int64 shuffle seed that is a function of (seed, process, stage, epoch)."""
+  key = tf.random.experimental.stateless_fold_in(
+    _stage_seed(seed, process_index, stage), tf.cast(epoch, tf.int64)
+  )
+  # stateless_fold_in returns [f(key), epoch]: hash both into the one scalar that
+  # Dataset.shuffle takes, so that every epoch gets its own order.
+  return tf.random.stateless_uniform([], seed=key, minval=None, maxval=None, dtype=tf.int64)
+
+
+def _source_examples(
+  source: sources.DataSource,
+  data_config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  process_index: int,
+  process_count: int,
+  shuffle_seed: tf.Tensor,
+  shard_size: int,
+) -> tf.data.Dataset:
+  """``source.examples`` for training, checked against ``source.shard_size``: resuming
+  computes positions from the shard size, so the two must agree."""
+  ds, size = source.examples(
+    data_config,
+    split,
+    process_index=process_index,
+    process_count=process_count,
+    shuffle_seed=shuffle_seed,
+  )
+  if size is not None and size != shard_size:
+    raise ValueError(
+      f'Source {source.name!r}: examples() returned a shard of {size} examples but '
+      f'shard_size() says {shard_size} (split {split!r}, process {process_index}/'
+      f'{process_count}); make the two agree.'
+    )
+  # Fails the epoch loudly, rather than drifting off the resumable positions, if the
+  # source yields another number of examples than it declared.
+  return ds.apply(tf.data.experimental.assert_cardinality(shard_size))
+
+
+def _raw_epochs(
+  source: sources.DataSource,
+  data_config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  seed: int,
+  start_epoch: int,
+  shard_size: int,
+  process_index: int,
+  process_count: int,
+  what: str,
+) -> tf.data.Dataset:
+  """Raw (undecoded) examples of epochs start_epoch, start_epoch + 1, ... in a row.
+
+  Epoch e is this process's shard in an order that depends on (seed, process, e) only:
+  the source's file-level shuffle and then the shuffle buffer, both seeded per epoch. So
+  an epoch can be built without replaying the ones before it, and each is a new order.
+  """
+  buffer = int(data_config.shuffle_buffer)
+  examples = functools.partial(
+    _source_examples,
+    source,
+    data_config,
+    split,
+    process_index=process_index,
+    process_count=process_count,
+    shard_size=shard_size,
+  )
+  if data_config.cache:
+    # One pass of the source fills the cache (in epoch 0's file order); every epoch then
+    # reshuffles the cached raw examples with the buffer.
+    cached = maybe_cache(
+      examples(shuffle_seed=_epoch_seed(seed, process_index, _FILE_ORDER_STAGE, 0)),
+      data_config,
+      _approx_bytes(source, data_config, split, process_count),
+      what,
+    )
+
+    def epoch_examples(epoch):
+      return cached
+  else:
+
+    def epoch_examples(epoch):
+      return examples(shuffle_seed=_epoch_seed(seed, process_index, _FILE_ORDER_STAGE, epoch))
+
+  # Traced once, as graph code: the sources' Python (TFDS's reader included) must not be
+  # rewritten by AutoGraph.
+  @tf.autograph.experimental.do_not_convert
+  def epoch_dataset(epoch):
+    return epoch_examples(epoch).shuffle(
+      buffer,
+      seed=_epoch_seed(seed, process_index, _EXAMPLE_ORDER_STAGE, epoch),
+      reshuffle_each_iteration=False,
+    )
+
+  return tf.data.Dataset.counter(start_epoch).flat_map(epoch_dataset)
+
+
+# ---------------------------------------------------------------------------------------
 # The public iterators.
 # ---------------------------------------------------------------------------------------
 
@@ -260,67 +382,91 @@ def train_iterator(
   per_device_batch: int,
   local_devices: int,
   seed: int,
+  start_step: int = 0,
   process_index: int = 0,
   process_count: int = 1,
 ) -> Iterator[Batch]:
-  """Infinite, shuffled (reshuffled each epoch), augmented (if ``data_config.augment``)
-  training batches of this process's shard of the train split.
+  """Infinite, shuffled (a new order each epoch), augmented (if ``data_config.augment``)
+  training batches of this process's shard of the train split, from step ``start_step``.
 
   Yields {'images': uint8 [local_devices, per_device_batch, S, S, 3] in 0..255, NOT
                     normalised (``steps.model_inputs`` does it on the device),
           'labels': int32 [local_devices, per_device_batch] (float32 [..., num_classes]
                     label distributions when MixUp/CutMix is on)}.
-  With data_config.deterministic, the same (config, seed, process) gives the same
-  batches; batches may span epochs.
+
+  The stream is a function of (data config, seed, process_index, process_count,
+  per_device_batch * local_devices): each step consumes the next per_device_batch *
+  local_devices examples of this process's shard, epoch after epoch (batches may span
+  two epochs), and epoch e's order depends on (seed, process, e) only.
+
+  Resuming: with ``data_config.deterministic`` (the default), the batches yielded for
+  ``start_step=k`` are bit-identical to batches k+1, k+2, ... of ``start_step=0`` with
+  the same other arguments, augmentation included. That exactness needs the same batch
+  size per process, process count, seed and data config (and the same files) as the run
+  being resumed; with another batch size the same step is another position in the data.
+  Whole epochs are skipped arithmetically; inside the current epoch only raw records are
+  read and dropped, before decoding, so resuming costs at most one epoch of reading.
+  With ``data_config.deterministic=False`` the order depends on thread timing, so a
+  resumed run only approximately continues where the interrupted one stopped.
   """
   data_config = sources.with_defaults(data_config)
   source, info = _check_common(
     data_config, per_device_batch, local_devices, process_index, process_count
   )
   _check_int('seed', seed, 0)
+  _check_int('start_step', start_step, 0)
+  start_step = int(start_step)
   split = sources.train_split(data_config)
   sources.validate_split(source, info, split, data_config)
   fileio.hide_gpus_from_tensorflow()
-  ds, shard_size = source.examples(
-    data_config, split, process_index=process_index, process_count=process_count, shuffle_seed=seed
+  shard_size = source.shard_size(
+    data_config, split, process_index=process_index, process_count=process_count
   )
   local_batch = per_device_batch * local_devices
-  if shard_size is not None and local_batch > shard_size:
+  if local_batch > shard_size:
     raise ValueError(
       f'A batch of {local_batch} (= local_devices {local_devices} x per_device_batch '
       f'{per_device_batch}) does not fit the {shard_size} training examples of process '
       f'{process_index}/{process_count} in {info.name!r}; use a smaller per_device_batch.'
     )
-  ds = maybe_cache(
-    ds,
+  # Every step takes exactly local_batch examples, so the position is a function of it.
+  consumed = start_step * local_batch
+  start_epoch, offset = divmod(consumed, shard_size)
+  ds = _raw_epochs(
+    source,
     data_config,
-    _approx_bytes(source, data_config, split, process_count),
-    f'the {split!r} split of {info.name!r}',
+    split,
+    seed=seed,
+    start_epoch=start_epoch,
+    shard_size=shard_size,
+    process_index=process_index,
+    process_count=process_count,
+    what=f'the {split!r} split of {info.name!r}',
   )
-  ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-  ds = ds.repeat()
+  ds = ds.skip(offset)  # Raw records: nothing is decoded for the skipped part.
   calls = _parallel_calls(data_config)
-  base = _stage_seed(seed, process_index, 0)
+  base = _stage_seed(seed, process_index, _EXAMPLE_STAGE)
   # Without augmentation the training images are the evaluation ones at train size.
   train_view = ml_collections.ConfigDict(data_config.to_dict())
   train_view.eval_image_size = int(data_config.image_size)
 
   def preprocess_example(i, example):
-    # Stateless per-example seeds: deterministic under parallel map, new every epoch.
+    # Stateless per-example seeds from the example's position in the whole stream:
+    # deterministic under parallel map, new every epoch, the same after a resume.
     rng = tf.random.experimental.stateless_fold_in(base, i) if data_config.augment else None
     out = source.preprocess(example, data_config if rng is not None else train_view, rng=rng)
     # uint8 from here on: a quarter of float32's memory traffic and host-to-device
     # copy (the train step normalises on the device).
     return {**out, 'images': to_uint8(out['images'])}
 
-  ds = ds.enumerate().map(preprocess_example, num_parallel_calls=calls)
+  ds = ds.enumerate(start=consumed).map(preprocess_example, num_parallel_calls=calls)
   ds = ds.batch(per_device_batch, drop_remainder=True)
   if data_config.augment and _batch_augmentation_on(data_config):
-    base = _stage_seed(seed, process_index, 1)
-    ds = ds.enumerate().map(
+    batch_base = _stage_seed(seed, process_index, _BATCH_STAGE)
+    ds = ds.enumerate(start=start_step * local_devices).map(
       lambda i, batch: augment_batch(
         batch,
-        tf.random.experimental.stateless_fold_in(base, i),
+        tf.random.experimental.stateless_fold_in(batch_base, i),
         data_config,
         num_classes=info.num_classes,
       ),

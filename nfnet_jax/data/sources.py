@@ -79,13 +79,20 @@ class DataSource(abc.ABC):
     *,
     process_index: int,
     process_count: int,
-    shuffle_seed: int | None = None,
+    shuffle_seed: int | tf.Tensor | None = None,
   ) -> tuple[tf.data.Dataset, int | None]:
     """This process's disjoint shard of ``split`` and its size.
 
     The shards of all processes together hold every example of the split exactly once
-    and differ in size by at most one, the larger ones first. ``shuffle_seed`` (training
-    only) lets a source shuffle at file level; None means a fixed order.
+    and differ in size by at most one, the larger ones first; the size is the one
+    ``shard_size`` gives (training positions are computed from it).
+
+    ``shuffle_seed`` (training only) lets a source shuffle at file level; None means a
+    fixed order. It is an int or a scalar int64 tensor: ``train_iterator`` builds every
+    epoch from this method, inside tf.data's ``flat_map`` with a seed derived from the
+    epoch, so use the seed in TensorFlow ops only (``Dataset.shuffle(seed=...,
+    reshuffle_each_iteration=False)``), and let the order depend on the seed alone: the
+    same seed must give the same order, or resumed training would see other data.
     """
 
   @abc.abstractmethod
@@ -231,7 +238,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       a warning is logged when they would not fit.
     num_parallel_calls: parallel map calls; -1 = autotune.
     threadpool_size: a private thread pool of this many threads; 0 = TF's shared pool.
-    deterministic: the same seed gives the same batches (slightly slower when False).
+    deterministic: the same seed gives the same batches, and a resumed run (train_iterator's
+      start_step) the uninterrupted run's (slightly slower than False).
     skip_corrupt: 'folder' only: skip (with a counted warning) images that do not
       decode instead of stopping with the list of bad files.
   """
@@ -330,12 +338,14 @@ def even_shard_bounds(n: int, process_index: int, process_count: int) -> tuple[i
 def shard_for_process(
   ds: tf.data.Dataset, process_index: int, process_count: int
 ) -> tuple[tf.data.Dataset, int | None]:
-  """Example i goes to process i % process_count. Returns the shard and its size.
+  """Example i goes to process i % process_count. Returns the shard and its size (None
+  where unknown: a dataset of unknown cardinality, or one built inside a tf.data
+  function, where the cardinality is symbolic).
 
   Call it on the unshuffled dataset, before any shuffling.
   """
-  n = int(ds.cardinality())
-  size = len(range(process_index, n, process_count)) if n >= 0 else None
+  n = tf.get_static_value(ds.cardinality())
+  size = len(range(process_index, int(n), process_count)) if n is not None and n >= 0 else None
   if process_count > 1:
     ds = ds.shard(process_count, process_index)
   return ds, size

@@ -15,7 +15,9 @@ Other TFDS datasets expose their own splits, and any TFDS split expression
 
 Images are read still encoded (``tfds.decode.SkipDecoding``) so that training decodes
 only the inception-crop window of each JPEG (``preprocess.train_image``); evaluation
-decodes the whole image (``preprocess.eval_crop``).
+decodes the whole image (``preprocess.eval_crop``). Training reads the files in a new
+order each epoch, from a seed the pipeline derives from (seed, epoch), so that a resumed
+run can rebuild any epoch's order without replaying the ones before it.
 
 Per-host sharding: process p of n reads ``tfds.even_splits(split, n)[p]`` (contiguous
 ranges of the split, sizes within one of each other): every host reads only its own
@@ -139,13 +141,17 @@ class TfdsSource(sources.DataSource):
   def _tfds_split(self, split: str) -> str:
     return self._aliases.get(split, split)
 
-  def _read(self, data_config, tfds_split, *, shuffle_seed: int | None = None):
+  def _read(self, data_config, tfds_split, *, shuffle_seed: int | tf.Tensor | None = None):
     """builder.as_dataset with the image still encoded; not-prepared -> our error."""
     tfds = _tfds()
     builder = self._builder(data_config)
     image_key, label_key = self._keys(builder)
-    # try_autocache off: caching is data.cache's decision (it warns about host RAM).
-    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+    # try_autocache off: caching is data.cache's decision (it warns about host RAM). The
+    # file order is a function of the seed alone (no reshuffle on a second pass):
+    # train_iterator gives each epoch its own seed, which resuming relies on.
+    read_config = tfds.ReadConfig(
+      shuffle_seed=shuffle_seed, shuffle_reshuffle_each_iteration=False, try_autocache=False
+    )
     try:
       ds = builder.as_dataset(
         split=tfds_split,
@@ -238,15 +244,16 @@ class TfdsSource(sources.DataSource):
     *,
     process_index: int,
     process_count: int,
-    shuffle_seed: int | None = None,
+    shuffle_seed: int | tf.Tensor | None = None,
   ) -> tuple[tf.data.Dataset, int]:
     ds, _ = self._read(
       data_config,
       self._process_split(split, process_index, process_count),
       shuffle_seed=shuffle_seed,
     )
-    n = int(ds.cardinality())
-    return ds, (n if n >= 0 else None)
+    # Symbolic (None here) when built inside a tf.data function, as training does.
+    n = tf.get_static_value(ds.cardinality())
+    return ds, (int(n) if n is not None and n >= 0 else None)
 
   def shard_size(
     self,

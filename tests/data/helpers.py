@@ -1,9 +1,12 @@
 """Helpers shared by several data tests (one home, so no test imports another)."""
 
+import os
+
 import hypothesis
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 import numpy as np
+from PIL import Image
 from sklearn import datasets as sk_datasets
 
 from nfnet_jax import data
@@ -22,6 +25,56 @@ def data_config(**overrides):
 
 def denorm(images):
   return images * STD + MEAN
+
+
+# ---------------------------------------------------------------------------------------
+# Training streams.
+# ---------------------------------------------------------------------------------------
+
+# Every batch-level augmentation at once: MixUp, CutMix, then RandAugment.
+MIX_AND_RANDAUGMENT = dict(mixup_alpha=0.2, cutmix=True, randaug_layers=2, randaug_magnitude=10.0)
+
+
+def train_batches(cfg, n, **kwargs):
+  """The first n batches of ``data.train_iterator(cfg, **kwargs)``."""
+  it = data.train_iterator(cfg, **kwargs)
+  return [next(it) for _ in range(n)]
+
+
+def assert_resumes_exactly(cfg, start_steps, *, num_batches=2, **kwargs):
+  """train_iterator(start_step=k) yields batches k+1..k+num_batches of start_step=0,
+  bit for bit, for every k in start_steps."""
+  reference = train_batches(cfg, max(start_steps) + num_batches, start_step=0, **kwargs)
+  for k in start_steps:
+    resumed = train_batches(cfg, num_batches, start_step=k, **kwargs)
+    for j, batch in enumerate(resumed):
+      expected = reference[k + j]
+      assert set(batch) == set(expected)
+      for key in batch:
+        assert batch[key].dtype == expected[key].dtype, (k, j, key)
+        np.testing.assert_array_equal(batch[key], expected[key], err_msg=f'{k=} {j=} {key=}')
+
+
+def resume_point(shard_size, local_batch):
+  """A step to resume from that exercises every part of resuming: it lies inside epoch 1
+  (epoch 0 skipped whole, then some raw records of epoch 1), and the first batch it
+  yields spans the boundary between epochs 1 and 2."""
+  step = 2 * shard_size // local_batch
+  assert shard_size < step * local_batch < 2 * shard_size < (step + 1) * local_batch
+  return step
+
+
+def write_image_folder(root, per_class=(5, 4, 6), size=(12, 10)):
+  """root/<class>/<i>.png: random-noise RGB images (so that crops, flips and RandAugment
+  all change them), classes 'c0', 'c1', ...; returns the number of images."""
+  i = 0
+  for c, n in enumerate(per_class):
+    os.makedirs(os.path.join(root, f'c{c}'), exist_ok=True)
+    for _ in range(n):
+      image = random_image(size[1], size[0], seed=i)
+      Image.fromarray(image).save(os.path.join(root, f'c{c}', f'{i:03d}.png'))
+      i += 1
+  return i
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """TFDS sources: ImageNet under tfds.testing.mock_data, and a real (tiny) TFDS dataset
-built offline in a temporary data_dir for the generic path and the per-host sharding."""
+built offline in a temporary data_dir for the generic path, the per-host sharding and
+resuming the training stream."""
 
 import collections
 
@@ -9,7 +10,12 @@ import tensorflow_datasets as tfds
 
 from nfnet_jax import data
 from nfnet_jax.data import tfds_source
-from tests.data.helpers import data_config
+from tests.data.helpers import (
+  MIX_AND_RANDAUGMENT,
+  assert_resumes_exactly,
+  data_config,
+  resume_point,
+)
 
 NUM_TINY_CLASSES = 23
 
@@ -200,3 +206,31 @@ def test_generic_tfds_training_shards_are_disjoint_and_cover_the_split(tiny_dir)
   )
   assert b['images'].shape == (2, 3, 16, 16, 3) and b['images'].dtype == np.uint8
   assert b['labels'].dtype == np.int32 and b['labels'].shape == (2, 3)
+
+
+@pytest.mark.parametrize('process_index, shard', [(0, 12), (1, 11)])
+@pytest.mark.parametrize('augment', [dict(augment=False), MIX_AND_RANDAUGMENT])
+def test_generic_tfds_training_resumes_exactly_across_epochs(
+  tiny_dir, process_index, shard, augment
+):
+  cfg = data_config(
+    name='tfds:nfnet_tiny_images', data_dir=tiny_dir, image_size=16, shuffle_buffer=5, **augment
+  )
+  assert_resumes_exactly(
+    cfg,
+    (resume_point(shard, 5),),
+    per_device_batch=5,
+    local_devices=1,
+    seed=7,
+    process_index=process_index,
+    process_count=2,
+  )
+
+
+def test_generic_tfds_epochs_are_new_orders(tiny_dir):
+  cfg = data_config(name='tfds:nfnet_tiny_images', data_dir=tiny_dir, image_size=16, augment=False)
+  it = data.train_iterator(cfg, per_device_batch=23, local_devices=1, seed=0)
+  epochs = [next(it)['labels'][0] for _ in range(3)]  # each image has its own label
+  for labels in epochs:
+    assert sorted(labels.tolist()) == list(range(23))
+  assert epochs[0].tolist() != epochs[1].tolist() != epochs[2].tolist()
