@@ -101,6 +101,7 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -354,6 +355,25 @@ def _leaf_shape_dtype(x):
   return tuple(x.shape), np.dtype(x.dtype)
 
 
+@contextlib.contextmanager
+def _quiet_read_only_notice(read_only: bool):
+  """Orbax warns 'Given directory is read only' for every read-only manager: the mode
+  asked for, not a problem, and alarming in a user's console."""
+  if not read_only:
+    yield
+    return
+
+  def drop(record):
+    return 'is read only' not in record.getMessage()
+
+  logger = logging.getLogger('absl')
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
 class Checkpointer:
   """Saves and restores the train state under ``<workdir>/checkpoints``.
 
@@ -456,15 +476,16 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         create=True,
       )
-    self._manager = ocp.CheckpointManager(
-      self._ckpt_dir,
-      item_names=(_STATE_ITEM, _SIGNATURE_ITEM),
-      item_handlers={
-        _STATE_ITEM: ocp.StandardCheckpointHandler(),
-        _SIGNATURE_ITEM: ocp.JsonCheckpointHandler(filename=SIGNATURE_FILENAME),
-      },
-      options=options,
-    )
+    with _quiet_read_only_notice(read_only):
+      self._manager = ocp.CheckpointManager(
+        self._ckpt_dir,
+        item_names=(_STATE_ITEM, _SIGNATURE_ITEM),
+        item_handlers={
+          _STATE_ITEM: ocp.StandardCheckpointHandler(),
+          _SIGNATURE_ITEM: ocp.JsonCheckpointHandler(filename=SIGNATURE_FILENAME),
+        },
+        options=options,
+      )
 
   @property
   def read_only(self) -> bool:

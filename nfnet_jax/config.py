@@ -29,9 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.dtype = 'bfloat16'  # compute dtype; params/optimizer stay float32
   config.num_devices = 0  # 0: every local device
-  # How the per-device steps are mapped over the devices: 'pmap', or 'shard_map' (jit of
-  # jax.shard_map over a one-axis mesh); both run the same step body (parallel.py).
-  config.parallel = 'pmap'
+  # How the per-device steps are mapped over the devices: 'shard_map' (jit of
+  # jax.shard_map over a one-axis mesh) or the legacy 'pmap'; both run the same step
+  # body and give the same results (parallel.py says why shard_map is the default).
+  config.parallel = 'shard_map'
   config.label_smoothing = 0.1
   config.ema_max_decay = 0.99999  # EMA decay = min(this, (1 + step) / (10 + step))
   # Fine-tuning: weights to start from when the workdir has no checkpoint yet

@@ -136,8 +136,9 @@ class MetricsLogger:
     progress_bar: show a tqdm bar on stderr when ``progress`` is called.
     flush_secs: how often TensorBoard (and a remote ``metrics.jsonl``) are
       flushed; everything is flushed on ``close``.
-    resume_step: the step a resumed run restored; records of later steps (work
-      lost with the process) move to ``metrics_discarded.jsonl``.
+    resume_step: the step a restarted run restored; records of later steps (work
+      lost with the process) move to ``metrics_discarded.jsonl``. 0 means the run
+      starts over (its first checkpoint was never completed): every record moves.
   """
 
   def __init__(
@@ -212,7 +213,7 @@ class MetricsLogger:
       except (ValueError, KeyError, TypeError):
         kept.append(line)  # not ours to judge
         continue
-      (dropped if step > resume_step else kept).append(line)
+      (dropped if step > resume_step or resume_step == 0 else kept).append(line)
     if dropped:
       path = os.path.join(self._workdir, DISCARDED_FILENAME)
       old = fileio.read_text(path) if fileio.exists(path) else ''

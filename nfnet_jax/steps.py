@@ -60,10 +60,29 @@ def model_inputs(images: jax.Array) -> jax.Array:
   return (images.astype(jnp.float32) - mean) / std
 
 
+def _split_micro_batches(x: jax.Array, accum_steps: int) -> jax.Array:
+  """[per_device, ...] -> [accum_steps, per_device // accum_steps, ...], in order."""
+  return x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:])
+
+
 def make_train_step(
   model, optimizer, schedule, config: ml_collections.ConfigDict, num_classes: int
 ):
+  """The per-device train step `(state, batch) -> (state, metrics)`.
+
+  With `config.train.grad_accum_steps = K > 1`, each device's batch is split into K
+  micro-batches that run one after another (a `lax.scan`, so activations of one
+  micro-batch at a time are live): their float32 gradients, losses and top-1 are summed
+  and divided by K, which is the mean over the whole batch since the micro-batches are
+  equal in size. The cross-device mean, AGC and the optimizer then run once, on that
+  gradient, exactly as for one pass over the batch: AGC clips the global-batch gradient
+  (arXiv 2102.06171 section 4), so accumulating clipped micro-batch gradients would
+  be a different algorithm.
+  """
   clipping = config.optimizer.clipping
+  accum_steps = int(config.train.get('grad_accum_steps', 1))
+  if accum_steps < 1:
+    raise ValueError(f'config.train.grad_accum_steps must be >= 1; got {accum_steps}.')
 
   def loss_fn(params, images, labels, rng):
     outputs = model.apply(params, rng, images, is_training=True)
@@ -73,24 +92,59 @@ def make_train_step(
     )
     return loss, logits
 
+  def loss_grads_top1(params, images, labels, rng):
+    """Mean loss, float32 gradient and mean top-1 of one (micro-)batch."""
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, model_inputs(images), labels, rng
+    )
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    return loss, grads, jnp.mean(losses.topk_correct(logits, labels, 1))
+
+  def accumulate(params, images, labels, rng):
+    per_device = images.shape[0]
+    if per_device % accum_steps:
+      raise ValueError(
+        f'The per-device batch of {per_device} examples does not split into '
+        f'config.train.grad_accum_steps={accum_steps} equal micro-batches. Use a '
+        f'per-device batch that is a multiple of {accum_steps} (the global batch '
+        f'divided by the devices), or a grad_accum_steps that divides {per_device}.'
+      )
+    micro = (
+      jnp.arange(accum_steps),
+      _split_micro_batches(images, accum_steps),
+      _split_micro_batches(labels, accum_steps),
+    )
+
+    def body(totals, xs):
+      index, micro_images, micro_labels = xs
+      # Each micro-batch draws its own stochastic depth and dropout masks.
+      out = loss_grads_top1(params, micro_images, micro_labels, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, totals, out), None
+
+    zeros = (
+      jnp.zeros((), jnp.float32),
+      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+      jnp.zeros((), jnp.float32),
+    )
+    totals, _ = jax.lax.scan(body, zeros, micro)
+    return jax.tree.map(lambda t: t / accum_steps, totals)
+
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     step, params = state.step, state.params
     # Same key on every device, then a different stream per device (and step),
     # for stochastic depth and dropout.
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, step), jax.lax.axis_index(AXIS))
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      params, model_inputs(batch['images']), batch['labels'], rng
-    )
+    grads_of = loss_grads_top1 if accum_steps == 1 else accumulate
+    loss, grads, top1 = grads_of(params, batch['images'], batch['labels'], rng)
     # Gradients are averaged across devices in float32; AGC then sees the
     # global-batch gradient, as in the paper. No batch-norm: nothing else syncs.
-    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     ema_params = optim.ema_update(state.ema_params, new_params, step, config.ema_max_decay)
     metrics = {
       'loss': jax.lax.pmean(loss, AXIS),
-      'top1': jax.lax.pmean(jnp.mean(losses.topk_correct(logits, batch['labels'], 1)), AXIS),
+      'top1': jax.lax.pmean(top1, AXIS),
       'learning_rate': schedule(step),
       'grad_norm': optim.global_norm(grads),
       'param_norm': optim.global_norm(new_params),

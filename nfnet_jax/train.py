@@ -11,13 +11,20 @@ model and optimizer, restore, loop: step, log, evaluate, save; final evaluation 
 export), evaluation on its own, and the command line.
 """
 
+import contextlib
 import dataclasses
+import json
+import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from typing import Any, Optional, Sequence
 
 from absl import app, flags, logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
@@ -25,9 +32,10 @@ import numpy as np
 import optax
 
 from nfnet_jax import checkpoint as checkpoint_lib
-from nfnet_jax import cli, data, models, optim, parallel, steps
+from nfnet_jax import cli, data, fileio, models, optim, parallel, steps
 from nfnet_jax import metrics as metrics_lib
 from nfnet_jax import weights as weights_lib
+from nfnet_jax import workdir as workdir_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -110,17 +118,165 @@ def evaluate_split(
 # ---------------------------------------------------------------------------
 # Setup shared by training and evaluation.
 # ---------------------------------------------------------------------------
+CONFIG_FILE = 'config.json'
+
+# What a resumed run may not change: the data stream, the schedule, the optimizer and
+# the loss (the model is checked by its signature). A resume that changes one of them
+# splices two different runs (the learning rate jumps, the data order restarts);
+# `--allow_config_change` accepts that knowingly.
+RUN_DEFINING_FIELDS = (
+  'seed',
+  'label_smoothing',
+  'ema_max_decay',
+  'train.batch_size',
+  'train.num_epochs',
+  'train.num_steps',
+  'optimizer',
+  'data.name',
+  'data.train_split',
+  'data.image_size',
+  'data.augment',
+  'data.mixup_alpha',
+  'data.cutmix',
+  'data.randaug_layers',
+  'data.randaug_magnitude',
+  'data.shuffle_buffer',
+)
+
+
+def _per_device(global_batch: int, num_devices: int, flag: str) -> int:
+  try:
+    return parallel.per_device_batch_size(global_batch, num_devices)
+  except ValueError as e:
+    raise ValueError(str(e).replace('--config.train.batch_size', flag)) from None
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Catches config mistakes before anything expensive (or irreversible) runs."""
+  """Catches mistakes in the config's values before anything expensive (or
+  irreversible) runs; `check_run` then checks them against the devices and data."""
   models.mixed_precision_policy(config.dtype)
   models.model_variant(config.model)
+  if config.parallel not in parallel.MODES:
+    raise ValueError(
+      f'Unknown --config.parallel={config.parallel!r}; use one of {", ".join(parallel.MODES)}.'
+    )
   if config.train.batch_size < 1 or config.eval.batch_size < 1:
-    raise ValueError('train.batch_size and eval.batch_size must be positive.')
+    raise ValueError(
+      '--config.train.batch_size and --config.eval.batch_size must be positive, got '
+      f'{config.train.batch_size} and {config.eval.batch_size}.'
+    )
   if not config.train.num_steps and not config.train.num_epochs:
-    raise ValueError('Set train.num_epochs or train.num_steps.')
-  for key in ('log_every_steps', 'eval_every_steps'):
+    raise ValueError('Set --config.train.num_epochs or --config.train.num_steps.')
+  for key in ('log_every_steps', 'eval_every_steps', 'grad_accum_steps'):
     if config.train[key] < 1:
-      raise ValueError(f'train.{key} must be >= 1, got {config.train[key]}.')
+      raise ValueError(f'--config.train.{key} must be >= 1, got {config.train[key]}.')
+  for key in ('every_steps', 'max_to_keep'):
+    if config.checkpoint[key] < 1:
+      raise ValueError(f'--config.checkpoint.{key} must be >= 1, got {config.checkpoint[key]}.')
+
+
+def check_run(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """What the config asks of this machine and its data: batches that divide over the
+  devices, splits that exist, weights that exist. Runs before the workdir is touched."""
+  per_device = _per_device(config.train.batch_size, num_devices, '--config.train.batch_size')
+  _per_device(config.eval.batch_size, num_devices, '--config.eval.batch_size')
+  accum = config.train.grad_accum_steps
+  if per_device % accum:
+    raise ValueError(
+      f'--config.train.grad_accum_steps={accum} does not divide the {per_device} examples '
+      f'each device gets per step (--config.train.batch_size={config.train.batch_size} over '
+      f'{num_devices * jax.process_count()} devices); use a divisor of {per_device}.'
+    )
+  # The splits exist: an unknown evaluation split would otherwise surface at the first
+  # evaluation, hours into the run.
+  for split, flag in (
+    (data.train_split(config.data), '--config.data.train_split'),
+    (config.eval.split, '--config.eval.split'),
+  ):
+    try:
+      data.split_size(config.data, split)
+    except ValueError as e:
+      raise ValueError(f'{e} (set by {flag})') from None
+  if config.init_from and not fileio.exists(config.init_from):
+    raise FileNotFoundError(
+      f'--config.init_from={config.init_from} does not exist; give the path of a weights '
+      "file (DeepMind F{k}_haiku.npz, a converted .npz or a run's params_ema.npz)."
+    )
+
+
+def check_workdir(workdir: str) -> None:
+  """A workdir path that cannot hold a run is refused before anything is written."""
+  if fileio.is_remote(workdir):
+    return
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):  # the nearest existing ancestor is where it is created
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise NotADirectoryError(
+      f'--workdir {workdir}: {path} is a file, not a directory; choose another --workdir.'
+    )
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise PermissionError(
+      f'--workdir {workdir}: {path} is not writable; choose a writable --workdir.'
+    )
+
+
+def _flat_config(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat_config(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_changes(stored: dict, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+  """(field, stored value, new value) for each config field that differs."""
+  old, new = _flat_config(stored), _flat_config(config_to_dict(config))
+  missing = '<unset>'
+  return [
+    (key, old.get(key, missing), new.get(key, missing))
+    for key in sorted(set(old) | set(new))
+    if old.get(key, missing) != new.get(key, missing)
+  ]
+
+
+def _defines_run(field: str) -> bool:
+  return any(field == f or field.startswith(f + '.') for f in RUN_DEFINING_FIELDS)
+
+
+def check_resumed_config(
+  config: ml_collections.ConfigDict, workdir: str, allow_change: bool = False
+) -> list[str]:
+  """Refuses to resume a workdir with a config that defines another run (unless
+  `allow_change`); returns the changes accepted, one 'field: old -> new' line each.
+  A workdir without config.json (a new one) has nothing to compare."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not fileio.exists(path):
+    return []
+  try:
+    stored = json.loads(fileio.read_text(path))
+  except ValueError as e:
+    raise ValueError(
+      f'{path} is not valid JSON ({e}); restore it from a backup or move it aside.'
+    ) from None
+  changes = config_changes(stored, config)
+  defining = [(k, a, b) for k, a, b in changes if _defines_run(k)]
+  if defining and not allow_change:
+    raise ValueError(
+      f'{workdir} holds a run whose config differs in what defines the run ('
+      + '; '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in defining)
+      + '). Resume it with its settings ('
+      + ' '.join(f'--config.{k}={json.dumps(a)}' for k, a, _ in defining)
+      + '), train in a new --workdir, or pass --allow_config_change to continue this run '
+      'with the new settings.'
+    )
+  return [f'{k}: {a!r} -> {b!r}' for k, a, b in changes]
 
 
 @dataclasses.dataclass
@@ -133,34 +289,19 @@ class Setup:
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
   total_steps: int
-  checkpointer: Optional[checkpoint_lib.Checkpointer]
   state: steps.TrainState  # freshly initialised, replicated over `devices`
 
 
-def setup(
-  config: ml_collections.ConfigDict, workdir: str, *, training: bool, checkpoints: bool = True
-) -> Setup:
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Validates `config` and builds what it describes; touches no workdir."""
   validate_config(config)
-  info = data.dataset_info(config.data)
-  # Before anything is written: a workdir trained on other classes is refused untouched.
-  checkpoint_lib.check_and_write_class_index(
-    info.name, info.class_names, workdir, write=training and jax.process_index() == 0
-  )
   devices = parallel.local_devices(config.num_devices)
+  check_run(config, len(devices))
+  info = data.dataset_info(config.data)
   model = models.build_model(config.model, info.num_classes, config.dtype)
   num_train = data.split_size(config.data, data.train_split(config.data))
   total_steps = total_train_steps(config, num_train)
   optimizer, schedule = make_optimizer(config, total_steps, num_train / config.train.batch_size)
-  checkpointer = (
-    checkpoint_lib.Checkpointer(
-      workdir,
-      model_signature=models.model_signature(config.model, info.num_classes),
-      max_to_keep=config.checkpoint.max_to_keep,
-      save_interval_steps=config.checkpoint.every_steps,
-    )
-    if checkpoints
-    else None
-  )
   state = steps.init_state(
     jax.random.PRNGKey(config.seed), model, optimizer, config.data.image_size
   )
@@ -172,13 +313,25 @@ def setup(
     optimizer=optimizer,
     schedule=schedule,
     total_steps=total_steps,
-    checkpointer=checkpointer,
     state=parallel.replicate(state, devices),
   )
 
 
+def make_checkpointer(
+  config: ml_collections.ConfigDict, workdir: str, num_classes: int, *, read_only: bool
+) -> checkpoint_lib.Checkpointer:
+  return checkpoint_lib.Checkpointer(
+    workdir,
+    model_signature=models.model_signature(config.model, num_classes),
+    max_to_keep=config.checkpoint.max_to_keep,
+    save_interval_steps=config.checkpoint.every_steps,
+    read_only=read_only,
+  )
+
+
 def restore(checkpointer: checkpoint_lib.Checkpointer, state: steps.TrainState) -> steps.TrainState:
-  """The newest checkpoint, in `state`'s layout (the checkpoint holds its fields)."""
+  """The newest intact checkpoint, in `state`'s layout (the checkpoint holds its
+  fields); a damaged newest one is set aside and the one before it restored."""
   return steps.TrainState(**checkpointer.restore(state._asdict()))
 
 
@@ -201,74 +354,213 @@ def check_finite(
     )
 
 
+def recorded_final_eval(workdir: str, step: int) -> Optional[dict]:
+  """The evaluation a finished run logged at its last `step`, if it also exported
+  its weights; None if the run did not get that far."""
+  path = os.path.join(workdir, metrics_lib.METRICS_FILENAME)
+  if not (fileio.exists(path) and fileio.exists(os.path.join(workdir, weights_lib.EXPORT_FILE))):
+    return None
+  evals = [r for r in metrics_lib.read_metrics(path) if r['step'] == step and 'eval_count' in r]
+  return {k: v for k, v in evals[-1].items() if k.startswith('eval_')} if evals else None
+
+
+# ---------------------------------------------------------------------------
+# Stopping on a signal: finish the step, save it, exit.
+# ---------------------------------------------------------------------------
+class TrainingStopped(Exception):
+  """The run stopped early on request (SIGTERM, SIGINT) after saving its step."""
+
+  def __init__(self, signal_name: str, step: int, workdir: str):
+    self.signal_name, self.step = signal_name, step
+    # The shell's convention for a process ended by a signal: 128 + its number.
+    self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGTERM))
+    super().__init__(
+      f'stopped by {signal_name} at step {step}; the checkpoint of step {step} is saved in '
+      f'{os.path.join(workdir, checkpoint_lib.CHECKPOINT_SUBDIR)}. Resume with: '
+      f'{resume_command()}'
+    )
+
+
+def resume_command() -> str:
+  """The command line that started this process, as a user would type it again."""
+  argv = list(sys.argv)
+  if argv and (argv[0].endswith('train.py') or argv[0] == '-m'):
+    argv = ['python', '-m', 'nfnet_jax.train', *argv[1:]]
+  return shlex.join(argv)
+
+
+class StopRequests:
+  """Catches SIGTERM (preemption, schedulers, `kill`) and SIGINT (Ctrl-C) so the loop
+  can finish its step and save it; a second signal stops at once.
+
+  In a multi-process job JAX's preemption notifier owns SIGTERM: the processes agree
+  on the step to stop at through `multihost_utils.reached_preemption_sync_point`, so
+  that every host saves the same step (Orbax's preemption policy reads the same
+  agreement), and this class leaves SIGTERM alone there.
+  """
+
+  def __init__(self):
+    self.signal_name: Optional[str] = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self  # signal handlers can only be installed from the main thread
+    wanted = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+    for sig in wanted:
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal_name is not None:  # asked twice: stop without waiting for the save
+      signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+      raise KeyboardInterrupt
+    self.signal_name = signal.Signals(signum).name
+    print(
+      f'\nnfnet-train: received {self.signal_name}: saving a checkpoint after this step, '
+      'then stopping (send it again to stop at once).',
+      file=sys.stderr,
+      flush=True,
+    )
+
+  def requested(self, step: int) -> bool:
+    """Whether to stop after `step`; the same answer on every process."""
+    if jax.process_count() > 1:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal_name = self.signal_name or 'SIGTERM'
+        return True
+      return False
+    return self.signal_name is not None
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
 # ---------------------------------------------------------------------------
 # The training loop.
 # ---------------------------------------------------------------------------
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, progress_bar: bool = True
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  progress_bar: bool = True,
+  allow_config_change: bool = False,
 ) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in `workdir`) and evaluates.
 
-  Returns the final evaluation metrics.
+  Returns the final evaluation metrics. Raises TrainingStopped after saving the step
+  reached when SIGTERM/SIGINT arrives.
   """
-  # 1. Data, model, optimizer, checkpoints.
-  run = setup(config, workdir, training=True)
-  ckpt, devices, num_classes = run.checkpointer, run.devices, run.info.num_classes
+  # 1. Everything that can reject the run, before the workdir is touched: the config,
+  # the workdir path, its model, classes and run-defining settings, the weights to
+  # start from.
+  check_workdir(workdir)
+  run = setup(config)
+  devices, num_classes = run.devices, run.info.num_classes
   num_devices = len(devices)
   per_device = parallel.per_device_batch_size(config.train.batch_size, num_devices)
-
-  # 2. Restore: a restarted run continues from its newest checkpoint; a new one may
-  # start from pretrained weights (fine-tuning).
+  checkpoint_lib.check_and_write_class_index(
+    run.info.name, run.info.class_names, workdir, write=False
+  )
+  # Reading the workdir verifies its model (signature) and writes nothing.
+  with make_checkpointer(config, workdir, num_classes, read_only=True) as reader:
+    resuming = reader.latest_step() is not None
+  changes = check_resumed_config(config, workdir, allow_config_change)
+  main_process = jax.process_index() == 0
   state = run.state
-  if ckpt.latest_step() is not None:
-    state = parallel.replicate(restore(ckpt, state), devices)
-  elif config.init_from:
+  if not resuming and config.init_from:
     params = weights_lib.initial_params(
       config.model, config.init_from, parallel.to_host(state.params), num_classes
     )
     state = parallel.replicate(state._replace(params=params, ema_params=params), devices)
-  start_step = int(state.step)
 
-  # A resumed run draws a fresh shuffle rather than replaying the first batches.
-  train_iter = parallel.prefetch_to_devices(
-    data.train_iterator(
-      config.data,
-      per_device_batch=per_device,
-      local_devices=num_devices,
-      seed=config.seed + start_step,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    ),
-    devices,
-  )
-  p_train_step = parallel.map_train_step(
-    steps.make_train_step(run.model, run.optimizer, run.schedule, config, num_classes), devices
-  )
-  p_eval_step = parallel.map_eval_step(steps.make_eval_step(run.model, num_classes), devices)
-  logger = metrics_lib.MetricsLogger(
-    workdir, total_steps=run.total_steps, progress_bar=progress_bar
-  )
-  if start_step == 0:
-    logger.write(
-      0,
-      {
-        'num_params': models.count_params(state.params),
-        'num_devices': num_devices * jax.process_count(),
-        'total_steps': run.total_steps,
-      },
+  with contextlib.ExitStack() as stack:
+    # 2. One trainer per workdir (process 0 holds the lock for the job), then claim
+    # the workdir and restore: a restarted run continues from its newest intact
+    # checkpoint.
+    held = (
+      stack.enter_context(workdir_lib.lock(workdir, command=resume_command()))
+      if main_process
+      else None
     )
+    ckpt = stack.enter_context(make_checkpointer(config, workdir, num_classes, read_only=False))
+    if ckpt.latest_step() is not None:
+      state = parallel.replicate(restore(ckpt, state), devices)
+    start_step = int(state.step)
+    if main_process:
+      checkpoint_lib.check_and_write_class_index(
+        run.info.name, run.info.class_names, workdir, write=True
+      )
+      fileio.atomic_write_text(
+        os.path.join(workdir, CONFIG_FILE), json.dumps(config_to_dict(config), indent=1) + '\n'
+      )
+      if changes:
+        logging.warning(
+          'Resumed at step %d with changed settings: %s', start_step, '; '.join(changes)
+        )
 
-  # 3. The loop.
-  eval_metrics, shown = {}, {}
-  try:
+    if start_step >= run.total_steps:
+      finished = recorded_final_eval(workdir, start_step)
+      if finished is not None:
+        return finished  # a complete run started again: nothing to redo
+
+    # 3. Data and the mapped steps. The data stream is a function of the step: a
+    # resumed run sees exactly the batches the uninterrupted run would have.
+    train_iter = parallel.prefetch_to_devices(
+      data.train_iterator(
+        config.data,
+        per_device_batch=per_device,
+        local_devices=num_devices,
+        seed=config.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      ),
+      devices,
+    )
+    p_train_step = parallel.map_train_step(
+      steps.make_train_step(run.model, run.optimizer, run.schedule, config, num_classes),
+      devices,
+      mode=config.parallel,
+    )
+    p_eval_step = parallel.map_eval_step(
+      steps.make_eval_step(run.model, num_classes), devices, mode=config.parallel
+    )
+    logger = stack.enter_context(
+      metrics_lib.MetricsLogger(
+        workdir,
+        total_steps=run.total_steps,
+        progress_bar=progress_bar,
+        resume_step=start_step,
+      )
+    )
+    if start_step == 0:
+      logger.write(
+        0,
+        {
+          'num_params': models.count_params(state.params),
+          'num_devices': num_devices * jax.process_count(),
+          'total_steps': run.total_steps,
+        },
+      )
+
+    # 4. The loop.
+    eval_metrics, shown = {}, {}
+    stop = stack.enter_context(StopRequests())
     timer_step, timer_start = start_step, time.perf_counter()
     for step in range(start_step + 1, run.total_steps + 1):
       state, metrics = p_train_step(state, next(train_iter))
+      ckpt.check_saves()  # a failed background save stops the run now, not later
+      if held is not None:
+        held.check()  # a remote lock taken over by another trainer stops this one
 
       is_last = step == run.total_steps
-      # The one place that decides to save (the interval, a preemption notice or the
-      # end); every process reaches the same decision (Orbax coordinates the hosts).
-      saving = ckpt.should_save(step) or is_last
+      stopping = stop.requested(step)
+      # The one place that decides to save (the interval, a preemption notice, a stop
+      # request or the end); every process reaches the same decision.
+      saving = ckpt.should_save(step) or is_last or stopping
       if step % config.train.log_every_steps == 0 or saving or step == start_step + 1:
         metrics = parallel.to_host(metrics)
         # Never save a diverged state: the check runs before every save.
@@ -287,22 +579,25 @@ def train_and_evaluate(
           shown['img/s'] = images_per_sec
       logger.progress(step, **shown)
 
+      if saving:
+        ckpt.save(step, state._asdict())
+      if stopping:
+        ckpt.wait_until_finished()
+        logger.flush()
+        raise TrainingStopped(stop.signal_name, step, workdir)
+      if is_last:
+        ckpt.wait_until_finished()  # the final checkpoint is on disk before the last eval
+
       if step % config.train.eval_every_steps == 0 or is_last:
         eval_metrics = evaluate_split(p_eval_step, state, config, config.eval.split, devices)
         logger.write(step, eval_metrics)
         timer_step, timer_start = step, time.perf_counter()
 
-      if saving:
-        ckpt.save(step, state._asdict())
-
-    # 4. Final evaluation (when resumed at the very end) and export.
+    # 5. Final evaluation (when resumed at the very end, before it was logged) and export.
     if not eval_metrics:
       eval_metrics = evaluate_split(p_eval_step, state, config, config.eval.split, devices)
       logger.write(int(state.step), eval_metrics)
     weights_lib.export_params(config.model, parallel.to_host(state.ema_params), workdir)
-  finally:
-    ckpt.close()
-    logger.close()
   return eval_metrics
 
 
@@ -316,26 +611,27 @@ def evaluate(
   weights: Optional[str] = None,
 ) -> dict[str, float]:
   """Evaluates the newest checkpoint in `workdir` (raw and EMA parameters), or the
-  parameters in a `weights` file (released or converted .npz; raw = EMA = the file's)."""
-  run = setup(config, workdir, training=False, checkpoints=not weights)
+  parameters in a `weights` file (released or converted .npz; raw = EMA = the file's).
+
+  Reads the workdir without changing it (a run may be training there); only the
+  results are appended to its metrics.jsonl."""
+  run = setup(config)
   state = run.state
-  if weights:  # no checkpoint involved: nothing but metrics is written to workdir
+  if weights:
     params = weights_lib.load_for_model(config.model, weights, run.info.num_classes)
     state = state._replace(params=params, ema_params=params)
   else:
-    try:
-      if run.checkpointer.latest_step() is None:
+    with make_checkpointer(config, workdir, run.info.num_classes, read_only=True) as reader:
+      if reader.latest_step() is None:
         raise FileNotFoundError(
           f'No checkpoint in {workdir}/checkpoints to evaluate. Train first '
           f'(python -m nfnet_jax.train --config ... --workdir {workdir}) or point '
           '--workdir at a training run.'
         )
-      state = restore(run.checkpointer, state)
-    finally:
-      run.checkpointer.close()
+      state = restore(reader, state)
   state = parallel.replicate(state, run.devices)
   p_eval_step = parallel.map_eval_step(
-    steps.make_eval_step(run.model, run.info.num_classes), run.devices
+    steps.make_eval_step(run.model, run.info.num_classes), run.devices, mode=config.parallel
   )
   results = evaluate_split(p_eval_step, state, config, split or config.eval.split, run.devices)
   with metrics_lib.MetricsLogger(
@@ -397,6 +693,17 @@ def define_flags(values: flags.FlagValues) -> None:
     flag_values=values,
   )
   flags.DEFINE_bool(
+    'allow_config_change',
+    False,
+    'Resume a run whose batch size, length, optimizer, seed or training data settings '
+    'were changed (refused by default: the learning rate would jump and the data '
+    'order restart).',
+    flag_values=values,
+  )
+  flags.DEFINE_bool(
+    'verbose', False, 'Show the traceback of errors, not just their message.', flag_values=values
+  )
+  flags.DEFINE_bool(
     'distributed',
     False,
     'Multi-host job (e.g. a TPU pod slice): call '
@@ -415,6 +722,32 @@ def define_flags(values: flags.FlagValues) -> None:
   flags.mark_flags_as_required(['config', 'workdir'], flag_values=values)
 
 
+# Errors a user can fix from their message alone: printed as one line, no traceback
+# (--verbose shows it). Everything else is a bug and keeps its traceback.
+USER_ERRORS = (
+  ValueError,  # bad config values, variants, splits, mismatching checkpoints or weights
+  KeyError,
+  AttributeError,  # a misspelled config field
+  FileNotFoundError,
+  NotADirectoryError,
+  PermissionError,
+  FileExistsError,
+  NonFiniteLossError,
+  cli.UserError,
+  weights_lib.PretrainedError,
+  checkpoint_lib.CheckpointSaveError,
+  checkpoint_lib.CheckpointDamagedError,
+  workdir_lib.WorkdirLockedError,
+)
+
+
+def _error_line(e: BaseException) -> str:
+  # KeyError/AttributeError messages arrive repr-quoted (ml_collections' "Did you
+  # mean" hint included).
+  text = e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else str(e)
+  return ' '.join(str(text).strip().strip('\'"').split())
+
+
 def main(argv) -> None:
   del argv
   flags_ = flags.FLAGS
@@ -423,17 +756,42 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
   if flags_.distributed or flags_.coordinator_address:
     initialize_distributed(flags_.coordinator_address, flags_.num_processes, flags_.process_id)
-  config = flags_.config
-  if flags_.mode == 'train':
-    results = train_and_evaluate(config, flags_.workdir)
-  else:
-    results = evaluate(config, flags_.workdir, weights=flags_.weights)
+  try:
+    config = flags_.config
+    if flags_.mode == 'train':
+      results = train_and_evaluate(
+        config, flags_.workdir, allow_config_change=flags_.allow_config_change
+      )
+    else:
+      results = evaluate(config, flags_.workdir, weights=flags_.weights)
+  except TrainingStopped as e:
+    print(f'nfnet-train: {e}', file=sys.stderr)
+    sys.exit(e.exit_code)
+  except USER_ERRORS as e:
+    if flags_.verbose:
+      raise
+    print(f'nfnet-train: error: {_error_line(e)}', file=sys.stderr)
+    sys.exit(1)
   if jax.process_index() == 0:
     print(
       ' '.join(
         f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in sorted(results.items())
       )
     )
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with config mistakes (a misspelled field, a value of the wrong
+  type, a config file that fails) reported as one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'nfnet-train: error: {e}\nRun with --help for the flags.', file=sys.stderr)
+  except USER_ERRORS + (TypeError,) as e:
+    if '--verbose' in argv:
+      raise
+    print(f'nfnet-train: error in the config: {_error_line(e)}', file=sys.stderr)
+  sys.exit(2)
 
 
 def run_main():
@@ -446,7 +804,7 @@ def run_main():
     print(cli.usage(__doc__, values))
     return
   define_flags(flags.FLAGS)
-  app.run(main, argv=argv)
+  app.run(main, argv=argv, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

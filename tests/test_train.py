@@ -161,8 +161,11 @@ def test_train_resumes_and_refuses_a_different_model(tmp_path):
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   assert sorted(os.listdir(ckpt_dir)) == ['2', '4']
 
+  # A longer run changes the schedule: refused unless asked for, and then continued.
   config = tiny_config(num_steps=6)
-  train.train_and_evaluate(config, workdir, progress_bar=False)
+  with pytest.raises(ValueError, match='train.num_steps: 4 -> 6'):
+    train.train_and_evaluate(config, workdir, progress_bar=False)
+  train.train_and_evaluate(config, workdir, progress_bar=False, allow_config_change=True)
   records = metrics_lib.read_metrics(workdir)
   train_steps = [r['step'] for r in records if 'loss' in r]
   assert train_steps == [1, 2, 3, 4, 5, 6], 'steps 1-4 once, then resumed at 5'

@@ -360,7 +360,11 @@ def signal_stats(x: jax.Array) -> dict:
 
 
 def apply_blocks(
-  blocks: Sequence[Callable], x: jax.Array, is_training: bool, outputs: Optional[dict] = None
+  blocks: Sequence[Callable],
+  x: jax.Array,
+  is_training: bool,
+  outputs: Optional[dict] = None,
+  remat: bool = False,
 ) -> jax.Array:
   """Runs residual blocks in order; with `outputs`, records their signal statistics.
 
@@ -368,9 +372,19 @@ def apply_blocks(
   output's avg_sq_mean and avg_var and the branch's variance (`res_avg_var`,
   before skip_gain and alpha): the quantities of 2101.08692's signal
   propagation plots.
+
+  With `remat`, each block runs under `hk.remat`: the backward pass recomputes the
+  block's activations from its input instead of keeping them, so a deep network keeps
+  one activation per block alive rather than every conv's (the same outputs and
+  gradients, for about one more forward pass of compute). The blocks are built before
+  they are wrapped, so module and parameter names (and the rng draws of stochastic
+  depth, which Haiku threads through) do not change.
   """
   for i, block in enumerate(blocks):
-    x, branch = block(x, is_training)
+    if remat:
+      x, branch = hk.remat(lambda h, block=block: block(h, is_training))(x)
+    else:
+      x, branch = block(x, is_training)
     if outputs is not None:
       outputs[f'block_{i}'] = dict(**signal_stats(x), res_avg_var=signal_stats(branch)['avg_var'])
   return x

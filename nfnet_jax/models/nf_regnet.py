@@ -181,7 +181,7 @@ class NFRegNet(hk.Module):
   Call as `model(x, is_training)` with NHWC float images; returns a dict with
   `logits` [B, num_classes] and `pool` [B, C]; with `return_metrics=True` also
   `block_{i}`: `avg_sq_mean`, `avg_var` (block output) and `res_avg_var`
-  (residual branch before skip_gain and alpha), as NFNet.
+  (residual branch before skip_gain and alpha), as NFNet. `remat=True`: as NFNet.
   """
 
   def __init__(
@@ -198,10 +198,13 @@ class NFRegNet(hk.Module):
     activation: str = 'silu',
     fc_init: Optional[hk.initializers.Initializer] = None,
     name: str = 'NF_RegNet',
+    *,
+    remat: bool = False,
   ):
     super().__init__(name=name)
     self.num_classes = num_classes
     self.variant = variant
+    self.remat = remat
     params = family.lookup_variant(NF_REGNET_VARIANTS, 'NF-RegNet', variant)
     self.drop_rate = params['drop_rate'] if drop_rate is None else drop_rate
     self.activation = layers.scaled_activation(activation)
@@ -234,7 +237,9 @@ class NFRegNet(hk.Module):
     outputs = {}
     # No activation after the stem: the first block applies it, scaled by beta.
     out = self.initial_conv(x)
-    out = layers.apply_blocks(self.blocks, out, is_training, outputs if return_metrics else None)
+    out = layers.apply_blocks(
+      self.blocks, out, is_training, outputs if return_metrics else None, remat=self.remat
+    )
     out = self.activation(self.final_conv(out))
     return layers.classifier_head(out, self.fc, self.drop_rate, is_training, outputs)
 

@@ -137,7 +137,7 @@ class NFResNet(hk.Module):
   Call as `model(x, is_training)` with NHWC float images; returns a dict with
   `logits` [B, num_classes] and `pool` [B, C]; with `return_metrics=True` also
   `block_{i}`: `avg_sq_mean`, `avg_var` (block output) and `res_avg_var`
-  (residual branch before skip_gain and alpha), as NFNet.
+  (residual branch before skip_gain and alpha), as NFNet. `remat=True`: as NFNet.
 
   `use_se=True` adds squeeze-excite (hidden width `se_ratio` x the block's output
   channels) after conv2 of every block; off by default, as released.
@@ -160,10 +160,13 @@ class NFResNet(hk.Module):
     use_se: bool = False,
     se_ratio: float = 0.25,
     name: str = 'NF_ResNet',
+    *,
+    remat: bool = False,
   ):
     super().__init__(name=name)
     self.num_classes = num_classes
     self.variant = variant
+    self.remat = remat
     self.drop_rate = 0.0 if drop_rate is None else drop_rate
     self.activation = layers.scaled_activation(activation)
     stem_ch, self.specs = block_specs(variant, width, alpha, stochdepth_rate)
@@ -196,7 +199,9 @@ class NFResNet(hk.Module):
     # No activation in the stem: the first block applies it (pre-activation).
     out = self.initial_conv(x)
     out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
-    out = layers.apply_blocks(self.blocks, out, is_training, outputs if return_metrics else None)
+    out = layers.apply_blocks(
+      self.blocks, out, is_training, outputs if return_metrics else None, remat=self.remat
+    )
     return layers.classifier_head(
       self.activation(out), self.fc, self.drop_rate, is_training, outputs
     )

@@ -144,6 +144,9 @@ class NFNet(hk.Module):
   `return_metrics=True` it also returns per-block signal statistics under
   `block_{i}`: `avg_sq_mean`, `avg_var` (of the block's output) and
   `res_avg_var` (of the residual branch before skip_gain and alpha).
+
+  `remat=True` recomputes each block's activations in the backward pass
+  (`layers.apply_blocks`): less memory, the same parameters, outputs and gradients.
   """
 
   def __init__(
@@ -163,10 +166,12 @@ class NFNet(hk.Module):
     name: str = 'NFNet',
     *,
     group_size: int = 128,
+    remat: bool = False,
   ):
     super().__init__(name=name)
     self.num_classes = num_classes
     self.variant = variant
+    self.remat = remat
     params = family.lookup_variant(NFNET_VARIANTS, 'NFNet', variant)
     self.drop_rate = params['drop_rate'] if drop_rate is None else drop_rate
     self.activation = layers.scaled_activation(activation)
@@ -208,7 +213,9 @@ class NFNet(hk.Module):
       out = conv(out)
       if i < len(self.stem) - 1:
         out = self.activation(out)
-    out = layers.apply_blocks(self.blocks, out, is_training, outputs if return_metrics else None)
+    out = layers.apply_blocks(
+      self.blocks, out, is_training, outputs if return_metrics else None, remat=self.remat
+    )
     out = self.activation(self.final_conv(out))
     return layers.classifier_head(out, self.fc, self.drop_rate, is_training, outputs)
 

@@ -124,13 +124,18 @@ def build_model(
 ) -> hk.Transformed:
   """A pure (init, apply) pair: apply(params, rng, images, is_training, ...) -> dict.
 
+  `model_config.remat` (default False) runs every residual block under `hk.remat`.
   With dtype='bfloat16', haiku casts the float32 parameters and the inputs to
   bfloat16 inside the model and its output back to float32 (the paper's
   mixed-precision recipe, section 3); gradients then flow back to float32 parameters.
   """
   # model_variant resolves any of the variant's names (and refuses another family's).
   fam, key, kwargs = model_variant(model_config)
-  model_cls, kwargs = fam.model, dict(variant=key, **kwargs)
+  # remat changes how the backward pass is computed, not the weights: it sits beside
+  # `kwargs`, so it stays out of `model_signature` (a checkpoint or released weights
+  # load whether or not it is on).
+  remat = bool(model_config.get('remat', False))
+  model_cls, kwargs = fam.model, dict(variant=key, remat=remat, **kwargs)
   policy = mixed_precision_policy(dtype)
 
   def forward(images, is_training: bool, return_metrics: bool = False):
