@@ -9,11 +9,14 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
+from PIL import Image
 import pytest
 
+from nfnet_jax import config as config_lib
 from nfnet_jax import metrics as metrics_lib
-from nfnet_jax import weights
+from nfnet_jax import models, weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -232,6 +235,53 @@ BAD_INPUT = {
     {},
   ),
 }
+
+
+def _class_folder(root, second_class):
+  """root/a/ with two images, root/b/ with `second_class` files ('' = empty)."""
+  for name in ('a', 'b'):
+    os.makedirs(os.path.join(root, name))
+  for i in range(2):
+    Image.new('RGB', (8, 8), (i * 100, 0, 0)).save(os.path.join(root, 'a', f'{i}.png'))
+  if second_class == 'corrupt':
+    for i in range(2):
+      with open(os.path.join(root, 'b', f'{i}.jpg'), 'wb') as f:
+        f.write(b'\xff\xd8\xff not a jpeg')
+
+
+@pytest.mark.parametrize('second_class,named', [('', 'b'), ('corrupt', 'b')])
+def test_a_class_without_images_is_one_line_and_writes_nothing(tmp_path, second_class, named):
+  root = str(tmp_path / 'images')
+  _class_folder(root, second_class)
+  workdir = str(tmp_path / 'run')
+  proc = run(
+    train_cmd(
+      workdir,
+      '--config.data.name=folder',
+      f'--config.data.folder={root}',
+      '--config.eval.split=train',
+    )
+  )
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('nfnet-train: error')]
+  assert len(errors) == 1 and 'no decodable image' in errors[0] and f"['{named}']" in errors[0]
+  assert not os.path.exists(workdir)
+
+
+def test_weights_of_another_variant_are_refused_before_anything_is_written(tmp_path):
+  # F0 at twice the test width: every convolution has other shapes.
+  wide = config_lib.model_config('F0')
+  wide.kwargs.update(width=0.125, group_size=8)
+  model = models.build_model(wide, 10)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32), is_training=True)
+  path = str(tmp_path / 'wide.npz')
+  weights.save_converted(jax.device_get(params), path, 'F0')
+  workdir = str(tmp_path / 'run')
+  proc = run(train_cmd(workdir, f'--config.init_from={path}'))
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('nfnet-train: error')]
+  assert len(errors) == 1 and path in errors[0], proc.stderr[-3000:]
+  assert not os.path.exists(workdir)
 
 
 @pytest.mark.parametrize('case', sorted(BAD_INPUT))

@@ -194,6 +194,16 @@ def load_index(
       )
     keep = [p for p, good in zip(paths, ok, strict=True) if good]
     ys = np.asarray([y for y, good in zip(ys, ok, strict=True) if good], np.int32)
+    if split == class_split:
+      # A class without a single training image would be a label the model can never
+      # learn, yet still count in the classifier and the metrics.
+      counts = np.bincount(ys, minlength=len(class_names))
+      empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+      if empty:
+        raise ValueError(
+          f'{len(empty)} class folder(s) of {split_root} have no decodable image: '
+          f'{empty[:10]}. Add images to them, or remove the folders.'
+        )
     if split == 'train' and holdout_fraction:
       held = _holdout_mask(root, keep, holdout_fraction)
       files[HOLDOUT_SPLIT] = tuple(p for p, h in zip(keep, held, strict=True) if h)
