@@ -89,30 +89,20 @@ def _tail(path: str, lines: int = 40) -> str:
   return '\n'.join(kept[-lines:])
 
 
-def _launch(
-  workdir: str,
-  logdir: str,
-  tag: str,
-  env: dict,
-  fault: dict | None = None,
-  expect: int = 0,
-  extra: tuple = (),
-) -> list[str]:
-  """Starts every process, waits for all to exit with `expect`; returns their log paths.
+def _launch(workdir: str, logdir: str, tag: str, env: dict) -> list[str]:
+  """Starts every process, waits for all; returns their log paths.
 
-  `fault` (environment of tests/fault_runner.py) is injected into the last process.
   A process that fails makes the others wait forever in a collective (as on a
-  pod), so the survivors are stopped as soon as one process exits otherwise.
+  pod), so the survivors are stopped as soon as one process exits with an error.
   """
   port = _free_port()
   procs, logs = [], []
   for i in range(NUM_PROCESSES):
     log = os.path.join(logdir, f'{tag}-process{i}.log')
-    faulty = fault is not None and i == NUM_PROCESSES - 1
     cmd = [
       sys.executable,
       '-m',
-      'tests.fault_runner' if faulty else 'nfnet_jax.train',
+      'nfnet_jax.train',
       '--config',
       'experiments/digits.py',
       '--workdir',
@@ -124,27 +114,18 @@ def _launch(
       '--process_id',
       str(i),
       *OVERRIDES,
-      *extra,
     ]
     with open(log, 'w') as f:
-      procs.append(
-        subprocess.Popen(
-          cmd,
-          cwd=REPO,
-          env=dict(env, **fault) if faulty else env,
-          stdout=f,
-          stderr=subprocess.STDOUT,
-        )
-      )
+      procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
     logs.append(log)
 
   deadline = time.monotonic() + TIMEOUT_SECS
   try:
     while True:
       codes = [p.poll() for p in procs]
-      if all(c == expect for c in codes):
+      if all(c == 0 for c in codes):
         return logs
-      failed = [i for i, c in enumerate(codes) if c not in (None, expect)]
+      failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
       if failed or time.monotonic() > deadline:
         reason = (
           f'process {failed[0]} exited with code {codes[failed[0]]}'
@@ -179,26 +160,7 @@ def test_two_process_pod_rehearsal_trains_evaluates_and_resumes(tmp_path):
   os.makedirs(logdir)
   env = _env(str(tmp_path / 'xla_cache'))
 
-  # --- Preempted: SIGTERM reaches one host only. Through JAX's preemption sync point
-  # both hosts agree on a step, save it and exit with 128 + SIGTERM. -----------------
-  logs = _launch(
-    workdir,
-    logdir,
-    'preempted launch',
-    env,
-    fault={'FAULT': 'term', 'FAULT_STEP': '2', 'FAULT_PAUSE': '3'},
-    expect=143,
-  )
-  stops = []
-  for log in logs:
-    with open(log, errors='replace') as f:
-      stops += re.findall(r'stopped by SIGTERM at step (\d+)', f.read())
-  assert len(stops) == NUM_PROCESSES and len(set(stops)) == 1, stops
-  stopped_at = int(stops[0])
-  assert 2 < stopped_at < NUM_STEPS, stopped_at
-  assert str(stopped_at) in _checkpoint_entries(workdir)
-
-  # --- Relaunched: resumes at the agreed step, trains to the end, evaluates. -------
+  # --- First launch: train 6 steps, evaluate, checkpoint. ------------------------
   logs = _launch(workdir, logdir, 'first launch', env)
 
   entries = _checkpoint_entries(workdir)
@@ -213,8 +175,7 @@ def test_two_process_pod_rehearsal_trains_evaluates_and_resumes(tmp_path):
   assert len(headers) == 1, f'the header was written {len(headers)} times: {headers}'
   assert headers[0]['num_devices'] == NUM_PROCESSES * DEVICES_PER_PROCESS, headers[0]
   train_steps = [r['step'] for r in records if 'loss' in r]
-  # One writer (a second writer would log every step twice), and steps logged after
-  # the agreed stop, never saved, set aside on resume.
+  # One writer: a second writer would log every step twice.
   assert train_steps == list(range(1, NUM_STEPS + 1)), train_steps
   evals = [r for r in records if 'eval_count' in r]
   assert len(evals) == 1, f'expected one evaluation record, got {evals}'
@@ -243,14 +204,3 @@ def test_two_process_pod_rehearsal_trains_evaluates_and_resumes(tmp_path):
   assert _read_metrics(workdir) == records
   with open(logs[0], errors='replace') as f:
     assert f'eval_count={NUM_TEST_DIGITS}' in f.read()
-
-  # --- The pmap path, uninterrupted, in a fresh workdir: the same run. -------------
-  # (The launches above ran the default jit + shard_map path and were preempted once.)
-  other = str(tmp_path / 'pmap')
-  _launch(other, logdir, 'pmap launch', env, extra=('--config.parallel=pmap',))
-  via_pmap = _read_metrics(other)
-  loss = lambda rs: {r['step']: r['loss'] for r in rs if 'loss' in r}  # noqa: E731
-  assert loss(via_pmap) == pytest.approx(loss(records), rel=1e-6)
-  final = [r for r in via_pmap if 'eval_count' in r][-1]
-  for key in ('eval_count', 'eval_top1', 'eval_ema_top1'):
-    assert final[key] == pytest.approx(evals[0][key], rel=1e-6), key
