@@ -222,14 +222,17 @@ def prefetch_to_devices(batches: Iterable, devices: Sequence, size: int = 2) -> 
     yield queue.popleft()
 
 
-def per_device_batch_size(global_batch: int, num_local_devices: int) -> int:
-  """Splits the global batch over every device of every process, or says why not."""
+def per_device_batch_size(
+  global_batch: int, num_local_devices: int, flag: str = '--config.train.batch_size'
+) -> int:
+  """Splits the global batch over every device of every process, or says why not
+  (naming `flag`, the setting to change)."""
   total_devices = num_local_devices * jax.process_count()
   if global_batch % total_devices:
     raise ValueError(
       f'The global batch size {global_batch} does not divide over {total_devices} '
       f'devices ({jax.process_count()} processes x {num_local_devices} local). '
-      f'Use a multiple of {total_devices}, e.g. --config.train.batch_size='
+      f'Use a multiple of {total_devices}, e.g. {flag}='
       f'{max(1, global_batch // total_devices) * total_devices}.'
     )
   return global_batch // total_devices

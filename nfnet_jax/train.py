@@ -144,13 +144,6 @@ RUN_DEFINING_FIELDS = (
 )
 
 
-def _per_device(global_batch: int, num_devices: int, flag: str) -> int:
-  try:
-    return parallel.per_device_batch_size(global_batch, num_devices)
-  except ValueError as e:
-    raise ValueError(str(e).replace('--config.train.batch_size', flag)) from None
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Catches mistakes in the config's values before anything expensive (or
   irreversible) runs; `check_run` then checks them against the devices and data."""
@@ -178,8 +171,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def check_run(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """What the config asks of this machine and its data: batches that divide over the
   devices, splits that exist, weights that exist. Runs before the workdir is touched."""
-  per_device = _per_device(config.train.batch_size, num_devices, '--config.train.batch_size')
-  _per_device(config.eval.batch_size, num_devices, '--config.eval.batch_size')
+  per_device = parallel.per_device_batch_size(config.train.batch_size, num_devices)
+  parallel.per_device_batch_size(config.eval.batch_size, num_devices, '--config.eval.batch_size')
   accum = config.train.grad_accum_steps
   if per_device % accum:
     raise ValueError(
