@@ -25,6 +25,9 @@ INSTALL_REQUIRES = [
   'tqdm>=4.66,<5',
   'tensorboard>=2.20,<2.21',
   'pillow>=11,<14',
+  # timm's weights (nfnet-convert --from-timm) without PyTorch: safetensors.numpy.
+  'safetensors>=0.8.0,<0.9',
+  'matplotlib>=3.10,<3.12',
 ]
 
 TEST_REQUIRES = [

@@ -67,13 +67,22 @@ def base_config() -> ml_collections.ConfigDict:
       momentum=0.9,
       nesterov=True,
       weight_decay=2e-5,  # coupled; not on gains, biases, skip_gain
-      clipping=0.01,
+      clipping=0.01,  # AGC; 0 disables it
       eps=1e-3,
+      # SAM (paper section 5.2 / table 3, F5+SAM and F6): 0 = off. The ascent gradient
+      # is taken on this fraction of each device's batch and is not averaged across devices.
+      sam_rho=0.0,
+      sam_ascent_fraction=0.2,
     )
-  )  # AGC; 0 disables it
+  )
 
   config.eval = ml_collections.ConfigDict(dict(split='test', batch_size=1000))
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3))
+  # A jax.profiler trace of `num_steps` steps from `start_step` on process 0, written to
+  # WORKDIR/profile (TensorBoard's profile tab, Perfetto); num_steps=0: no trace.
+  config.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))
+  # transfer_guard: an implicit host<->device copy inside the training loop is an error.
+  config.debug = ml_collections.ConfigDict(dict(transfer_guard=False))
   return config
 
 
