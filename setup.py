@@ -46,7 +46,20 @@ setuptools.setup(
   python_requires='>=3.11',
   package_data={'nfnet_jax.data': ['imagenet_classes.tsv']},
   install_requires=INSTALL_REQUIRES,
-  extras_require={'test': TEST_REQUIRES},
+  extras_require={
+    'test': TEST_REQUIRES,
+    # Accelerators: jax's own extra on the jax pins above, so each Python line gets the same
+    # jax, and the extra adds the jaxlib of that version and the libtpu or CUDA plugin built
+    # for it. `gpu` is CUDA 12 (pip's CUDA wheels, NVIDIA driver only), `gpu-cuda13` CUDA 13.
+    **{
+      name: [
+        pin.replace('jax>=', f'jax[{extra}]>=', 1)
+        for pin in INSTALL_REQUIRES
+        if pin.startswith('jax>=')
+      ]
+      for name, extra in (('tpu', 'tpu'), ('gpu', 'cuda12'), ('gpu-cuda13', 'cuda13'))
+    },
+  },
   entry_points={
     'console_scripts': [
       'nfnet-train=nfnet_jax.train:run_main',
@@ -54,6 +67,8 @@ setuptools.setup(
       'nfnet-throughput=nfnet_jax.throughput:main',
       'nfnet-convert=nfnet_jax.convert:main',
       'nfnet-classify=nfnet_jax.classify:main',
+      'nfnet-plot=nfnet_jax.plot:main',
+      'nfnet-spp=nfnet_jax.spp:main',
     ],
   },
 )

@@ -24,6 +24,6 @@ def get_config(arg=None):
   # Small batches want a larger clipping threshold (paper fig. 3): 0.01 is tuned
   # for batch 4096.
   config.optimizer.update(base_lr=0.4, warmup_epochs=2.0, clipping=0.04)
-  config.eval.update(split='test', batch_size=120)
+  config.eval.update(splits='test', batch_size=120)
   config.checkpoint.update(every_steps=300, max_to_keep=2)
   return config

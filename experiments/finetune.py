@@ -7,7 +7,7 @@ Commands:
   # ... or on a TFDS dataset (prepared in data_dir, see docs/imagenet.md):
   python -m nfnet_jax.train --config experiments/finetune.py:F0 --workdir workdirs/flowers \
       --config.init_from=F0_haiku.npz --config.data.name=tfds:oxford_flowers102 \
-      --config.data.data_dir=$DATA_DIR --config.eval.split=test
+      --config.data.data_dir=$DATA_DIR --config.eval.splits=test
   # Your own NF-RegNet/NF-ResNet run's weights work the same way (finetune.py:B0, :ResNet50):
   python -m nfnet_jax.train --config experiments/finetune.py:B0 --workdir workdirs/ft_b0 \
       --config.init_from=workdirs/b0/params_ema.npz --config.data.folder=/path/to/root
@@ -47,7 +47,7 @@ def get_config(arg='F0'):
   config.data.update(
     name='folder', folder='', augment=True, mixup_alpha=0.0, cutmix=False, randaug_layers=0
   )
-  config.eval.update(split='val', batch_size=200)
+  config.eval.update(splits='val', batch_size=200)
   config.checkpoint.update(every_steps=500, max_to_keep=2)
 
   if variant == 'digits':

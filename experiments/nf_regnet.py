@@ -87,6 +87,6 @@ def digits_config():
   config.data.update(name='digits', image_size=32, eval_image_size=0)
   config.train.update(batch_size=64, num_epochs=40.0, log_every_steps=25, eval_every_steps=300)
   config.optimizer.update(base_lr=0.4 * 64 / 1024, end_lr=0.001 * 64 / 1024)
-  config.eval.update(split='test', batch_size=120)
+  config.eval.update(splits='test', batch_size=120)
   config.checkpoint.update(every_steps=300, max_to_keep=2)
   return config

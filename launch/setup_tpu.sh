@@ -2,7 +2,8 @@
 # Installs nfnet_jax on EVERY worker of a TPU VM slice. Step 2 of docs/tpu.md.
 #
 # Every host gets the same code (a `git archive HEAD` tarball of this checkout) and
-# the same pinned jax[tpu], in its own virtualenv; each worker then reports what JAX
+# the same install of it with its TPU extra (`pip install -e ".[tpu]"`, jax pinned to one
+# version), in its own virtualenv; each worker then reports what JAX
 # sees, and the script checks that all workers ended up with identical installs.
 set -euo pipefail
 
@@ -10,7 +11,7 @@ PROG=launch/setup_tpu.sh
 # shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 JAX_VERSION_DEFAULT=0.10.2   # the version setup.py's pins were tested with
-LIBTPU_RELEASES=https://storage.googleapis.com/jax-releases/libtpu_releases.html
+PIP_EXTRA=tpu                # setup.py's extra: jax[tpu] (libtpu) on the project's jax pins
 
 usage() {
   cat <<EOF
@@ -18,9 +19,10 @@ Usage: $PROG --project PROJECT --zone ZONE [--name NAME] [--commit REV] [--fresh
            [--dry-run]
 
 Copies the committed code of this checkout (git archive HEAD) to every worker of
-the TPU VM slice NAME, creates a virtualenv there, installs jax[tpu]==JAX_VERSION
-and nfnet_jax (pip install -e), and prints the JAX version and device count seen
-by every worker. Rerun it after every commit you want to train with.
+the TPU VM slice NAME, creates a virtualenv there, installs nfnet_jax with its TPU
+extra and jax==JAX_VERSION (pip install "jax==JAX_VERSION" -e ~/nfnet_jax[tpu]),
+and prints the JAX version and device count seen by every worker. Rerun it after
+every commit you want to train with.
 Uncommitted changes are NOT copied.
 
 Options (each can also be set by the environment variable on the right):
@@ -29,7 +31,8 @@ Options (each can also be set by the environment variable on the right):
   --name NAME         TPU_NAME       default: nfnet-tpu
   --commit REV        COMMIT_REV     the commit to copy, default: HEAD (launch/run_spot.sh
                                      pins the one it started with, for every new slice)
-  --jax-version V     JAX_VERSION    default: $JAX_VERSION_DEFAULT (pinned; all hosts get the same)
+  --jax-version V     JAX_VERSION    default: $JAX_VERSION_DEFAULT (pinned; all hosts get the same;
+                                     it must lie in setup.py's jax range for the Python)
   --python PYTHON     REMOTE_PYTHON  interpreter on the workers, default: python3.11
                                      (installed with apt if missing; nfnet_jax needs >= 3.11,
                                      Ubuntu 22.04 ships 3.10)
@@ -78,7 +81,7 @@ done
 
 [[ -n "$PROJECT" ]] || die "no project: pass --project MY_PROJECT or export PROJECT=MY_PROJECT."
 [[ -n "$ZONE" ]] || die "no zone: pass --zone ZONE or export ZONE=ZONE (the zone of the slice)."
-[[ "$JAX_VERSION" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] \
+[[ "$JAX_VERSION" =~ ^[0-9]+(\.[0-9]+){2,3}$ ]] \
   || die "JAX_VERSION must be an exact version such as $JAX_VERSION_DEFAULT (got '$JAX_VERSION'): every host must get the same one."
 for dir in "$REMOTE_DIR" "$REMOTE_VENV"; do
   [[ "$dir" =~ ^[A-Za-z0-9_][A-Za-z0-9._-]*$ ]] \
@@ -107,11 +110,11 @@ trap 'rm -rf "$TMP"' EXIT
 git -C "$REPO_ROOT" archive --format=tar.gz -o "$TMP/nfnet_jax.tar.gz" "$COMMIT"
 
 # What every worker runs. Arguments: commit, jax version, python, code dir,
-# venv dir, fresh venv (0/1). Paths are relative to the home directory.
+# venv dir, fresh venv (0/1), setup.py extra. Paths are relative to the home directory.
 cat > "$TMP/nfnet_jax_setup.sh" <<'REMOTE'
 #!/usr/bin/env bash
 set -euo pipefail
-commit=$1 jax_version=$2 python=$3 repo_dir=$4 venv=$5 fresh_venv=$6 libtpu_releases=$7
+commit=$1 jax_version=$2 python=$3 repo_dir=$4 venv=$5 fresh_venv=$6 extra=$7
 host=$(hostname)
 say() { echo "[$host] $*"; }
 cd "$HOME"
@@ -144,11 +147,11 @@ if [[ ! -x "$venv/bin/python" ]]; then
   say "creating the virtualenv ~/$venv ($python)"
   "$python" -m venv "$venv"
 fi
-say "installing jax[tpu]==$jax_version and nfnet_jax"
+say "installing nfnet_jax[$extra] with jax==$jax_version"
 "$venv/bin/python" -m pip install -q --upgrade pip
-# One resolver run for both: the project's own jax range cannot move the pin.
-"$venv/bin/python" -m pip install -q "jax[tpu]==$jax_version" -f "$libtpu_releases" \
-  -e "$HOME/$repo_dir"
+# One resolver run: the extra brings jax[tpu] (the jaxlib and libtpu of that jax, from PyPI)
+# within setup.py's range, and the exact pin makes every worker resolve the same jax.
+"$venv/bin/python" -m pip install -q "jax==$jax_version" -e "$HOME/$repo_dir[$extra]"
 
 packages=$("$venv/bin/python" -m pip freeze --all | sha256sum | cut -c1-16)
 jax_installed=$("$venv/bin/python" -c 'import jax; print(jax.__version__)')
@@ -176,7 +179,7 @@ run gcloud compute tpus tpu-vm scp "$TMP/nfnet_jax.tar.gz" "$TMP/nfnet_jax_setup
 
 echo "Installing on every worker (several minutes) ..."
 remote=$(printf 'bash nfnet_jax_setup.sh %q %q %q %q %q %q %q' "$COMMIT" "$JAX_VERSION" \
-  "$REMOTE_PYTHON" "$REMOTE_DIR" "$REMOTE_VENV" "$FRESH_VENV" "$LIBTPU_RELEASES")
+  "$REMOTE_PYTHON" "$REMOTE_DIR" "$REMOTE_VENV" "$FRESH_VENV" "$PIP_EXTRA")
 run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all --project "$PROJECT" --zone "$ZONE" \
   --command "$remote" \
   || die "the setup failed on at least one worker (see its [hostname] lines above). Fix that and rerun $PROG."

@@ -8,6 +8,7 @@ from nfnet_jax.models import (
   NF_REGNET_VARIANTS,
   NF_RESNET_VARIANTS,
   NFNET_VARIANTS,
+  BNResNet,
   NFBlock,
   NFNet,
   NFRegNet,
@@ -25,6 +26,7 @@ from nfnet_jax.optim import (
   warmup_cosine_schedule,
   weight_decay_mask,
 )
+from nfnet_jax.sam import sam_value_and_grad
 from nfnet_jax.weights import load_pretrained
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
   'NF_RESNET_VARIANTS',
   'NFRegNet',
   'NF_REGNET_VARIANTS',
+  'BNResNet',
   'WSConv2D',
   'SqueezeExcite',
   'scaled_activation',
@@ -45,6 +48,7 @@ __all__ = [
   'sgd_agc',
   'warmup_cosine_schedule',
   'ema_update',
+  'sam_value_and_grad',
   'softmax_cross_entropy',
   'load_pretrained',
   'train_and_evaluate',

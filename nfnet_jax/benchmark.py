@@ -16,7 +16,8 @@ with `--config.x=...` overrides, as for training), or, without it,
 arguments and the NFNet paper's optimizer (AGC + Nesterov SGD). `--remat` recomputes
 each residual block's activations in the backward pass (`config.model.remat`).
 
-Prints the compile time, the median ms/step and images/s over the timed steps, and the
+Prints the versions, git commit and devices (`provenance.format_header`, on stderr), then
+the compile time, the median ms/step and images/s over the timed steps, and the
 compiled step's memory per device from XLA's memory analysis; with --csv, appends one
 row per run. `--memory` compiles the step without and with remat and prints both
 memory figures (nothing is run or timed). For F0 at 192 px, 32 images per device,
@@ -40,7 +41,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from nfnet_jax import cli, models, parallel, train
+from nfnet_jax import cli, models, parallel, provenance, train
 from nfnet_jax import config as config_lib
 from nfnet_jax import steps as steps_lib
 from nfnet_jax.models import layers
@@ -352,6 +353,8 @@ def _describe(row: dict) -> str:
 
 def _benchmark_cli(f: flags.FlagValues, positional: list[str]) -> int:
   del positional  # cli.run refuses positional arguments
+  # On stderr: stdout carries the figures alone.
+  print(provenance.format_header(provenance.run_header()), file=sys.stderr, flush=True)
   if f.memory:
     rows = memory(
       f.variant,

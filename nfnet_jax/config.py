@@ -76,7 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
 
-  config.eval = ml_collections.ConfigDict(dict(split='test', batch_size=1000))
+  # eval.splits: what every evaluation reads, comma-separated: splits of the training
+  # dataset ('test', 'validation', TFDS expressions such as 'train[:1%]') and the datasets
+  # of data.sources.EVAL_DATASETS ('imagenet_v2', 'imagenet2012_real'). The first is
+  # logged as eval_top1, eval_ema_top1, ...; each other as eval_<entry>/top1, ...
+  config.eval = ml_collections.ConfigDict(dict(splits='test', batch_size=1000))
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3))
   # A jax.profiler trace of `num_steps` steps from `start_step` on process 0, written to
   # WORKDIR/profile (TensorBoard's profile tab, Perfetto); num_steps=0: no trace.
@@ -115,5 +119,6 @@ def imagenet_config(variant: str) -> ml_collections.ConfigDict:
     shuffle_buffer=10_000,
     cache=False,
   )  # 150 GB: never cache ImageNet in host RAM
-  config.eval.update(split='validation', batch_size=1000)
+  # Add ',imagenet_v2,imagenet2012_real' to also evaluate those (docs/imagenet.md).
+  config.eval.update(splits='validation', batch_size=1000)
   return config

@@ -1,15 +1,21 @@
-"""Converts DeepMind's released NFNet weights (`F{k}_haiku.npz`, a pickle) to a
-pickle-free .npz that `np.load(path, allow_pickle=False)` reads.
+"""Converts DeepMind's released NFNet weights (`F{k}_haiku.npz`, a pickle), or timm's
+PyTorch port of them (`dm_nfnet_f{k}`, a .safetensors file), to a pickle-free .npz that
+`np.load(path, allow_pickle=False)` reads.
 
   python -m nfnet_jax.convert --variant F0 F0_haiku.npz F0_params.npz
   python -m nfnet_jax.convert [--variant V] [--num-classes N] [--width W]
       [--group-size G] [--overwrite] [--no-verify-md5] SRC DST
+  python -m nfnet_jax.convert --from-timm model.safetensors [--variant F0] [--out DST]
 
 The released file is read with nfnet_jax.weights' restricted unpickler (nothing in it
-is executed) and checked against the model before anything is written. The output is
-written atomically (locally or to gs://) and an existing one is kept unless --overwrite.
+is executed), timm's with safetensors (no PyTorch: names and layouts are mapped as
+nfnet_jax/weights/timm.py describes), and either is checked against the model before
+anything is written. The output is written atomically (locally or to gs://) and an
+existing one is kept unless --overwrite. DST may be given as --out instead; with
+--from-timm it defaults to the input's name with the suffix .npz.
 """
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -40,6 +46,15 @@ def define_flags(values: flags.FlagValues) -> None:
     "group width the weights were made with (default: the family's)",
     flag_values=values,
   )
+  flags.DEFINE_string(
+    'from_timm',
+    None,
+    "timm's dm_nfnet_f0..f6 weights (.safetensors) to convert instead of a SRC",
+    flag_values=values,
+  )
+  flags.DEFINE_string(
+    'out', None, 'DST (instead of the last positional argument)', flag_values=values
+  )
   flags.DEFINE_bool('overwrite', False, 'replace an existing DST', flag_values=values)
   flags.DEFINE_bool(
     'no_verify_md5',
@@ -49,25 +64,38 @@ def define_flags(values: flags.FlagValues) -> None:
   )
 
 
-def _convert_cli(f: flags.FlagValues, positional: list[str]) -> int:
-  if len(positional) != 2:
+def _src_and_dst(f: flags.FlagValues, positional: list[str]) -> tuple[str, str]:
+  """SRC and DST from `SRC DST`, `SRC --out DST`, `--from-timm SRC [DST | --out DST]`."""
+  given = ([f.from_timm] if f.from_timm else []) + positional + ([f.out] if f.out else [])
+  if len(given) == 1 and f.from_timm:  # DST beside the input
+    return f.from_timm, os.path.splitext(f.from_timm)[0] + '.npz'
+  if len(given) != 2:
     raise cli.UserError(
-      f'expected SRC and DST, got {len(positional)} positional '
-      'argument(s): python -m nfnet_jax.convert [flags] SRC DST'
+      f'expected SRC and DST, got {len(given)} file name(s) {given}: python -m '
+      'nfnet_jax.convert [flags] SRC DST (or --from-timm FILE.safetensors [--out DST])'
     )
-  src, dst = positional
+  return given[0], given[1]
+
+
+def _convert_cli(f: flags.FlagValues, positional: list[str]) -> int:
+  src, dst = _src_and_dst(f, positional)
   model_kwargs = {
     k: v for k, v in (('width', f.width), ('group_size', f.group_size)) if v is not None
   }
-  summary = weights.convert(
-    src,
-    dst,
-    f.variant,
-    overwrite=f.overwrite,
-    num_classes=f.num_classes,
-    verify_md5=not f.no_verify_md5,
-    **model_kwargs,
-  )
+  if f.from_timm:
+    summary = weights.convert_timm(
+      src, dst, f.variant, overwrite=f.overwrite, num_classes=f.num_classes, **model_kwargs
+    )
+  else:
+    summary = weights.convert(
+      src,
+      dst,
+      f.variant,
+      overwrite=f.overwrite,
+      num_classes=f.num_classes,
+      verify_md5=not f.no_verify_md5,
+      **model_kwargs,
+    )
   print(
     f'wrote {summary["dst"]}: {summary["family"]}-{summary["key"]}, '
     f'{summary["arrays"]} arrays, {summary["values"]:,} parameters, '

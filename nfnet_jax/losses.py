@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ['softmax_cross_entropy', 'topk_correct']
+__all__ = ['softmax_cross_entropy', 'topk_correct', 'label_set_top1_correct']
 
 
 def _as_label_distribution(labels, logits_shape) -> jax.Array:
@@ -81,3 +81,29 @@ def topk_correct(logits, labels, k: int) -> jax.Array:
   _, top = jax.lax.top_k(logits, k)
   hit = jnp.any(top == labels[..., None].astype(top.dtype), axis=-1)
   return hit.astype(jnp.float32)
+
+
+def label_set_top1_correct(logits, label_sets) -> jax.Array:
+  """Per-example multi-label top-1 correctness as float32 0/1: the top prediction is any
+  of the example's correct classes (ImageNet ReaL accuracy, Beyer et al. 2020, arXiv
+  2006.07159 section 4).
+
+  Args:
+    logits: [B, C] logits.
+    label_sets: [B, C] multi-hot (bool or 0/1) sets of correct classes. An empty set
+      scores 0 here; ReaL leaves such examples out of the denominator, which is the
+      caller's mask.
+
+  Returns:
+    float32 array [B]. Ties between logits go to the lower class index, as in
+    ``topk_correct``.
+  """
+  logits = jnp.asarray(logits).astype(jnp.float32)
+  label_sets = jnp.asarray(label_sets)
+  if label_sets.shape != logits.shape:
+    raise ValueError(
+      f"label_sets must be multi-hot of the logits' shape {logits.shape}; got {label_sets.shape}."
+    )
+  top = jnp.argmax(logits, axis=-1)
+  hit = jnp.take_along_axis(label_sets, top[..., None], axis=-1)[..., 0]
+  return (hit > 0).astype(jnp.float32)

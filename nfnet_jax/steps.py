@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from nfnet_jax import data, losses, optim, parallel
+from nfnet_jax import data, losses, optim, parallel, sam
 
 AXIS = parallel.AXIS
 
@@ -78,8 +78,25 @@ def make_train_step(
   gradient, exactly as for one pass over the batch: AGC clips the global-batch gradient
   (arXiv 2102.06171 section 4), so accumulating clipped micro-batch gradients would
   be a different algorithm.
+
+  With `config.optimizer.sam_rho > 0`, each (micro-)batch's gradient is SAM's
+  (`sam.sam_value_and_grad`, arXiv 2102.06171 appendix A.4): the ascent gradient of its
+  first `sam_ascent_fraction` of examples (their MixUp/CutMix soft labels included)
+  perturbs the parameters on this device only, and the loss and gradient of the whole
+  (micro-)batch are taken there (the logged loss and top-1 are this pass's); only these
+  descent gradients cross devices (the pmean below), then AGC and the optimizer run at
+  the unperturbed parameters as before. The ascent reuses the step's rng key: with JAX's
+  partitionable threefry (the default) the first examples then draw the very
+  stochastic-depth and dropout masks in the ascent that they draw in the descent, so the
+  perturbation is computed on the sub-networks the descent differentiates. With gradient
+  accumulation each micro-batch takes its own ascent, as each device does (the paper
+  mimics devices with accumulation). `sam_rho = 0` traces none of it.
   """
   clipping = config.optimizer.clipping
+  sam_rho = float(config.optimizer.get('sam_rho', 0.0))
+  sam_fraction = float(config.optimizer.get('sam_ascent_fraction', 0.2))
+  if sam_rho:
+    sam.check_sam_args(sam_rho, sam_fraction)
   accum_steps = int(config.train.get('grad_accum_steps', 1))
   if accum_steps < 1:
     raise ValueError(f'config.train.grad_accum_steps must be >= 1; got {accum_steps}.')
@@ -94,9 +111,15 @@ def make_train_step(
 
   def loss_grads_top1(params, images, labels, rng):
     """Mean loss, float32 gradient and mean top-1 of one (micro-)batch."""
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      params, model_inputs(images), labels, rng
-    )
+    if sam_rho:
+      batch_loss = lambda p, batch: loss_fn(p, *batch, rng)  # noqa: E731
+      (loss, logits), grads = sam.sam_value_and_grad(
+        batch_loss, sam_rho, sam_fraction, has_aux=True
+      )(params, (model_inputs(images), labels))
+    else:
+      (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, model_inputs(images), labels, rng
+      )
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     return loss, grads, jnp.mean(losses.topk_correct(logits, labels, 1))
 
@@ -163,13 +186,23 @@ def make_train_step(
 
 
 def make_eval_step(model, num_classes: int):
-  """Sums (not means) of loss/top-1/top-5 over real examples, for raw and EMA params."""
+  """Sums (not means) of loss/top-1/top-5 over real examples, for raw and EMA params.
+
+  A multi-label batch (a 'label_set', ImageNet ReaL) gives the multi-label top-1 only,
+  over the examples that have at least one correct class: ReaL leaves the others out
+  (Beyer et al. 2020, arXiv 2006.07159 section 4); 'count' is then their number."""
 
   def eval_step(params, ema_params, batch):
     mask = batch['mask']
+    label_sets = batch.get('label_set')
+    if label_sets is not None:
+      mask = mask * jnp.any(label_sets, axis=-1).astype(mask.dtype)
     sums = {'count': jnp.sum(mask)}
     for prefix, p in (('', params), ('ema_', ema_params)):
       logits = model.apply(p, None, model_inputs(batch['images']), is_training=False)['logits']
+      if label_sets is not None:
+        sums[prefix + 'top1'] = jnp.sum(losses.label_set_top1_correct(logits, label_sets) * mask)
+        continue
       labels = batch['labels']
       sums[prefix + 'loss'] = jnp.sum(
         losses.softmax_cross_entropy(logits, labels, num_classes) * mask

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -32,7 +33,8 @@ import numpy as np
 import optax
 
 from nfnet_jax import checkpoint as checkpoint_lib
-from nfnet_jax import cli, data, fileio, models, optim, parallel, steps
+from nfnet_jax import cli, data, fileio, models, optim, parallel, provenance, steps
+from nfnet_jax import config as config_lib
 from nfnet_jax import metrics as metrics_lib
 from nfnet_jax import weights as weights_lib
 from nfnet_jax import workdir as workdir_lib
@@ -83,15 +85,46 @@ def make_optimizer(
 
 
 # ---------------------------------------------------------------------------
-# Evaluation over a whole split.
+# Evaluation over whole splits.
 # ---------------------------------------------------------------------------
+def eval_metric_prefix(entries: Sequence[str], index: int) -> str:
+  """The metric-name prefix of evaluation entry `index`: the first (the headline, e.g.
+  validation) logs `eval_top1`, `eval_ema_top1`, `eval_count`, ...; every further one
+  `eval_<entry>/top1`, ... with the entry made a TensorBoard-safe name
+  (`eval_imagenet_v2/top1`, `eval_train_1pct/top1` for 'train[:1%]')."""
+  if index == 0:
+    return 'eval_'
+  name = re.sub(r'[^0-9A-Za-z_.-]+', '_', entries[index].replace('%', 'pct')).strip('_')
+  return f'eval_{name}/'
+
+
+def eval_entries(spec) -> tuple[str, ...]:
+  """`config.eval.splits` (comma-separated, or a sequence) -> its entries, with distinct
+  metric prefixes."""
+  try:
+    entries = data.parse_eval_splits(spec)
+  except ValueError as e:
+    raise ValueError(f'{e} (set by --config.eval.splits)') from None
+  prefixes = [eval_metric_prefix(entries, i) for i in range(len(entries))]
+  clash = sorted({p for p in prefixes if prefixes.count(p) > 1})
+  if clash:
+    raise ValueError(
+      f'--config.eval.splits={",".join(entries)}: entries share the metric prefix '
+      f'{", ".join(clash)}; keep one of them.'
+    )
+  return entries
+
+
 def evaluate_split(
   p_eval_step,
   state: steps.TrainState,
   config: ml_collections.ConfigDict,
   split: str,
   devices: Sequence,
+  prefix: str = 'eval_',
 ) -> dict[str, float]:
+  """Metrics of one evaluation entry (a split, or 'imagenet_v2', ...), named `prefix + k`;
+  each is a mean over the entry's counted examples (`prefix + 'count'`)."""
   num_devices = len(devices)
   per_device = parallel.per_device_batch_size(config.eval.batch_size, num_devices)
   totals = None
@@ -110,8 +143,24 @@ def evaluate_split(
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = parallel.to_host(totals)
   count = float(totals.pop('count'))
-  results = {f'eval_{k}': float(v) / count for k, v in totals.items()}
-  results['eval_count'] = int(count)
+  results = {f'{prefix}{k}': float(v) / count for k, v in totals.items()}
+  results[f'{prefix}count'] = int(count)
+  return results
+
+
+def evaluate_splits(
+  p_eval_step,
+  state: steps.TrainState,
+  config: ml_collections.ConfigDict,
+  splits,
+  devices: Sequence,
+) -> dict[str, float]:
+  """`evaluate_split` of every entry of `splits` (see `eval_entries`), in one dict."""
+  entries = eval_entries(splits)
+  results = {}
+  for i, entry in enumerate(entries):
+    prefix = eval_metric_prefix(entries, i)
+    results.update(evaluate_split(p_eval_step, state, config, entry, devices, prefix))
   return results
 
 
@@ -166,6 +215,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ('every_steps', 'max_to_keep'):
     if config.checkpoint[key] < 1:
       raise ValueError(f'--config.checkpoint.{key} must be >= 1, got {config.checkpoint[key]}.')
+  for key in ('start_step', 'num_steps'):
+    if config.profile[key] < 0:
+      raise ValueError(f'--config.profile.{key} must be >= 0, got {config.profile[key]}.')
+  if not config.optimizer.sam_rho >= 0:
+    raise ValueError(
+      f'--config.optimizer.sam_rho must be >= 0 (0 turns SAM off), got {config.optimizer.sam_rho}.'
+    )
+  if not 0 < config.optimizer.sam_ascent_fraction <= 1:
+    raise ValueError(
+      '--config.optimizer.sam_ascent_fraction must be in (0, 1], got '
+      f'{config.optimizer.sam_ascent_fraction}.'
+    )
 
 
 def check_run(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -182,14 +243,16 @@ def check_run(config: ml_collections.ConfigDict, num_devices: int) -> None:
     )
   # The splits exist: an unknown evaluation split would otherwise surface at the first
   # evaluation, hours into the run.
-  for split, flag in (
-    (data.train_split(config.data), '--config.data.train_split'),
-    (config.eval.split, '--config.eval.split'),
-  ):
+  try:
+    data.split_size(config.data, data.train_split(config.data))
+  except ValueError as e:
+    raise ValueError(f'{e} (set by --config.data.train_split)') from None
+  for entry in eval_entries(config.eval.splits):
     try:
-      data.split_size(config.data, split)
-    except ValueError as e:
-      raise ValueError(f'{e} (set by {flag})') from None
+      data.check_eval_split(config.data, entry)
+    except (ValueError, FileNotFoundError) as e:  # not prepared: FileNotFoundError
+      error = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+      raise error(f'{e} (set by --config.eval.splits)') from None
   if config.init_from and not fileio.exists(config.init_from):
     raise FileNotFoundError(
       f'--config.init_from={config.init_from} does not exist; give the path of a weights '
@@ -229,8 +292,11 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def config_changes(stored: dict, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
-  """(field, stored value, new value) for each config field that differs."""
+  """(field, stored value, new value) for each config field that differs. A field the
+  stored config lacks (written before the field existed) counts as its default in
+  `config.base_config()`, which is what that run did."""
   old, new = _flat_config(stored), _flat_config(config_to_dict(config))
+  old = {**_flat_config(config_to_dict(config_lib.base_config())), **old}
   missing = '<unset>'
   return [
     (key, old.get(key, missing), new.get(key, missing))
@@ -433,6 +499,54 @@ class StopRequests:
 
 
 # ---------------------------------------------------------------------------
+# Profiling a window of steps.
+# ---------------------------------------------------------------------------
+PROFILE_SUBDIR = 'profile'
+
+
+class StepProfiler:
+  """A `jax.profiler` trace of steps `start_step + 1 .. start_step + num_steps` (the
+  trace starts from the state after `start_step` steps, so 0 includes the first step's
+  compilation) into `log_dir`: `*.xplane.pb` for TensorBoard's profile tab and
+  `perfetto_trace.json.gz` for Perfetto. A resumed run traces what is left of the
+  window. Each step is a `StepTraceAnnotation` (TensorBoard's step view); the last
+  step's outputs are waited for before the trace stops, so it holds that step's device
+  work, and a loop that ends or fails early stops the trace on its way out."""
+
+  def __init__(self, log_dir: str, start_step: int, num_steps: int, enabled: bool = True):
+    self.log_dir, self.first, self.last = log_dir, start_step + 1, start_step + num_steps
+    self.pending, self.active = enabled and num_steps > 0, False
+
+  @contextlib.contextmanager
+  def step(self, step: int):
+    if self.pending and self.first <= step <= self.last:
+      jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
+      self.pending, self.active = False, True
+    if not self.active:
+      yield
+      return
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      yield
+
+  def step_done(self, step: int, outputs) -> None:
+    if self.active and step >= self.last:
+      jax.block_until_ready(outputs)
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+    return False
+
+
+# ---------------------------------------------------------------------------
 # The training loop.
 # ---------------------------------------------------------------------------
 def train_and_evaluate(
@@ -493,6 +607,21 @@ def train_and_evaluate(
         logging.warning(
           'Resumed at step %d with changed settings: %s', start_step, '; '.join(changes)
         )
+      # How this start was made, next to the records of the earlier ones (runs.jsonl).
+      header = provenance.run_header()
+      provenance.append_run_record(
+        workdir,
+        header,
+        start_step=start_step,
+        config=config_to_dict(config),
+        config_changes=changes,
+      )
+      print(
+        f'{provenance.format_header(header)}\n'
+        f'workdir: {workdir}, from step {start_step} of {run.total_steps}',
+        file=sys.stderr,  # stdout carries the results
+        flush=True,
+      )
 
     if start_step >= run.total_steps:
       finished = recorded_final_eval(workdir, start_step)
@@ -542,9 +671,24 @@ def train_and_evaluate(
     # 4. The loop.
     eval_metrics, shown = {}, {}
     stop = stack.enter_context(StopRequests())
+    profiler = stack.enter_context(
+      StepProfiler(
+        os.path.join(workdir, PROFILE_SUBDIR),
+        config.profile.start_step,
+        config.profile.num_steps,
+        enabled=main_process,
+      )
+    )
+    guard = stack.enter_context(contextlib.ExitStack())
+    if config.debug.transfer_guard:
+      # Only explicit copies in the loop (the prefetcher's device_put, device_get of the
+      # metrics, the checkpoint's): an implicit one is a host sync hidden in a step.
+      guard.enter_context(jax.transfer_guard('disallow'))
     timer_step, timer_start = start_step, time.perf_counter()
     for step in range(start_step + 1, run.total_steps + 1):
-      state, metrics = p_train_step(state, next(train_iter))
+      with profiler.step(step):
+        state, metrics = p_train_step(state, next(train_iter))
+      profiler.step_done(step, (state, metrics))
       ckpt.check_saves()  # a failed background save stops the run now, not later
       if held is not None:
         held.check()  # a remote lock taken over by another trainer stops this one
@@ -573,7 +717,8 @@ def train_and_evaluate(
       logger.progress(step, **shown)
 
       if saving:
-        ckpt.save(step, state._asdict())
+        with jax.transfer_guard('allow'):  # copying the state to the host is the point
+          ckpt.save(step, state._asdict())
       if stopping:
         ckpt.wait_until_finished()
         logger.flush()
@@ -582,13 +727,15 @@ def train_and_evaluate(
         ckpt.wait_until_finished()  # the final checkpoint is on disk before the last eval
 
       if step % config.train.eval_every_steps == 0 or is_last:
-        eval_metrics = evaluate_split(p_eval_step, state, config, config.eval.split, devices)
+        eval_metrics = evaluate_splits(p_eval_step, state, config, config.eval.splits, devices)
         logger.write(step, eval_metrics)
         timer_step, timer_start = step, time.perf_counter()
+    profiler.close()  # a window reaching past the last step ends with it
+    guard.close()
 
     # 5. Final evaluation (when resumed at the very end, before it was logged) and export.
     if not eval_metrics:
-      eval_metrics = evaluate_split(p_eval_step, state, config, config.eval.split, devices)
+      eval_metrics = evaluate_splits(p_eval_step, state, config, config.eval.splits, devices)
       logger.write(int(state.step), eval_metrics)
     weights_lib.export_params(config.model, parallel.to_host(state.ema_params), workdir)
   return eval_metrics
@@ -600,15 +747,19 @@ def train_and_evaluate(
 def evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
-  split: Optional[str] = None,
+  split: Optional[str | Sequence[str]] = None,
   weights: Optional[str] = None,
 ) -> dict[str, float]:
   """Evaluates the newest checkpoint in `workdir` (raw and EMA parameters), or the
-  parameters in a `weights` file (released or converted .npz; raw = EMA = the file's).
+  parameters in a `weights` file (released or converted .npz; raw = EMA = the file's),
+  on the evaluation entries `split` (comma-separated or a sequence; default
+  `config.eval.splits`), the first logged as `eval_*`, the others as `eval_<entry>/*`.
 
   Reads the workdir without changing it (a run may be training there); only the
   results are appended to its metrics.jsonl."""
   run = setup(config)
+  if jax.process_index() == 0:
+    print(provenance.format_header(provenance.run_header()), file=sys.stderr, flush=True)
   state = run.state
   if weights:
     params = weights_lib.load_for_model(config.model, weights, run.info.num_classes)
@@ -626,7 +777,7 @@ def evaluate(
   p_eval_step = parallel.map_eval_step(
     steps.make_eval_step(run.model, run.info.num_classes), run.devices, mode=config.parallel
   )
-  results = evaluate_split(p_eval_step, state, config, split or config.eval.split, run.devices)
+  results = evaluate_splits(p_eval_step, state, config, split or config.eval.splits, run.devices)
   with metrics_lib.MetricsLogger(
     workdir, total_steps=run.total_steps, progress_bar=False
   ) as logger:

@@ -343,6 +343,73 @@ def test_setup_dry_run_prints_the_copy_and_the_install(cloud, checkout):
   assert cloud.calls() == []
 
 
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Records each call (shell-quoted) and acts out what nfnet_jax_setup.sh needs of python.
+printf '%q ' "$0" "$@" >> "$FAKE_PYTHON_LOG"; echo >> "$FAKE_PYTHON_LOG"
+case "$1 $2" in
+  '-m venv') mkdir -p "$3/bin" && cp "$0" "$3/bin/python" ;;
+  '-m pip') [[ "$3" == freeze ]] && echo 'jax==0.10.2' || true ;;
+  -c*) [[ "$2" == *device_count* ]] && echo '0.10.2 16 4' || echo '0.10.2' ;;
+esac
+"""
+
+
+def setup_requirements():
+  """setup.py's install_requires and extras_require, as setuptools gets them, parsed."""
+  import runpy
+  from unittest import mock
+
+  from packaging.requirements import Requirement
+  import setuptools
+
+  with mock.patch.object(setuptools, 'setup') as setup:
+    runpy.run_path(str(REPO / 'setup.py'))
+  kwargs = setup.call_args.kwargs
+  install = [Requirement(r) for r in kwargs['install_requires']]
+  extras = {k: [Requirement(r) for r in v] for k, v in kwargs['extras_require'].items()}
+  return install, extras
+
+
+def test_setup_installs_the_projects_tpu_extra(cloud, tmp_path):
+  cloud.add_node()
+  result = cloud.run('setup_tpu.sh', *SLICE)
+  assert result.returncode == 0, result.stdout + result.stderr
+  words = shlex.split(remote_commands(cloud.calls())[0])
+  # Run what every worker got, for real, in a home directory of its own with a python
+  # that records how it is called.
+  home = tmp_path / 'home'
+  home.mkdir()
+  for name in ('nfnet_jax.tar.gz', 'nfnet_jax_setup.sh'):
+    shutil.copy(cloud.root / 'scp' / name, home / name)
+  python = tmp_path / 'python3.11'
+  python.write_text(FAKE_PYTHON)
+  python.chmod(0o755)
+  log = tmp_path / 'python_calls.txt'
+  words[4] = str(python)
+  worker = subprocess.run(
+    words,
+    cwd=home,
+    env={**cloud.env, 'HOME': str(home), 'FAKE_PYTHON_LOG': str(log)},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert worker.returncode == 0, worker.stdout + worker.stderr
+  assert 'jax 0.10.2: 16 devices in the slice, 4 on this worker' in worker.stdout
+  calls = [shlex.split(line) for line in log.read_text().splitlines()]
+  installs = [c[4:] for c in calls if c[1:4] == ['-m', 'pip', 'install'] and '--upgrade' not in c]
+  # One resolver run: the checkout with its `tpu` extra, and jax pinned to one version.
+  assert installs == [['-q', 'jax==0.10.2', '-e', f'{home}/nfnet_jax[tpu]']]
+  assert (home / 'nfnet_jax' / 'launch' / 'setup_tpu.sh').exists()
+  # The extra is setup.py's: jax[tpu] on the same jax range as the CPU install, per Python.
+  install, extras = setup_requirements()
+  jax_pins = {(str(r.specifier), str(r.marker)) for r in install if r.name == 'jax'}
+  assert len(jax_pins) == 2  # one per Python line
+  for name, jax_extra in (('tpu', {'tpu'}), ('gpu', {'cuda12'}), ('gpu-cuda13', {'cuda13'})):
+    assert all(r.name == 'jax' and r.extras == jax_extra for r in extras[name])
+    assert {(str(r.specifier), str(r.marker)) for r in extras[name]} == jax_pins
+
+
 def test_train_starts_the_same_command_on_every_worker(cloud):
   cloud.add_node(setup='commit=abc jax=0.10.2 packages=123')
   extra = ['--config.train.num_steps=200', '--config.eval.batch_size=128']

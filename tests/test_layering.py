@@ -11,7 +11,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Lowest first. A package name stands for every module in it.
 LAYERS = [
   {'nfnet_jax.fileio', 'nfnet_jax.cli'},
-  {'nfnet_jax.models', 'nfnet_jax.data', 'nfnet_jax.optim', 'nfnet_jax.losses'},
+  {'nfnet_jax.models', 'nfnet_jax.data', 'nfnet_jax.optim', 'nfnet_jax.sam', 'nfnet_jax.losses'},
   {'nfnet_jax.weights', 'nfnet_jax.config'},
   {
     'nfnet_jax.parallel',
@@ -19,9 +19,17 @@ LAYERS = [
     'nfnet_jax.metrics',
     'nfnet_jax.steps',
     'nfnet_jax.workdir',
+    'nfnet_jax.provenance',
   },
   {'nfnet_jax.train'},
-  {'nfnet_jax.classify', 'nfnet_jax.convert', 'nfnet_jax.benchmark', 'nfnet_jax.throughput'},
+  {
+    'nfnet_jax.classify',
+    'nfnet_jax.convert',
+    'nfnet_jax.benchmark',
+    'nfnet_jax.throughput',
+    'nfnet_jax.plot',
+    'nfnet_jax.spp',
+  },
 ]
 
 

@@ -223,7 +223,7 @@ EIGHT_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 BAD_INPUT = {
   'unknown variant': (['--config.model.kwargs.variant=F99'], 'Unknown variant', {}),
   'misspelled field': (['--config.train.bach_size=8'], 'batch_size', {}),
-  'eval split the dataset lacks': (['--config.eval.split=validation'], 'eval.split', {}),
+  'eval split the dataset lacks': (['--config.eval.splits=validation'], 'eval.splits', {}),
   'eval batch that does not divide': (
     ['--config.eval.batch_size=100'],
     '--config.eval.batch_size',
@@ -261,7 +261,7 @@ def test_a_class_without_images_is_one_line_and_writes_nothing(tmp_path, second_
       workdir,
       '--config.data.name=folder',
       f'--config.data.folder={root}',
-      '--config.eval.split=train',
+      '--config.eval.splits=train',
     )
   )
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]

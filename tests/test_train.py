@@ -372,7 +372,7 @@ def test_family_digits_configs_keep_the_recipe_on_the_embedded_data(module):
   config = module.get_config('digits')
   train.validate_config(config)
   full = module.get_config(None)
-  assert config.data.name == 'digits' and config.eval.split == 'test'
+  assert config.data.name == 'digits' and config.eval.splits == 'test'
   assert config.model.name == full.model.name
   assert config.optimizer.clipping == 0.0 == full.optimizer.clipping
   assert config.optimizer.weight_decay == full.optimizer.weight_decay
@@ -408,7 +408,7 @@ def test_finetune_configs_carry_the_fine_tuning_recipe(arg):
   train.validate_config(config)
   assert config.optimizer.weight_decay == 1e-5
   assert (config.model.kwargs.drop_rate, config.model.kwargs.stochdepth_rate) == (0.25, 0.1)
-  assert config.data.name == 'folder' and config.eval.split == 'val'
+  assert config.data.name == 'folder' and config.eval.splits == 'val'
   assert (config.data.mixup_alpha, config.data.cutmix, config.data.randaug_layers) == (
     0.0,
     False,
@@ -577,7 +577,7 @@ def test_trains_on_an_image_folder_with_the_papers_augmentation(tmp_path):
     randaug_magnitude=10.0,
     shuffle_buffer=64,
   )
-  config.eval.update(split='holdout', batch_size=8)
+  config.eval.update(splits='holdout', batch_size=8)
   info = data.dataset_info(config.data)
   assert info.class_names == ('crow', 'gull', 'wren')
   workdir = str(tmp_path / 'run')

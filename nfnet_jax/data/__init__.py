@@ -4,6 +4,7 @@
     for batch in train_iterator(cfg, per_device_batch=..., local_devices=..., seed=...,
                                 start_step=...): ...    # resumes exactly at start_step
     for batch in eval_iterator(cfg, split='test', per_device_batch=..., local_devices=...): ...
+    eval_iterator(cfg, split='imagenet_v2', ...)  # or another dataset of the same classes
     image = eval_image(open('cat.jpg', 'rb').read(), 256)   # the paper's eval view, NumPy
 
 Modules: ``sources`` (the DataSource interface, the registry of sources and
@@ -21,11 +22,14 @@ import importlib
 
 _HOMES = {
   'DatasetInfo': 'sources',
+  'EVAL_DATASETS': 'sources',
+  'check_eval_split': 'sources',
   'dataset_info': 'sources',
   'default_data_config': 'sources',
   'eval_image_size': 'sources',
   'get_source': 'sources',
   'known_datasets': 'sources',
+  'parse_eval_splits': 'sources',
   'split_size': 'sources',
   'train_split': 'sources',
   'eval_iterator': 'pipeline',

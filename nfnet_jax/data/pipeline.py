@@ -40,7 +40,10 @@ Every batch is a dict of NumPy arrays:
             [local_devices, per_device_batch, num_classes] label distributions when
             training with MixUp/CutMix;
   'mask':   float32 [local_devices, per_device_batch] (eval only): 1 for real examples,
-            0 for padding.
+            0 for padding;
+  'label_set': bool [local_devices, per_device_batch, num_classes] (eval of a multi-label
+            set only, ImageNet ReaL): every class that counts as correct ('labels' is
+            then the original single label); an example may have none.
 
 The iterators look the source up by ``data_config.name`` and fill the fields a config
 lacks from ``sources.default_data_config()``. Nothing here is meant to run inside jitted
@@ -497,7 +500,7 @@ def eval_steps(
   _check_int('per_device_batch', per_device_batch, 1)
   _check_int('local_devices', local_devices, 1)
   _check_int('process_count', process_count, 1)
-  source = sources.get_source(data_config.name)
+  source, split = sources.eval_source(data_config, split)
   sources.validate_split(source, source.info(data_config), split, data_config)
   max_shard = max(
     source.shard_size(data_config, split, process_index=p, process_count=process_count)
@@ -517,6 +520,9 @@ def eval_iterator(
 ) -> Iterator[Batch]:
   """One pass, in a fixed order and without augmentation, over this process's shard of
   ``split``, at ``eval_image_size(data_config)`` with ``data_config.eval_preprocess``.
+  ``split`` is an evaluation entry (``sources.eval_source``): a split of the training
+  dataset, or another dataset of its classes ('imagenet_v2', 'imagenet2012_real'), read
+  with the training dataset's evaluation preprocessing.
 
   Yields {'images', 'labels', 'mask'} with leading axes [local_devices, per_device_batch].
   Padding (zero images, label 0, mask 0) fills the last batch and, where shards differ in
@@ -525,9 +531,10 @@ def eval_iterator(
   masked examples are exactly the split, each once.
   """
   data_config = sources.with_defaults(data_config)
-  source, info = _check_common(
-    data_config, per_device_batch, local_devices, process_index, process_count
-  )
+  _check_common(data_config, per_device_batch, local_devices, process_index, process_count)
+  entry = split
+  source, split = sources.eval_source(data_config, entry)
+  info = source.info(data_config)
   sources.validate_split(source, info, split, data_config)
   fileio.hide_gpus_from_tensorflow()
   ds, shard_size = source.examples(
@@ -537,7 +544,7 @@ def eval_iterator(
     raise ValueError(f'Source {info.name!r} returned an eval shard of unknown size.')
   steps = eval_steps(
     data_config,
-    split=split,
+    split=entry,
     per_device_batch=per_device_batch,
     local_devices=local_devices,
     process_count=process_count,

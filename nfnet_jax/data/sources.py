@@ -9,6 +9,10 @@ does the rest, the same for every source. The built-in sources, by ``data_config
     'tfds:<name>'   any TFDS image-classification dataset (``tfds_source``)
     'folder'        the user's own images (``folder``)
 
+Evaluation can also read other datasets labelled with the training dataset's classes
+(``EVAL_DATASETS``: ImageNet-v2 and ImageNet ReaL); an *evaluation entry* names either a
+split of the training dataset or one of them (``eval_source``).
+
 ``default_data_config()`` declares every data field and its default. The public
 functions here and in ``pipeline`` accept a config that lacks some fields and fill them
 from the defaults (``with_defaults``); everything below them reads the fields directly.
@@ -23,7 +27,7 @@ import abc
 import dataclasses
 import functools
 import importlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 import tensorflow as tf
@@ -114,7 +118,9 @@ class DataSource(abc.ABC):
     *,
     rng: tf.Tensor | None,
   ) -> dict[str, tf.Tensor]:
-    """One raw example -> {'images': float32 [S, S, 3] in 0..255, 'labels': int32 []}.
+    """One raw example -> {'images': float32 [S, S, 3] in 0..255, 'labels': int32 []},
+    plus 'label_set' (bool [num_classes], every correct class) for a multi-label
+    evaluation set such as ImageNet ReaL.
 
     ``rng`` is a stateless-random seed (int64 [2]) for training augmentation at
     S = ``data_config.image_size``, or None for evaluation (no randomness) at
@@ -134,6 +140,12 @@ class DataSource(abc.ABC):
         f'Unknown split {split!r} for dataset {info.name!r}; '
         f'valid splits: {", ".join(info.num_examples)}.'
       )
+
+  def class_names(self, data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """``info(data_config).class_names``; a source that knows them without reading its data
+    (TFDS: from the builder's features) overrides it, so that evaluating a dataset of other
+    classes is refused before asking for the data to be prepared."""
+    return self.info(data_config).class_names
 
   def approx_bytes(self, data_config: ml_collections.ConfigDict, split: str) -> int | None:
     """About how many bytes the raw (encoded) examples of ``split`` take, or None if
@@ -303,6 +315,63 @@ def eval_image_size(data_config: ml_collections.ConfigDict) -> int:
   return int(data_config.eval_image_size or data_config.image_size)
 
 
+# ---------------------------------------------------------------------------------------
+# Evaluation entries: a split of the training dataset, or another dataset of its classes.
+# ---------------------------------------------------------------------------------------
+
+# Datasets an evaluation entry may name besides the training dataset's splits:
+# name -> ('module:attribute' of the source, the split it reads). 'imagenet_v2' reads the
+# whole split, 'imagenet_v2[:1000]' a TFDS slice of it. Preprocessing (eval image size
+# and view) is the training data config's.
+EVAL_DATASETS = {
+  'imagenet_v2': ('nfnet_jax.data.tfds_source:IMAGENET_V2', 'test'),
+  'imagenet2012_real': ('nfnet_jax.data.tfds_source:IMAGENET_REAL', 'validation'),
+}
+
+
+def parse_eval_splits(spec: str | Sequence[str]) -> tuple[str, ...]:
+  """'validation,imagenet_v2' (or a sequence of entries) -> ('validation', 'imagenet_v2')."""
+  entries = tuple(e.strip() for e in (spec.split(',') if isinstance(spec, str) else spec))
+  if not entries or not all(entries):
+    raise ValueError(
+      f'Empty evaluation entry in {spec!r}; give comma-separated splits or datasets, '
+      'e.g. validation,imagenet_v2,imagenet2012_real.'
+    )
+  repeated = sorted({e for e in entries if entries.count(e) > 1})
+  if repeated:
+    raise ValueError(f'Evaluation entries repeated in {spec!r}: {", ".join(repeated)}.')
+  return entries
+
+
+def eval_source(data_config: ml_collections.ConfigDict, entry: str) -> tuple[DataSource, str]:
+  """The source and split that evaluation entry ``entry`` reads: an ``EVAL_DATASETS``
+  name (optionally with a TFDS slice, 'imagenet_v2[:1000]'), else a split (or TFDS split
+  expression) of the training dataset ``data_config.name``."""
+  name, bracket, rest = entry.partition('[')
+  if name in EVAL_DATASETS:
+    path, split = EVAL_DATASETS[name]
+    return _load(path), split + bracket + rest
+  return get_source(data_config.name), entry
+
+
+def check_eval_split(data_config: ml_collections.ConfigDict, entry: str) -> int:
+  """Raises ValueError unless evaluation entry ``entry`` can be read and is labelled with
+  the training dataset's classes; returns its number of examples."""
+  data_config = with_defaults(data_config)
+  source, split = eval_source(data_config, entry)
+  trained = get_source(data_config.name)
+  if source is not trained:
+    names, train_names = source.class_names(data_config), trained.class_names(data_config)
+    if names != train_names:
+      raise ValueError(
+        f'Evaluation set {entry!r} is labelled with the {len(names)} classes of '
+        f'{source.name!r}, which are not the {len(train_names)} classes of the training '
+        f'dataset {trained.name!r}; evaluate it only on models of those classes.'
+      )
+  validate_split(source, source.info(data_config), split, data_config)
+  return source.shard_size(data_config, split, process_index=0, process_count=1)
+
+
 def validate_split(
   source: DataSource, info: DatasetInfo, split: str, data_config: ml_collections.ConfigDict
 ) -> None:
@@ -312,9 +381,10 @@ def validate_split(
 
 
 def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
-  """Number of examples in ``split`` (a named split or, for TFDS, a split expression)."""
+  """Number of examples in ``split`` (a named split or, for TFDS, a split expression; or
+  an evaluation entry, see ``eval_source``)."""
   data_config = with_defaults(data_config)
-  source = get_source(data_config.name)
+  source, split = eval_source(data_config, split)
   validate_split(source, source.info(data_config), split, data_config)
   return source.shard_size(data_config, split, process_index=0, process_count=1)
 

@@ -23,6 +23,14 @@ Per-host sharding: process p of n reads ``tfds.even_splits(split, n)[p]`` (conti
 ranges of the split, sizes within one of each other): every host reads only its own
 files, and across hosts each example is read exactly once.
 
+Evaluation-only datasets (``sources.EVAL_DATASETS``, named in ``eval.splits``), labelled
+with ImageNet's 1000 classes:
+    'imagenet_v2'        TFDS imagenet_v2/matched-frequency, split 'test' (10,000 images;
+                         Recht et al. 2019, arXiv 1902.10811)
+    'imagenet2012_real'  TFDS imagenet2012_real, split 'validation': the 50,000 validation
+                         images with the ReaL labels of Beyer et al. 2020 (arXiv 2006.07159),
+                         a set of classes per image, served as the multi-hot 'label_set'
+
 A dataset that is not prepared fails at once with the steps to prepare it
 (``DatasetNotPreparedError``), not with a stack trace from inside TFDS.
 """
@@ -46,6 +54,8 @@ IMAGENET_SPLITS = {
   'test': 'validation',
 }
 IMAGENET_VERSION = '5.*.*'
+IMAGENET_V2_VERSION = '3.*.*'
+IMAGENET_REAL_VERSION = '1.*.*'
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,6 +102,27 @@ def imagenet_not_prepared_message(data_dir: str) -> str:
   )
 
 
+def imagenet_v2_not_prepared_message(data_dir: str) -> str:
+  d = data_dir or '~/tensorflow_datasets'
+  return (
+    f'ImageNet-v2 (TFDS imagenet_v2 {IMAGENET_V2_VERSION[0]}.x) is not prepared in '
+    f'{_where(data_dir)}. Run `tfds build imagenet_v2/matched-frequency --data_dir {d}` on a '
+    'machine with network access (it downloads 1.2 GB, no registration), then pass '
+    f'--config.data.data_dir={d}. See docs/imagenet.md.'
+  )
+
+
+def imagenet_real_not_prepared_message(data_dir: str) -> str:
+  d = data_dir or '~/tensorflow_datasets'
+  return (
+    f'ImageNet ReaL (TFDS imagenet2012_real {IMAGENET_REAL_VERSION[0]}.x) is not prepared in '
+    f'{_where(data_dir)}. Put ILSVRC2012_img_val.tar (from https://image-net.org) in '
+    f'{d}/downloads/manual/, run `tfds build imagenet2012_real --data_dir {d}` on a machine '
+    'with network access (it downloads the ReaL labels), then pass '
+    f'--config.data.data_dir={d}. See docs/imagenet.md.'
+  )
+
+
 class TfdsSource(sources.DataSource):
   """A ``sources.DataSource`` over a TFDS image-classification dataset."""
 
@@ -103,12 +134,19 @@ class TfdsSource(sources.DataSource):
     split_aliases: Mapping[str, str] | None = None,
     train_split: str = 'train',
     not_prepared_message=None,
+    keys: tuple[str, str] | None = None,
+    label_set_key: str | None = None,
   ):
+    """``keys``: the (Image, ClassLabel) features, where the builder's supervised keys
+    are not those; ``label_set_key``: a Sequence(ClassLabel) feature served (for
+    evaluation) as the multi-hot 'label_set' of every example."""
     self.tfds_name = tfds_name
     self.name = name or f'tfds:{tfds_name}'
     self.train_split = train_split
     self._aliases = dict(split_aliases or {})
     self._not_prepared = not_prepared_message
+    self._explicit_keys = keys
+    self._label_set_key = label_set_key
 
   # -- TFDS access ------------------------------------------------------------------------
 
@@ -165,11 +203,23 @@ class TfdsSource(sources.DataSource):
       if 'split' in str(e).lower():
         raise ValueError(f'Bad split {tfds_split!r} for {self.name!r}: {e}') from None
       raise
-    return ds.map(lambda ex: {'image': ex[image_key], 'label': ex[label_key]}), builder
+    if self._label_set_key is None:
+      return ds.map(lambda ex: {'image': ex[image_key], 'label': ex[label_key]}), builder
+    set_key = self._label_set_key
+    num_classes = int(builder.info.features[label_key].num_classes)
+
+    def with_label_set(ex):
+      # Class ids (any number, possibly none) -> a fixed-shape multi-hot vector.
+      ids = tf.cast(ex[set_key], tf.int32)
+      hot = tf.math.bincount(ids, minlength=num_classes, maxlength=num_classes) > 0
+      hot = tf.ensure_shape(hot, [num_classes])  # static, for batching and padding
+      return {'image': ex[image_key], 'label': ex[label_key], 'label_set': hot}
+
+    return ds.map(with_label_set), builder
 
   def _keys(self, builder) -> tuple[str, str]:
     tfds = _tfds()
-    keys = builder.info.supervised_keys
+    keys = self._explicit_keys or builder.info.supervised_keys
     features = builder.info.features
     if not keys or len(keys) != 2 or not isinstance(keys[0], str):
       image = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
@@ -227,6 +277,10 @@ class TfdsSource(sources.DataSource):
       class_names=tuple(label.names),
     )
 
+  def class_names(self, data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    builder = self._builder(data_config)  # the features are known before the data exists
+    return tuple(builder.info.features[self._keys(builder)[1]].names)
+
   def check_split(self, data_config: ml_collections.ConfigDict, split: str) -> None:
     """Split names are the aliases/TFDS splits, or any TFDS split expression."""
     self._num_examples(data_config, self._tfds_split(split))
@@ -279,7 +333,10 @@ class TfdsSource(sources.DataSource):
     *,
     rng: tf.Tensor | None,
   ) -> dict[str, tf.Tensor]:
-    return preprocess.decoded_image_preprocess(example, data_config, rng=rng)
+    out = preprocess.decoded_image_preprocess(example, data_config, rng=rng)
+    if 'label_set' in example:
+      out['label_set'] = example['label_set']
+    return out
 
 
 IMAGENET = TfdsSource(
@@ -288,6 +345,26 @@ IMAGENET = TfdsSource(
   split_aliases=IMAGENET_SPLITS,
   train_split='train',
   not_prepared_message=imagenet_not_prepared_message,
+)
+
+
+# Evaluation-only datasets (sources.EVAL_DATASETS): the same 1000 classes, in the same
+# order (TFDS's imagenet2012 label file), as IMAGENET.
+IMAGENET_V2 = TfdsSource(
+  f'imagenet_v2/matched-frequency:{IMAGENET_V2_VERSION}',
+  name='imagenet_v2',
+  split_aliases={'test': 'test'},
+  train_split='test',
+  not_prepared_message=imagenet_v2_not_prepared_message,
+)
+IMAGENET_REAL = TfdsSource(
+  f'imagenet2012_real:{IMAGENET_REAL_VERSION}',
+  name='imagenet2012_real',
+  split_aliases={'validation': 'validation'},
+  train_split='validation',
+  not_prepared_message=imagenet_real_not_prepared_message,
+  keys=('image', 'original_label'),
+  label_set_key='real_label',
 )
 
 

@@ -10,6 +10,9 @@ model by `prefix + key` for any of the family's `prefixes`; the first prefix giv
 canonical name. NFNets are `F0`..`F7+` (or `NFNet-F0`), NF-ResNets `NF-ResNet50` (or
 `ResNet50`), NF-RegNets `NF-RegNet-B0` (or `B0`). Families added later take a prefix only
 (`EfficientNet-B0`, `BN-ResNet50`), so every name stays unique; the registry checks this.
+
+The batch-normalised baselines (`bn_resnet.py`, ...) are `Family` records too, with
+`stateful=True`; the registry keeps them apart from the NF families (`BASELINES`).
 """
 
 import dataclasses
@@ -116,6 +119,8 @@ class Family:
     eval_view: the evaluation preprocessing the family's accuracies are measured with.
     count_flops: `(variant, image_size=None, num_classes=1000, **model_kwargs) -> Cost`.
     classifier: the classifier's module name under the root.
+    stateful: whether the model keeps Haiku state (batch norm's moving statistics): build
+      it with `registry.build_model_with_state` (`hk.transform_with_state`).
   """
 
   name: str
@@ -129,6 +134,7 @@ class Family:
   eval_view: str
   count_flops: Callable[..., Cost]
   classifier: str = 'linear'
+  stateful: bool = False
 
   def canonical_name(self, key: str) -> str:
     return self.prefixes[0] + key

@@ -2,6 +2,11 @@
 
 Adding a family: write its file (variant table, blocks, network, cost counter, `FAMILY`)
 and add `FAMILY` to `FAMILIES` below. Everything else reads the record.
+
+`FAMILIES` are the normalizer-free families: what the trainer, the weights tools and the
+parametrised tests iterate. `BASELINES` are the batch-normalised models the papers compare
+against (`stateful` records: Haiku state, built with `build_model_with_state`); model names,
+`resolve`, `canonical_name`, `variant_params` and `count_flops` cover both.
 """
 
 from typing import Any, Mapping, Optional
@@ -11,7 +16,7 @@ import jax
 import jmp
 import ml_collections
 
-from nfnet_jax.models import nf_regnet, nf_resnet, nfnet
+from nfnet_jax.models import bn_resnet, nf_regnet, nf_resnet, nfnet
 from nfnet_jax.models.family import Cost, Family
 
 FAMILIES: dict[str, Family] = {
@@ -22,11 +27,16 @@ FAMILIES: dict[str, Family] = {
     nf_regnet.FAMILY,
   )
 }
+BASELINES: dict[str, Family] = {f.name: f for f in (bn_resnet.FAMILY,)}
+
+
+def _all_families() -> list[Family]:
+  return [*FAMILIES.values(), *BASELINES.values()]
 
 
 def _model_names() -> dict[str, tuple[Family, str]]:
   names: dict[str, tuple[Family, str]] = {}
-  for fam in FAMILIES.values():
+  for fam in _all_families():
     for name, key in fam.names().items():
       if name in names:
         raise ValueError(
@@ -42,10 +52,11 @@ DTYPES = ('float32', 'bfloat16')
 
 
 def get_family(name: str) -> Family:
-  """The family record for `config.model.name` ('NFNet', 'NFResNet', 'NFRegNet')."""
-  if name not in FAMILIES:
-    raise ValueError(f'Unknown model family {name!r}; valid: {", ".join(FAMILIES)}.')
-  return FAMILIES[name]
+  """The family record for `config.model.name` ('NFNet', 'NFResNet', 'BNResNet', ...)."""
+  families = {fam.name: fam for fam in _all_families()}
+  if name not in families:
+    raise ValueError(f'Unknown model family {name!r}; valid: {", ".join(families)}.')
+  return families[name]
 
 
 def resolve(model_name: str) -> tuple[Family, str]:
@@ -53,7 +64,7 @@ def resolve(model_name: str) -> tuple[Family, str]:
   if model_name not in _NAMES:
     listed = '; '.join(
       f'{fam.title}: {", ".join(fam.canonical_name(k) for k in fam.variants)}'
-      for fam in FAMILIES.values()
+      for fam in _all_families()
     )
     raise ValueError(
       f'Unknown variant {model_name!r}; valid variants are {listed} '
@@ -64,7 +75,7 @@ def resolve(model_name: str) -> tuple[Family, str]:
 
 
 def family_of_variant(variant: str) -> str:
-  """'NFNet', 'NFResNet' or 'NFRegNet': the family `variant` names."""
+  """'NFNet', 'NFResNet', 'NFRegNet', 'BNResNet', ...: the family `variant` names."""
   return resolve(variant)[0].name
 
 
@@ -82,15 +93,21 @@ def canonical_name(variant: str) -> str:
 
 def family_of_root(root: str) -> Optional[Family]:
   """The family whose parameter trees live under the Haiku module `root`, or None."""
+  # The NF families only: the weights tools that ask build stateless models.
   return next((fam for fam in FAMILIES.values() if fam.root == root), None)
 
 
 def model_variant(model_config: ml_collections.ConfigDict) -> tuple[Family, str, dict]:
   """(family, variant key, the other model arguments) of a config's `model` section;
-  an error when `model.name` and `model.kwargs.variant` name different families."""
+  an error when `model.name` and `model.kwargs.variant` name different families.
+  The variant is any model name, or a key of `model.name`'s table ('50' for 'BNResNet',
+  whose names all carry the prefix: `config.model_config` writes the key)."""
   kwargs = dict(model_config.kwargs)
   named = get_family(model_config.name)
-  fam, key = resolve(kwargs.pop('variant'))
+  variant = kwargs.pop('variant')
+  if variant in named.variants:
+    return named, variant, kwargs
+  fam, key = resolve(variant)
   if fam is not named:
     raise ValueError(
       f'model.kwargs.variant={key!r} is an {fam.name} variant but '
@@ -119,17 +136,7 @@ def mixed_precision_policy(dtype: str) -> jmp.Policy:
   return jmp.get_policy(f'params=float32,compute={dtype},output=float32')
 
 
-def build_model(
-  model_config: ml_collections.ConfigDict, num_classes: int, dtype: str = 'float32'
-) -> hk.Transformed:
-  """A pure (init, apply) pair: apply(params, rng, images, is_training, ...) -> dict.
-
-  `model_config.remat` (default False) runs every residual block under `hk.remat`.
-  With dtype='bfloat16', haiku casts the float32 parameters and the inputs to
-  bfloat16 inside the model and its output back to float32 (the paper's
-  mixed-precision recipe, section 3); gradients then flow back to float32 parameters.
-  """
-  # model_variant resolves any of the variant's names (and refuses another family's).
+def _forward(model_config: ml_collections.ConfigDict, num_classes: int, dtype: str):
   fam, key, kwargs = model_variant(model_config)
   # remat changes how the backward pass is computed, not the weights: it sits beside
   # `kwargs`, so it stays out of `model_signature` (a checkpoint or released weights
@@ -143,7 +150,40 @@ def build_model(
       model = model_cls(num_classes, **kwargs)
       return model(images, is_training, return_metrics=return_metrics)
 
+  return fam, forward
+
+
+def build_model(
+  model_config: ml_collections.ConfigDict, num_classes: int, dtype: str = 'float32'
+) -> hk.Transformed:
+  """A pure (init, apply) pair: apply(params, rng, images, is_training, ...) -> dict.
+
+  `model_config.remat` (default False) runs every residual block under `hk.remat`.
+  With dtype='bfloat16', haiku casts the float32 parameters and the inputs to
+  bfloat16 inside the model and its output back to float32 (the paper's
+  mixed-precision recipe, section 3); gradients then flow back to float32 parameters.
+  A family with state (batch norm) is refused: use `build_model_with_state`.
+  """
+  # model_variant resolves any of the variant's names (and refuses another family's).
+  fam, forward = _forward(model_config, num_classes, dtype)
+  if fam.stateful:
+    raise ValueError(
+      f'{fam.title} keeps batch-norm statistics as Haiku state: build it with '
+      'models.build_model_with_state (hk.transform_with_state), not build_model.'
+    )
   return hk.transform(forward)
+
+
+def build_model_with_state(
+  model_config: ml_collections.ConfigDict, num_classes: int, dtype: str = 'float32'
+) -> hk.TransformedWithState:
+  """`build_model` for any family, stateful or not, as `hk.transform_with_state`:
+  init(rng, images, is_training) -> (params, state); apply(params, state, rng, images,
+  is_training, ...) -> (outputs, new state). The NF families' state is empty; batch norm's
+  moving statistics change only when `is_training`. Batch norm computes its statistics in
+  float32 whatever `dtype`.
+  """
+  return hk.transform_with_state(_forward(model_config, num_classes, dtype)[1])
 
 
 def model_signature(model_config: ml_collections.ConfigDict, num_classes: int) -> dict:

@@ -4,6 +4,7 @@ released.py   the restricted unpickler for DeepMind's `F{k}_haiku.npz` (NumPy on
 npz.py        the pickle-free `.npz` format (flat '//' keys, `__variant__`)
 check.py      shapes against a model, variant guessing, `load_pretrained`, `convert`
 transfer.py   fine-tuning initialisation (`initial_params`) and `export_params`
+timm.py       timm's `dm_nfnet_f*` safetensors (PyTorch layout) -> the NFNet tree
 errors.py     the errors all of them raise
 """
 
@@ -40,6 +41,7 @@ from nfnet_jax.weights.released import (
   load_released_params,
   released_variant_from_name,
 )
+from nfnet_jax.weights.timm import convert_timm, load_timm
 from nfnet_jax.weights.transfer import EXPORT_FILE, export_params, initial_params, load_for_model
 
 __all__ = [
@@ -72,4 +74,6 @@ __all__ = [
   'load_for_model',
   'initial_params',
   'export_params',
+  'load_timm',
+  'convert_timm',
 ]

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from nfnet_jax import config as config_lib
 from nfnet_jax import models
 from nfnet_jax.models import FAMILIES, registry
 from tests import helpers
@@ -215,3 +216,75 @@ def test_configs_may_name_a_variant_by_any_of_its_names(name, family_name, key):
   # Another family's variant is refused when the model is built, not when it runs.
   with pytest.raises(ValueError, match='model.name'):
     registry.build_model(model_config('NFNet', variant='B0'), 10)
+
+
+# ---------------------------------------------------------------------------
+# The batch-normalised baselines: named and counted like the NF families, kept out of
+# FAMILIES (which the trainer and the weights tools iterate), built with state.
+# ---------------------------------------------------------------------------
+BASELINE_NAMES = [
+  (name, fam, key) for fam in registry.BASELINES.values() for name, key in fam.names().items()
+]
+
+
+def test_baselines_are_named_like_the_families_but_kept_apart():
+  assert models.BASELINES is registry.BASELINES
+  assert 'BNResNet' in registry.BASELINES and not set(registry.BASELINES) & set(FAMILIES)
+  assert all(fam.stateful for fam in registry.BASELINES.values())
+  assert not any(fam.stateful for fam in FAMILIES.values())
+  names = [name for name, _, _ in ALL_NAMES + BASELINE_NAMES]
+  assert len(names) == len(set(names))
+  for name, fam, key in BASELINE_NAMES:
+    assert registry.resolve(name) == (fam, key)
+    assert registry.canonical_name(name) == name == fam.prefixes[0] + key
+    assert registry.variant_params(name) is fam.variants[key]
+    assert registry.family_of_variant(name) == fam.name
+    assert registry.get_family(fam.name) is fam
+    assert registry.count_flops(name, 64, 10) == fam.count_flops(key, 64, 10)
+  assert registry.resolve('BN-ResNet50') == (registry.BASELINES['BNResNet'], '50')
+  assert registry.family_of_root('ResNet') is None  # the weights tools' families only
+  # The short NF names keep meaning the NF families.
+  assert registry.resolve('ResNet50')[0] is FAMILIES['NFResNet']
+
+
+def test_unknown_name_lists_the_baselines_too():
+  with pytest.raises(ValueError, match='BN-ResNet: BN-ResNet50, BN-ResNet101'):
+    registry.resolve('BN-ResNet51')
+
+
+def test_build_model_refuses_a_stateful_family_in_one_line():
+  config = model_config('BNResNet', variant='BN-ResNet50')
+  with pytest.raises(ValueError) as err:
+    registry.build_model(config, 10)
+  assert 'BN-ResNet' in str(err.value) and 'build_model_with_state' in str(err.value)
+  assert '\n' not in str(err.value)
+
+
+@pytest.mark.parametrize('name', list(FAMILIES))
+def test_build_model_with_state_of_an_nf_family_is_the_stateless_model(name):
+  """Empty state, the same parameters and the same outputs as build_model's."""
+  variant, kwargs, _, _ = helpers.NARROW[name]
+  config = model_config(name, variant=variant, **kwargs)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 3)), jnp.float32)
+  plain, stateful = registry.build_model(config, 10), registry.build_model_with_state(config, 10)
+  params = plain.init(jax.random.PRNGKey(0), x, False)
+  params_s, state = stateful.init(jax.random.PRNGKey(0), x, False)
+  assert state == {}
+  jax.tree.map(np.testing.assert_array_equal, params_s, params)
+  out, new_state = stateful.apply(params, state, None, x, False, True)
+  assert new_state == {}
+  want = plain.apply(params, None, x, False, True)
+  jax.tree.map(np.testing.assert_array_equal, out, want)
+
+
+def test_a_baselines_config_builds_with_its_table_key():
+  """config.model_config writes the table key ('50'), which BN-ResNet's names all prefix."""
+  config = config_lib.model_config('BN-ResNet50')
+  assert (config.name, config.kwargs.variant) == ('BNResNet', '50')
+  fam, key, _ = registry.model_variant(config)
+  assert (fam, key) == (registry.BASELINES['BNResNet'], '50')
+  named = model_config('BNResNet', variant='BN-ResNet50')
+  assert registry.model_signature(config, 10)['variant'] == '50'
+  assert registry.model_variant(named)[:2] == (fam, key)
+  with pytest.raises(ValueError, match='model.name'):
+    registry.model_variant(model_config('NFResNet', variant='BN-ResNet50'))
