@@ -41,7 +41,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from nfnet_jax import cli, models, parallel, provenance, train
+from nfnet_jax import cli, models, parallel, provenance, published, train
 from nfnet_jax import config as config_lib
 from nfnet_jax import steps as steps_lib
 from nfnet_jax.models import layers
@@ -58,7 +58,11 @@ def compiled_memory(fn, *args) -> dict:
   once. Backends that give no analysis return {}. Compiling after a first call with
   the same arguments reuses jit's compiled program.
   """
-  stats = fn.lower(*args).compile().memory_analysis()
+  return _memory_figures(fn.lower(*args).compile())
+
+
+def _memory_figures(compiled) -> dict:
+  stats = compiled.memory_analysis()
   if stats is None:
     return {}
   sizes = {
@@ -85,7 +89,9 @@ def _setup(
   remat,
   parallel_mode,
 ):
-  """The mapped step, its first arguments and the run's description."""
+  """The mapped step `fn`; `advance(step, state) -> (state, outputs)`, which runs `step`
+  (`fn`, or `fn` compiled ahead of time) once on the preloaded batch; `args(state)`, the
+  step's arguments; the first state; the run's description; the devices."""
   config = ml_collections.ConfigDict((config or config_lib.imagenet_config(variant)).to_dict())
   name = models.canonical_name(config.model.kwargs.variant)
   config.dtype = dtype
@@ -118,13 +124,13 @@ def _setup(
       mode=parallel_mode,
     )
     args = lambda s: (s, batch)  # noqa: E731
-    run = lambda s: fn(s, batch)  # noqa: E731
+    advance = lambda step, s: step(s, batch)  # noqa: E731
   else:
     fn = parallel.map_eval_step(
       steps_lib.make_eval_step(model, num_classes), devices, mode=parallel_mode
     )
     args = lambda s: (s.params, s.ema_params, batch)  # noqa: E731
-    run = lambda s: (s, fn(s.params, s.ema_params, batch))  # noqa: E731
+    advance = lambda step, s: (s, step(s.params, s.ema_params, batch))  # noqa: E731
   row = dict(
     variant=name,
     mode=mode,
@@ -136,7 +142,7 @@ def _setup(
     parallel=parallel_mode,
     remat=bool(config.model.get('remat', False)),
   )
-  return fn, run, args, state, row, devices
+  return fn, advance, args, state, row, devices
 
 
 def _environment(devices) -> dict:
@@ -146,6 +152,17 @@ def _environment(devices) -> dict:
     cpu_count=os.cpu_count(),
     host=platform.processor() or platform.machine(),
   )
+
+
+def device_memory_mib(device) -> Optional[float]:
+  """What the backend says one device can allocate, in MiB (None: it does not say; the
+  CPU backend does not)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001 - backends without the query raise various errors
+    return None
+  limit = (stats or {}).get('bytes_limit')
+  return limit / MIB if limit else None
 
 
 def benchmark(
@@ -163,16 +180,21 @@ def benchmark(
   config: Optional[ml_collections.ConfigDict] = None,
   remat: Optional[bool] = None,
   parallel_mode: str = '',
+  auto_remat: bool = False,
 ) -> dict:
-  """Times `steps` steps; returns the figures as a dict (one CSV row).
+  """Times `steps` steps after `warmup` untimed ones; returns the figures as a dict (one
+  CSV row).
 
   `config` (default: `config.imagenet_config(variant)`) gives the model and optimizer;
-  `width` 0 keeps the config's width; `remat` None keeps `config.model.remat`;
-  `parallel_mode` '' keeps `config.parallel`. The row includes the compiled step's
-  memory per device (`compiled_memory`).
+  `width` 0 keeps the config's width; `remat` None keeps `config.model.remat`, unless
+  `auto_remat`: then the step is compiled without remat and, if XLA's memory analysis
+  says it needs more than the device has (`device_memory_mib`), compiled again with it
+  (`remat_choice` says which happened). `parallel_mode` '' keeps `config.parallel`. The
+  row includes the compiled step's memory per device (`compiled_memory`).
   """
+  choice = 'config' if remat is None else 'flag'
   with layers.conv_impl(conv_impl):
-    fn, run, args, state, row, devices = _setup(
+    setup = lambda remat: _setup(  # noqa: E731
       variant,
       mode,
       batch_per_device,
@@ -185,18 +207,33 @@ def benchmark(
       remat,
       parallel_mode,
     )
+    fn, advance, args, state, row, devices = setup(remat)
     start = time.perf_counter()
-    state, out = run(state)
-    jax.block_until_ready(out)
+    compiled = fn.lower(*args(state)).compile()
     compile_s = time.perf_counter() - start
-    memory = compiled_memory(fn, *args(state))
+    memory = _memory_figures(compiled)
+    if auto_remat and remat is None and not row['remat']:
+      limit = device_memory_mib(devices[0])
+      if limit is None or not memory:
+        choice = 'auto: no device memory figure, off'
+      elif memory['peak_mib'] <= limit:
+        choice = f'auto: fits ({memory["peak_mib"]:.0f} of {limit:.0f} MiB), off'
+      else:
+        choice = f'auto: {memory["peak_mib"]:.0f} MiB > {limit:.0f} MiB without, on'
+        del compiled, state
+        fn, advance, args, state, row, devices = setup(True)
+        start = time.perf_counter()
+        compiled = fn.lower(*args(state)).compile()
+        compile_s += time.perf_counter() - start
+        memory = _memory_figures(compiled)
+    state, out = advance(compiled, state)
     for _ in range(max(0, warmup - 1)):
-      state, out = run(state)
-    jax.block_until_ready(out)
+      state, out = advance(compiled, state)
+    jax.block_until_ready((state, out))
     times = []
     for _ in range(steps):
       start = time.perf_counter()
-      state, out = run(state)
+      state, out = advance(compiled, state)
       jax.block_until_ready((state, out))
       times.append(time.perf_counter() - start)
     resolved_conv_impl = layers.resolved_conv_impl()
@@ -205,6 +242,7 @@ def benchmark(
   n = len(devices)
   return dict(
     **row,
+    remat_choice=choice,
     conv_impl=resolved_conv_impl,
     compile_s=round(compile_s, 2),
     ms_per_step=round(ms, 1),
@@ -267,6 +305,221 @@ def memory(
   return rows
 
 
+# ---------------------------------------------------------------------------
+# The paper's table 3: every model's train step under appendix A.2's protocol.
+# ---------------------------------------------------------------------------
+# Table 3's rows, with F6 without SAM (the table has F6 only with SAM) after F5.
+PAPER_MODELS = tuple(
+  name for key in published.PAPER_TABLE3 for name in ((key, 'F6') if key == 'F5' else (key,))
+)
+PAPER_FIELDS = (
+  'model',
+  'image_size',
+  'batch_per_device',
+  'devices',
+  'dtype',
+  'ms_per_step',
+  'img_per_s',
+  'paper_tpuv3_ms',
+  'paper_v100_ms',
+  'remat',
+  'remat_choice',
+  'sam',
+  'compile_s',
+  'peak_mib',
+  'device',
+  'backend',
+  'error',
+)
+
+
+def check_models(names: Sequence[str]) -> list[str]:
+  """`names` if each is a row of table 3 or a model of the registry; else a one-line
+  error listing the valid names."""
+  names = [n.strip() for n in names if n.strip()]
+  unknown = [n for n in names if n not in published.PAPER_TABLE3 and not _registered(n)]
+  if unknown or not names:
+    registry = ', '.join(
+      fam.canonical_name(key)
+      for fam in (*models.FAMILIES.values(), *models.BASELINES.values())
+      for key in fam.variants
+    )
+    raise ValueError(
+      f'Unknown model(s) {", ".join(unknown) or "(none given)"} in --models; valid: '
+      f'the rows of table 3 ({", ".join(PAPER_MODELS)}) or any registered model ({registry}).'
+    )
+  return names
+
+
+def _registered(name: str) -> bool:
+  try:
+    models.resolve(name)
+  except ValueError:
+    return False
+  return True
+
+
+def paper_row_config(name: str) -> ml_collections.ConfigDict:
+  """The config a row times: its model's ImageNet config (`config.imagenet_config`: the
+  family's released arguments, the variant's train size, the NFNet paper's optimizer),
+  with SAM on for table 3's SAM rows as experiments/nfnet.py sets it for them."""
+  row = published.PAPER_TABLE3.get(name)
+  model = row.model if row else name
+  if not _registered(model):
+    raise ValueError(f'{model} is not a registered model (nfnet_jax.models) yet.')
+  config = config_lib.imagenet_config(model)
+  if row and row.sam:
+    try:  # The SAM recipe's one home: the experiment file (run from the repository root).
+      from experiments import nfnet as nfnet_experiment  # noqa: PLC0415
+    except ImportError as e:
+      raise ValueError(
+        f'{name} takes its SAM settings from experiments/nfnet.py, which is not importable '
+        f'({e}): run from the repository root.'
+      ) from e
+    sam_config = nfnet_experiment.get_config(name).optimizer
+    config.optimizer.update(
+      sam_rho=sam_config.sam_rho, sam_ascent_fraction=sam_config.sam_ascent_fraction
+    )
+  return config
+
+
+def _one_line(error: BaseException) -> str:
+  text = ' '.join(str(error).split()) or type(error).__name__
+  return text if len(text) <= 300 else text[:297] + '...'
+
+
+def _out_of_memory(error: BaseException) -> bool:
+  text = str(error)
+  return 'RESOURCE_EXHAUSTED' in text or 'Out of memory' in text or 'out of memory' in text
+
+
+def paper_table(
+  names: Sequence[str] = PAPER_MODELS,
+  batch_per_device: int = 32,
+  image_size: int = 0,
+  dtype: str = 'bfloat16',
+  conv_impl: str = 'auto',
+  steps: int = 20,
+  warmup: int = 3,
+  num_devices: int = 0,
+  num_classes: int = 1000,
+  width: float = 0.0,
+  remat: Optional[bool] = None,
+  parallel_mode: str = '',
+  progress=None,
+) -> list[dict]:
+  """One `PAPER_FIELDS` row per model of `names` (`check_models`): its full train step
+  (`benchmark`) at its own train size (or `image_size`), with table 3's figures for it.
+
+  `remat` None decides per model (`benchmark`'s `auto_remat`, then a retry with remat
+  when the device runs out of memory); True/False forces it. A model that fails to
+  build, compile or run gets its one-line reason in `error`; the others still run.
+  `progress(row)` is called after each row.
+  """
+  rows = []
+  for name in check_models(names):
+    paper = published.PAPER_TABLE3.get(name)
+    row = dict.fromkeys(PAPER_FIELDS, '')
+    row.update(
+      model=name,
+      batch_per_device=batch_per_device,
+      dtype=dtype,
+      paper_tpuv3_ms=paper.tpuv3_ms if paper else '',
+      paper_v100_ms=paper.v100_ms if paper and paper.v100_ms is not None else '',
+      sam=bool(paper and paper.sam),
+    )
+    try:
+      config = paper_row_config(name)
+      row['image_size'] = image_size or config.data.image_size
+      kwargs = dict(
+        batch_per_device=batch_per_device,
+        image_size=image_size,
+        dtype=dtype,
+        conv_impl=conv_impl,
+        steps=steps,
+        warmup=warmup,
+        num_devices=num_devices,
+        num_classes=num_classes,
+        width=width,
+        config=config,
+        parallel_mode=parallel_mode,
+      )
+      try:
+        result = benchmark(remat=remat, auto_remat=remat is None, **kwargs)
+      except Exception as e:  # noqa: BLE001 - retried once, then reported in the row
+        if remat is not None or not _out_of_memory(e):
+          raise
+        result = benchmark(remat=True, **kwargs)
+        result['remat_choice'] = 'auto: out of memory without, on'
+      row.update(
+        {k: result[k] for k in ('image_size', 'devices', 'remat', 'remat_choice', 'compile_s')},
+        ms_per_step=result['ms_per_step'],
+        img_per_s=result['images_per_sec'],
+        peak_mib=result['peak_mib'],
+        device=result['device'],
+        backend=result['backend'],
+      )
+    except Exception as e:  # noqa: BLE001 - one model's failure must not end the table
+      row['error'] = f'{type(e).__name__}: {_one_line(e)}'
+    rows.append(row)
+    if progress:
+      progress(row)
+  return rows
+
+
+def _ratio(measured, paper) -> str:
+  return f'{measured / paper:.2f}' if measured != '' and paper != '' else ''
+
+
+def speedup_line(rows: Sequence[dict]) -> str:
+  """The paper's headline (F1 vs EfficientNet-B7 step time) measured in this run, next
+  to table 3's."""
+  fast, slow = published.HEADLINE_PAIR
+  paper = published.headline_speedups()
+  quoted = f'paper (table 3): {paper["tpuv3"]:.1f}x TPUv3, {paper["v100"]:.1f}x V100'
+  by_name = {row['model']: row for row in rows}
+  missing = [
+    f'{n} {"not in this run" if n not in by_name else "failed"}'
+    for n in (fast, slow)
+    if by_name.get(n, {}).get('ms_per_step', '') == ''
+  ]
+  if missing:
+    measured = f'measured: n/a ({", ".join(missing)})'
+  else:
+    f_ms, s_ms = by_name[fast]['ms_per_step'], by_name[slow]['ms_per_step']
+    measured = f'measured: {s_ms / f_ms:.1f}x ({s_ms} / {f_ms} ms)'
+  return f'{fast} vs {slow} train-step speed-up: {measured}; {quoted}.'
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+  lines = [
+    '| model | px | batch/device | dtype | remat | ms/step | img/s | paper TPUv3 ms | '
+    'measured / TPUv3 | paper V100 ms | measured / V100 |',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  for row in rows:
+    measured = (
+      f'{row["ms_per_step"]} | {row["img_per_s"]}'
+      if not row['error']
+      else f'failed: {row["error"].replace("|", "/")} | '
+    )
+    lines.append(
+      f'| {row["model"]} | {row["image_size"]} | {row["batch_per_device"]} | {row["dtype"]} | '
+      f'{"on" if row["remat"] is True else "off" if row["remat"] is False else ""} | '
+      f'{measured} | {row["paper_tpuv3_ms"]} | '
+      f'{_ratio(row["ms_per_step"], row["paper_tpuv3_ms"])} | {row["paper_v100_ms"]} | '
+      f'{_ratio(row["ms_per_step"], row["paper_v100_ms"])} |'
+    )
+  return '\n'.join(lines)
+
+
+def write_csv(path: str, rows: Sequence[dict], fields: Sequence[str]) -> None:
+  with open(path, 'w', newline='') as fh:
+    writer = csv.DictWriter(fh, fieldnames=list(fields))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
 def define_flags(values: flags.FlagValues) -> None:
   config_flags.DEFINE_config_file(
     'config',
@@ -299,7 +552,9 @@ def define_flags(values: flags.FlagValues) -> None:
     flag_values=values,
   )
   flags.DEFINE_integer('steps', 20, 'Timed steps (median reported).', flag_values=values)
-  flags.DEFINE_integer('warmup', 3, 'Untimed steps, the first one compiles.', flag_values=values)
+  flags.DEFINE_integer(
+    'warmup', 3, 'Untimed steps after compiling (at least 1).', flag_values=values
+  )
   flags.DEFINE_integer('num_devices', 0, '0: every local device.', flag_values=values)
   flags.DEFINE_integer('num_classes', 1000, 'Classifier width.', flag_values=values)
   flags.DEFINE_float(
@@ -329,7 +584,26 @@ def define_flags(values: flags.FlagValues) -> None:
     'each (per device); nothing is timed.',
     flag_values=values,
   )
-  flags.DEFINE_string('csv', '', 'Append the result as a CSV row to this file.', flag_values=values)
+  flags.DEFINE_string(
+    'csv',
+    '',
+    'Append the result as a CSV row to this file (--paper-table: write the table to it).',
+    flag_values=values,
+  )
+  flags.DEFINE_bool(
+    'paper_table',
+    False,
+    "Time every model of --models (the paper's table 3 by default) at its own train size "
+    "and print a markdown table against the paper's figures; --remat unset: remat where "
+    "a step does not fit the device's memory.",
+    flag_values=values,
+  )
+  flags.DEFINE_list(
+    'models',
+    list(PAPER_MODELS),
+    'With --paper-table: the models, by table-3 row (F5+SAM, ...) or registry name.',
+    flag_values=values,
+  )
 
 
 def _mib(row: dict) -> str:
@@ -355,6 +629,8 @@ def _benchmark_cli(f: flags.FlagValues, positional: list[str]) -> int:
   del positional  # cli.run refuses positional arguments
   # On stderr: stdout carries the figures alone.
   print(provenance.format_header(provenance.run_header()), file=sys.stderr, flush=True)
+  if f.paper_table:
+    return _paper_table_cli(f)
   if f.memory:
     rows = memory(
       f.variant,
@@ -406,6 +682,38 @@ def _benchmark_cli(f: flags.FlagValues, positional: list[str]) -> int:
       if new:
         writer.writeheader()
       writer.writerows(rows)
+  return 0
+
+
+def _paper_table_cli(f: flags.FlagValues) -> int:
+  if f.config is not None:
+    raise ValueError("--paper-table builds each model's own config: drop --config.")
+  names = check_models(f.models)  # before any compiling
+
+  def progress(row):
+    done = row['error'] or f'{row["ms_per_step"]} ms/step, remat {row["remat_choice"]}'
+    print(f'{row["model"]} ({row["image_size"]} px): {done}', file=sys.stderr, flush=True)
+
+  rows = paper_table(
+    names,
+    f.batch_per_device,
+    f.image_size,
+    f.dtype,
+    f.conv_impl,
+    f.steps,
+    f.warmup,
+    f.num_devices,
+    f.num_classes,
+    f.width,
+    remat=f.remat,
+    parallel_mode=f.parallel,
+    progress=progress,
+  )
+  print(markdown_table(rows))
+  print()
+  print(speedup_line(rows))
+  if f.csv:
+    write_csv(f.csv, rows, PAPER_FIELDS)
   return 0
 
 

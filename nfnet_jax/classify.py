@@ -69,9 +69,13 @@ def classify(
   batch_size: int = 16,
   dtype: str = 'float32',
   model_kwargs: Optional[dict] = None,
+  model_state=None,
 ) -> list[dict]:
   """Top-k predictions per image: [{'path', 'predictions': [{'label', 'class',
-  'probability'}]}, or {'path', 'error'} for an image that does not decode]."""
+  'probability'}]}, or {'path', 'error'} for an image that does not decode].
+
+  `model_state`: a batch-normalised model's moving statistics (`model_state_for`);
+  None for the NF families."""
   family, key = models.resolve(variant)
   image_size = image_size or family.variants[key]['test_imsize']
   method = method or family.eval_view
@@ -79,10 +83,15 @@ def classify(
   model_config = ml_collections.ConfigDict(
     dict(name=family.name, kwargs=dict(variant=key, **(model_kwargs or {})))
   )
-  model = models.build_model(model_config, num_classes, dtype)
+  if family.stateful and model_state is None:
+    raise ValueError(
+      f'{family.canonical_name(key)} normalises with its batch-norm statistics: pass '
+      'model_state (classify.model_state_for reads them from the weights file).'
+    )
+  model = models.build_model_with_state(model_config, num_classes, dtype)
   predict = jax.jit(
     lambda p, x: jax.nn.softmax(
-      model.apply(p, None, x, is_training=False)['logits'].astype(jnp.float32)
+      model.apply(p, model_state or {}, None, x, is_training=False)[0]['logits'].astype(jnp.float32)
     )
   )
   k = min(top_k, num_classes)
@@ -156,6 +165,23 @@ def define_flags(values: flags.FlagValues) -> None:
   flags.DEFINE_bool('json', False, 'print one JSON list instead of text', flag_values=values)
 
 
+def model_state_for(path: str, variant: str, num_classes: int, model_kwargs=None):
+  """The model state stored with the weights in `path` for `variant` (batch norm's
+  moving statistics), or None for a stateless (NF) family."""
+  family, key = models.resolve(variant)
+  if not family.stateful:
+    return None
+  model_config = ml_collections.ConfigDict(
+    dict(name=family.name, kwargs=dict(variant=key, **(model_kwargs or {})))
+  )
+  model = models.build_model_with_state(model_config, num_classes)
+  size = family.variants[key]['test_imsize']
+  _, fresh = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), is_training=False)
+  )
+  return weights.load_state_for_model(path, fresh)
+
+
 def _classify_cli(f: flags.FlagValues, images: list[str]) -> int:
   if not images:
     raise cli.UserError('give image files or folders to classify.')
@@ -181,6 +207,7 @@ def _classify_cli(f: flags.FlagValues, images: list[str]) -> int:
     batch_size=f.batch_size,
     dtype=f.dtype,
     model_kwargs=model_kwargs,
+    model_state=model_state_for(f.weights, variant, len(class_names), model_kwargs),
   )
   if f.json:
     print(json.dumps(results, indent=1))

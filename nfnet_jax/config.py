@@ -21,7 +21,14 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     kwargs['drop_rate'] = family.variants[key]['drop_rate']
   # remat: recompute each residual block's activations in the backward pass instead of
   # storing them; less memory for big variants, the same outputs and gradients.
-  return ml_collections.ConfigDict(dict(name=family.name, kwargs=kwargs, remat=False))
+  # bn_sync (batch-normalised models only): which devices share batch statistics,
+  # 'none' (each its own), 'all' (the global batch) or 'tpu' (the TF TPU EfficientNet's
+  # groups); see models/batchnorm.py. Like remat it changes no parameter, so both sit
+  # beside `kwargs`, out of the model signature: weights load whatever their setting.
+  bn_sync = kwargs.pop('bn_sync', 'none')
+  return ml_collections.ConfigDict(
+    dict(name=family.name, kwargs=kwargs, remat=False, bn_sync=bn_sync)
+  )
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,12 +76,32 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=2e-5,  # coupled; not on gains, biases, skip_gain
       clipping=0.01,  # AGC; 0 disables it
       eps=1e-3,
+      # The learning-rate schedule: 'cosine' (warmup, then cosine to end_lr) or
+      # 'exponential' (warmup, then x lr_decay_rate every lr_decay_epochs epochs,
+      # staircase: the TF TPU EfficientNet's).
+      lr_schedule='cosine',
+      lr_decay_rate=0.97,
+      lr_decay_epochs=2.4,
+      # name='rmsprop' (TF1 RMSProp, optim.rmsprop_tf): decay and eps of the mean square;
+      # `momentum` and `weight_decay` above (L2 on all but batch norm); nesterov unused.
+      rms_decay=0.9,
+      rms_eps=1e-3,
       # SAM (paper section 5.2 / table 3, F5+SAM and F6): 0 = off. The ascent gradient
       # is taken on this fraction of each device's batch and is not averaged across devices.
       sam_rho=0.0,
       sam_ascent_fraction=0.2,
     )
   )
+
+  # Knowledge distillation (nfnet_jax/distill.py): teacher = a weights file of any NF family
+  # ('' = off). The loss is (1 - weight) * CE(labels, student) + weight * T^2 *
+  # CE(softmax(teacher / T), student / T) (Hinton et al. 2015, arXiv 1503.02531 section 2).
+  # weight 0.5 weighs the two terms equally, as He et al. 2018 ("Bag of Tricks", arXiv
+  # 1812.01187 section 5.4) do up to an overall factor 2; they use T = 20 on ImageNet
+  # (with a ResNet-152 teacher): T = 1 here keeps the teacher's own distribution, so
+  # the default adds no softening a small class count (digits: 10) would flatten to
+  # uniform; raise it for many classes.
+  config.distill = ml_collections.ConfigDict(dict(teacher='', weight=0.5, temperature=1.0))
 
   # eval.splits: what every evaluation reads, comma-separated: splits of the training
   # dataset ('test', 'validation', TFDS expressions such as 'train[:1%]') and the datasets

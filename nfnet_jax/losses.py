@@ -10,7 +10,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ['softmax_cross_entropy', 'topk_correct', 'label_set_top1_correct']
+__all__ = [
+  'softmax_cross_entropy',
+  'distillation_cross_entropy',
+  'topk_correct',
+  'label_set_top1_correct',
+]
 
 
 def _as_label_distribution(labels, logits_shape) -> jax.Array:
@@ -56,6 +61,56 @@ def softmax_cross_entropy(
   targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   return -jnp.sum(targets * log_probs, axis=-1)
+
+
+def distillation_cross_entropy(
+  logits,
+  teacher_logits,
+  labels,
+  num_classes: int,
+  weight: float,
+  temperature: float,
+  label_smoothing: float = 0.0,
+) -> jax.Array:
+  r"""Per-example knowledge-distillation loss, in float32:
+
+    (1 - weight) * CE(labels, softmax(s))
+      + weight * T^2 * CE(softmax(t / T), softmax(s / T))
+
+  with `CE(p, q) = -sum_c p_c log q_c`, student logits `s`, teacher logits `t` and
+  temperature `T` (Hinton, Vinyals, Dean 2015, arXiv 1503.02531 section 2: the soft
+  targets' gradients scale as 1 / T^2, so the T^2 keeps the two terms' relative weight
+  when T changes; He et al. 2018, "Bag of Tricks", arXiv 1812.01187 section 5.4, the same
+  two cross-entropies with weights 1 and T^2, i.e. `weight = 1/2` up to a factor 2).
+  The teacher term is a cross-entropy, as in both papers, not KL(p_t || p_s): the two differ
+  by the teacher's entropy, which is constant in the student, so their gradients agree and
+  only the logged loss differs.
+
+  Args:
+    logits: [..., C] student logits (any float dtype; cast to float32).
+    teacher_logits: [..., C] teacher logits; the caller stops their gradient.
+    labels: integer class ids [...] or label distributions [..., C] (MixUp/CutMix soft
+      labels), as for `softmax_cross_entropy`.
+    num_classes: C.
+    weight: the teacher term's weight in [0, 1] (0: the label loss alone).
+    temperature: T > 0.
+    label_smoothing: applied to the label term only (the teacher's distribution is
+      already soft).
+
+  Returns:
+    float32 losses of shape [...].
+  """
+  hard = softmax_cross_entropy(logits, labels, num_classes, label_smoothing)
+  teacher_logits = jnp.asarray(teacher_logits)
+  if teacher_logits.shape[-1] != num_classes:
+    raise ValueError(
+      f'teacher logits have {teacher_logits.shape[-1]} classes, num_classes={num_classes}.'
+    )
+  targets = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  soft = softmax_cross_entropy(
+    jnp.asarray(logits).astype(jnp.float32) / temperature, targets, num_classes
+  )
+  return (1.0 - weight) * hard + weight * temperature**2 * soft
 
 
 def topk_correct(logits, labels, k: int) -> jax.Array:

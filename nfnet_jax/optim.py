@@ -12,6 +12,8 @@ with any optax optimiser and works under ``jit``/``pmap``/``shard_map``:
 * :func:`agc_clip_fraction` -- the fraction of units AGC clips (a metric).
 * :func:`warmup_cosine_schedule` -- linear warmup then cosine decay, with the
   ``lr = base_lr * batch / 256`` scaling rule.
+* :func:`rmsprop_tf`, :func:`warmup_exponential_schedule` -- the TF TPU EfficientNet's
+  optimiser (TF1 RMSProp, L2 on all but batch norm) and its staircase schedule.
 * :func:`ema_decay`, :func:`ema_update` -- the parameter EMA used for
   evaluation.
 
@@ -36,6 +38,9 @@ __all__ = [
   'sgd_agc',
   'agc_clip_fraction',
   'warmup_cosine_schedule',
+  'rmsprop_tf',
+  'warmup_exponential_schedule',
+  'batch_norm_free_mask',
   'ema_decay',
   'ema_update',
   'global_norm',
@@ -64,7 +69,10 @@ _SUBMODULE_SEP = '/~/'
 # the WSConv2D gains and biases, the biases of every hk.Linear (squeeze-excite
 # and classifier alike, Haiku calls them 'b'), and each block's scalar
 # ``skip_gain``.  Everything else is a weight and is decayed.
-NO_WEIGHT_DECAY_PARAMS = frozenset({'gain', 'bias', 'b', 'skip_gain'})
+# Batch norm's `scale` and `offset` (the baselines'): DeepMind's released experiment.py
+# leaves 'scale', 'offset', 'b' and gains/biases out of weight decay.
+BATCH_NORM_PARAMS = frozenset({'scale', 'offset'})
+NO_WEIGHT_DECAY_PARAMS = frozenset({'gain', 'bias', 'b', 'skip_gain'}) | BATCH_NORM_PARAMS
 
 
 # ---------------------------------------------------------------------------
@@ -243,6 +251,12 @@ def weight_decay_mask(params: PyTree) -> PyTree:
   return _map_with_names(lambda module, name: name not in NO_WEIGHT_DECAY_PARAMS, params)
 
 
+def batch_norm_free_mask(params: PyTree) -> PyTree:
+  """Every parameter but batch norm's ``scale`` and ``offset``: what the TF TPU
+  EfficientNet's L2 loss covers (its ``'batch_normalization' not in v.name``)."""
+  return _map_with_names(lambda module, name: name not in BATCH_NORM_PARAMS, params)
+
+
 # ---------------------------------------------------------------------------
 # The published optimiser.
 # ---------------------------------------------------------------------------
@@ -347,6 +361,75 @@ def warmup_cosine_schedule(
     decay_steps=total_steps,
     end_value=end_lr,
   )
+
+
+def rmsprop_tf(
+  learning_rate: optax.ScalarOrSchedule,
+  decay: float = 0.9,
+  momentum: float = 0.9,
+  eps: float = 1e-3,
+  weight_decay: float = 1e-5,
+  clipping: Optional[float] = None,
+  agc_eps: float = 1e-3,
+) -> optax.GradientTransformation:
+  """TF1's ``tf.train.RMSPropOptimizer(lr, decay, momentum, epsilon)`` with the L2 loss
+  of the TF TPU EfficientNet (models/official/efficientnet: main.py, utils.py).
+
+  Per parameter: optional AGC (as in :func:`sgd_agc`); ``g <- g + weight_decay * p`` on
+  every parameter but batch norm's (:func:`batch_norm_free_mask`; TF adds
+  ``weight_decay * sum(l2_loss(v))`` to the loss, whose gradient this is); then TF1's
+  RMSProp, which is ``optax.rmsprop`` with the mean square starting at 1
+  (``initial_scale=1``, TF's ``ones`` slot), ``eps`` inside the square root, and the
+  learning rate inside the momentum buffer::
+
+    ms <- decay * ms + (1 - decay) * g^2;  mom <- momentum * mom + lr * g / sqrt(ms + eps)
+    param <- param - mom
+  """
+  transforms = []
+  if clipping:
+    transforms.append(adaptive_grad_clip(clipping, agc_eps, mask=agc_mask))
+  if weight_decay:
+    transforms.append(optax.add_decayed_weights(weight_decay, mask=batch_norm_free_mask))
+  transforms.append(
+    optax.rmsprop(
+      learning_rate,
+      decay=decay,
+      eps=eps,
+      initial_scale=1.0,
+      eps_in_sqrt=True,
+      momentum=momentum or None,
+    )
+  )
+  return optax.chain(*transforms)
+
+
+def warmup_exponential_schedule(
+  base_lr: float,
+  batch_size: int,
+  warmup_steps: int,
+  decay_steps: float,
+  decay_rate: float,
+  scale_by_batch: bool = True,
+) -> optax.Schedule:
+  """The TF TPU EfficientNet's schedule (utils.build_learning_rate, 'exponential'):
+  ``peak * decay_rate ** floor(step / decay_steps)`` (staircase, counted from step 0),
+  and before ``warmup_steps`` the linear warmup ``peak * step / warmup_steps`` in its
+  place. ``peak = base_lr * batch_size / 256`` when ``scale_by_batch``. ``decay_steps``
+  may be fractional (TF's 2.4 epochs of steps)."""
+  if decay_steps <= 0:
+    raise ValueError(f'decay_steps must be positive, got {decay_steps}.')
+  if warmup_steps < 0:
+    raise ValueError(f'warmup_steps must be >= 0, got {warmup_steps}.')
+  peak = base_lr * batch_size / 256 if scale_by_batch else base_lr
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    decayed = peak * jnp.float32(decay_rate) ** jnp.floor(step / jnp.float32(decay_steps))
+    if not warmup_steps:
+      return decayed
+    return jnp.where(step < warmup_steps, peak * step / warmup_steps, decayed)
+
+  return schedule
 
 
 # ---------------------------------------------------------------------------

@@ -29,7 +29,9 @@ it in exactly that layout, so a donated state is updated in place and the step c
 once) and the batch as `prefetch_to_devices` places it ([devices, per_device, ...]
 split on axis 0; in a pod one global array over every process's devices). Since NFNets
 have no batch-norm, nothing but the gradient (and the metrics) crosses devices
-(arXiv 2102.06171 section 1).
+(arXiv 2102.06171 section 1); the batch-normalised baselines also share their batch
+statistics (`bn_sync`) and average their moving statistics (steps.make_train_step), which
+keeps their replicated state identical on every device.
 """
 
 import collections
@@ -162,19 +164,26 @@ def map_train_step(step_fn: Callable, devices: Sequence, mode: str = DEFAULT_MOD
 
 
 def map_eval_step(step_fn: Callable, devices: Sequence, mode: str = DEFAULT_MODE) -> Callable:
-  """(params, ema_params, batch) -> summed metrics, identical on every device; arguments
-  laid out as for `map_train_step` (nothing is donated)."""
+  """(params, ema_params, batch, model_states=({}, {})) -> summed metrics, identical on
+  every device; arguments laid out as for `map_train_step` (nothing is donated), the
+  model states (batch norm's moving averages for params and ema_params) replicated."""
   _check_mode(mode)
   _check_devices(devices)
   if mode == 'shard_map':
-    return _map_with_shard_map(step_fn, devices, (False, False, True), 1, donate=())
-  return jax.pmap(
-    step_fn,
-    axis_name=AXIS,
-    in_axes=(None, None, 0),
-    out_axes=None,
-    devices=_pmap_devices(devices),
-  )
+    mapped = _map_with_shard_map(step_fn, devices, (False, False, True, False), 1, donate=())
+  else:
+    mapped = jax.pmap(
+      step_fn,
+      axis_name=AXIS,
+      in_axes=(None, None, 0, None),
+      out_axes=None,
+      devices=_pmap_devices(devices),
+    )
+
+  def eval_step(params, ema_params, batch, model_states=({}, {})):
+    return mapped(params, ema_params, batch, model_states)
+
+  return eval_step
 
 
 def replicated_sharding(devices: Sequence) -> NamedSharding:

@@ -3,47 +3,73 @@
 `parallel.py` maps them over devices; `train.py` runs them in its loop. Nothing here
 knows how many devices there are: each step sees one device's share of the batch, and the
 only values that cross devices are the gradients and the metrics (NFNets have no batch
-norm, arXiv 2102.06171 section 1).
+norm, arXiv 2102.06171 section 1) and, for the batch-normalised baselines, their batch
+statistics and moving averages.
+
+Every model runs as `hk.transform_with_state`: the baselines keep batch norm's moving
+averages as Haiku state, and a stateless model (`hk.Transformed`, the NF families) is
+wrapped by `hk.with_empty_state`, whose state is `{}`: no leaves, so nothing is traced for
+it and the NF families' steps compute exactly what they computed without state.
 """
 
 from typing import Any, NamedTuple
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from nfnet_jax import data, losses, optim, parallel, sam
+from nfnet_jax import data, distill, losses, optim, parallel, sam
 
 AXIS = parallel.AXIS
 
 
 class TrainState(NamedTuple):
-  """Everything a step changes; checkpointed as a dict of these fields."""
+  """Everything a step changes; checkpointed as a dict of these fields (the two model
+  states only when not empty, see `train.checkpoint_tree`)."""
 
   step: jax.Array  # int32 scalar: steps taken
   params: Any  # Haiku parameter tree (float32)
   opt_state: Any  # optax state of `make_optimizer`'s transformation
   ema_params: Any  # EMA of params, evaluated beside them
   rng: jax.Array  # the run's key; each step folds in the step and the device
+  # Haiku state: batch norm's moving mean and variance (float32); {} for the NF families.
+  model_state: Any = {}  # noqa: B006 - never mutated: the steps return new trees
+  # Its EMA, evaluated with ema_params, as DeepMind's released experiment.py keeps
+  # `ema_states` beside `ema_params` (and the TF EfficientNet averages its moving
+  # statistics with its weights).
+  ema_model_state: Any = {}  # noqa: B006
+
+
+def with_state(model) -> hk.TransformedWithState:
+  """`model` as `hk.transform_with_state` gives it; a stateless `hk.Transformed` is
+  wrapped (its state is `{}`, and its init and apply compute what they did)."""
+  if isinstance(model, hk.TransformedWithState):
+    return model
+  return hk.with_empty_state(model)
 
 
 def init_state(rng: jax.Array, model, optimizer, image_size: int) -> TrainState:
+  """A fresh state; `model` is `hk.transform`ed or `hk.transform_with_state`ed."""
+  model = with_state(model)
   params_rng, state_rng = jax.random.split(rng)
 
   @jax.jit
   def _init(params_rng):
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    params = model.init(params_rng, dummy, is_training=True)
-    return params, optimizer.init(params)
+    params, model_state = model.init(params_rng, dummy, is_training=True)
+    return params, model_state, optimizer.init(params)
 
-  params, opt_state = _init(params_rng)
+  params, model_state, opt_state = _init(params_rng)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     opt_state=opt_state,
     ema_params=jax.tree.map(jnp.copy, params),
     rng=state_rng,
+    model_state=model_state,
+    ema_model_state=jax.tree.map(jnp.copy, model_state),
   )
 
 
@@ -66,9 +92,19 @@ def _split_micro_batches(x: jax.Array, accum_steps: int) -> jax.Array:
 
 
 def make_train_step(
-  model, optimizer, schedule, config: ml_collections.ConfigDict, num_classes: int
+  model, optimizer, schedule, config: ml_collections.ConfigDict, num_classes: int, teacher=None
 ):
-  """The per-device train step `(state, batch) -> (state, metrics)`.
+  """The per-device train step `(state, batch) -> (state, metrics)`; with a `teacher`
+  (the `hk.Transformed` of `distill.load_teacher`), `(state, batch, teacher_params) ->
+  (state, metrics)`.
+
+  With a teacher (knowledge distillation, `config.distill`), the loss is
+  `losses.distillation_cross_entropy` of the student's logits, the teacher's and the
+  labels: the teacher sees the very images the student sees (mixed by MixUp/CutMix in the
+  input pipeline, so its soft targets and the mixed labels describe the same pixels), in
+  evaluation mode, in the model's compute dtype, without gradient (`distill.teacher_logits`),
+  once per (micro-)batch. Under SAM the ascent pass takes the same loss on its first
+  examples, with those examples' teacher logits. Without a teacher none of it is traced.
 
   With `config.train.grad_accum_steps = K > 1`, each device's batch is split into K
   micro-batches that run one after another (a `lax.scan`, so activations of one
@@ -91,6 +127,21 @@ def make_train_step(
   perturbation is computed on the sub-networks the descent differentiates. With gradient
   accumulation each micro-batch takes its own ascent, as each device does (the paper
   mimics devices with accumulation). `sam_rho = 0` traces none of it.
+
+  Model state (batch norm's moving averages; `{}` for the NF families, which then trace
+  nothing of what follows): each forward pass in training mode returns the state updated
+  with its batch statistics. Micro-batches thread it through the scan, one update each, as
+  K consecutive training batches would. Under SAM only the descent pass's update is kept:
+  the ascent runs from the same incoming state and its update is discarded, so the moving
+  averages advance once per (micro-)batch. The updated state is then averaged over the
+  devices (`lax.pmean`), as Flax's ImageNet example and big_vision sync batch statistics:
+  the state is replicated (`P()` under shard_map, un-stacked under pmap, neither checked),
+  so with per-device statistics (`bn_sync='none'`) each device would otherwise hold
+  different moving averages under one "replicated" array, and what is checkpointed and
+  evaluated would depend on the device read. The mean of the devices' moving means is the
+  moving average of the global batch mean; the variances average the per-device ones.
+  With `bn_sync='all'` the devices' states are already equal and the mean changes nothing.
+  The EMA of the state follows `ema_params` with the same decay.
   """
   clipping = config.optimizer.clipping
   sam_rho = float(config.optimizer.get('sam_rho', 0.0))
@@ -101,29 +152,52 @@ def make_train_step(
   if accum_steps < 1:
     raise ValueError(f'config.train.grad_accum_steps must be >= 1; got {accum_steps}.')
 
-  def loss_fn(params, images, labels, rng):
-    outputs = model.apply(params, rng, images, is_training=True)
-    logits = outputs['logits'].astype(jnp.float32)  # the loss runs in float32
-    loss = jnp.mean(
-      losses.softmax_cross_entropy(logits, labels, num_classes, config.label_smoothing)
-    )
-    return loss, logits
+  model = with_state(model)
+  if teacher is not None:
+    distill_weight = float(config.distill.weight)
+    temperature = float(config.distill.temperature)
 
-  def loss_grads_top1(params, images, labels, rng):
-    """Mean loss, float32 gradient and mean top-1 of one (micro-)batch."""
+  def example_losses(logits, targets):
+    """Per-example losses; `targets` is the labels, or (labels, teacher logits)."""
+    if teacher is None:
+      return losses.softmax_cross_entropy(logits, targets, num_classes, config.label_smoothing)
+    labels, teacher_logits = targets
+    return losses.distillation_cross_entropy(
+      logits,
+      teacher_logits,
+      labels,
+      num_classes,
+      distill_weight,
+      temperature,
+      config.label_smoothing,
+    )
+
+  def loss_fn(params, model_state, images, targets, rng):
+    outputs, model_state = model.apply(params, model_state, rng, images, is_training=True)
+    logits = outputs['logits'].astype(jnp.float32)  # the loss runs in float32
+    loss = jnp.mean(example_losses(logits, targets))
+    return loss, (logits, model_state)
+
+  def loss_grads_top1(params, model_state, images, labels, rng, teacher_params=None):
+    """(mean loss, float32 gradient, mean top-1) of one (micro-)batch, and the model
+    state its forward pass leaves."""
+    inputs, targets = model_inputs(images), labels
+    if teacher is not None:
+      targets = (labels, distill.teacher_logits(teacher, teacher_params, inputs))
     if sam_rho:
-      batch_loss = lambda p, batch: loss_fn(p, *batch, rng)  # noqa: E731
-      (loss, logits), grads = sam.sam_value_and_grad(
+      # Both passes start from `model_state`; the aux (and so the state) is the descent's.
+      batch_loss = lambda p, batch: loss_fn(p, model_state, *batch, rng)  # noqa: E731
+      (loss, (logits, model_state)), grads = sam.sam_value_and_grad(
         batch_loss, sam_rho, sam_fraction, has_aux=True
-      )(params, (model_inputs(images), labels))
+      )(params, (inputs, targets))
     else:
-      (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, model_inputs(images), labels, rng
+      (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, model_state, inputs, targets, rng
       )
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    return loss, grads, jnp.mean(losses.topk_correct(logits, labels, 1))
+    return (loss, grads, jnp.mean(losses.topk_correct(logits, labels, 1))), model_state
 
-  def accumulate(params, images, labels, rng):
+  def accumulate(params, model_state, images, labels, rng, teacher_params=None):
     per_device = images.shape[0]
     if per_device % accum_steps:
       raise ValueError(
@@ -138,33 +212,47 @@ def make_train_step(
       _split_micro_batches(labels, accum_steps),
     )
 
-    def body(totals, xs):
+    def body(carry, xs):
+      totals, model_state = carry
       index, micro_images, micro_labels = xs
       # Each micro-batch draws its own stochastic depth and dropout masks.
-      out = loss_grads_top1(params, micro_images, micro_labels, jax.random.fold_in(rng, index))
-      return jax.tree.map(jnp.add, totals, out), None
+      out, model_state = loss_grads_top1(
+        params,
+        model_state,
+        micro_images,
+        micro_labels,
+        jax.random.fold_in(rng, index),
+        teacher_params,
+      )
+      return (jax.tree.map(jnp.add, totals, out), model_state), None
 
     zeros = (
       jnp.zeros((), jnp.float32),
       jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
       jnp.zeros((), jnp.float32),
     )
-    totals, _ = jax.lax.scan(body, zeros, micro)
-    return jax.tree.map(lambda t: t / accum_steps, totals)
+    (totals, model_state), _ = jax.lax.scan(body, (zeros, model_state), micro)
+    return jax.tree.map(lambda t: t / accum_steps, totals), model_state
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: dict, teacher_params=None) -> tuple[TrainState, dict]:
     step, params = state.step, state.params
     # Same key on every device, then a different stream per device (and step),
     # for stochastic depth and dropout.
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, step), jax.lax.axis_index(AXIS))
     grads_of = loss_grads_top1 if accum_steps == 1 else accumulate
-    loss, grads, top1 = grads_of(params, batch['images'], batch['labels'], rng)
+    (loss, grads, top1), model_state = grads_of(
+      params, state.model_state, batch['images'], batch['labels'], rng, teacher_params
+    )
     # Gradients are averaged across devices in float32; AGC then sees the
-    # global-batch gradient, as in the paper. No batch-norm: nothing else syncs.
+    # global-batch gradient, as in the paper.
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     ema_params = optim.ema_update(state.ema_params, new_params, step, config.ema_max_decay)
+    ema_model_state = state.ema_model_state
+    if jax.tree.leaves(model_state):  # batch norm: keep the replicas' statistics equal
+      model_state = jax.lax.pmean(model_state, AXIS)
+      ema_model_state = optim.ema_update(ema_model_state, model_state, step, config.ema_max_decay)
     metrics = {
       'loss': jax.lax.pmean(loss, AXIS),
       'top1': jax.lax.pmean(top1, AXIS),
@@ -178,7 +266,13 @@ def make_train_step(
         grads, params, clipping, config.optimizer.eps, mask=optim.agc_mask
       )
     new_state = TrainState(
-      step=step + 1, params=new_params, opt_state=opt_state, ema_params=ema_params, rng=state.rng
+      step=step + 1,
+      params=new_params,
+      opt_state=opt_state,
+      ema_params=ema_params,
+      rng=state.rng,
+      model_state=model_state,
+      ema_model_state=ema_model_state,
     )
     return new_state, metrics
 
@@ -190,16 +284,22 @@ def make_eval_step(model, num_classes: int):
 
   A multi-label batch (a 'label_set', ImageNet ReaL) gives the multi-label top-1 only,
   over the examples that have at least one correct class: ReaL leaves the others out
-  (Beyer et al. 2020, arXiv 2006.07159 section 4); 'count' is then their number."""
+  (Beyer et al. 2020, arXiv 2006.07159 section 4); 'count' is then their number.
 
-  def eval_step(params, ema_params, batch):
+  `model_states` is (model_state, ema_model_state): batch norm's moving averages that
+  go with `params` and `ema_params` (evaluation normalises with them); `({}, {})` for a
+  stateless model."""
+  model = with_state(model)
+
+  def eval_step(params, ema_params, batch, model_states=({}, {})):
     mask = batch['mask']
     label_sets = batch.get('label_set')
     if label_sets is not None:
       mask = mask * jnp.any(label_sets, axis=-1).astype(mask.dtype)
     sums = {'count': jnp.sum(mask)}
-    for prefix, p in (('', params), ('ema_', ema_params)):
-      logits = model.apply(p, None, model_inputs(batch['images']), is_training=False)['logits']
+    for prefix, p, s in (('', params, model_states[0]), ('ema_', ema_params, model_states[1])):
+      outputs, _ = model.apply(p, s, None, model_inputs(batch['images']), is_training=False)
+      logits = outputs['logits']
       if label_sets is not None:
         sums[prefix + 'top1'] = jnp.sum(losses.label_set_top1_correct(logits, label_sets) * mask)
         continue

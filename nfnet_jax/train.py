@@ -33,11 +33,12 @@ import numpy as np
 import optax
 
 from nfnet_jax import checkpoint as checkpoint_lib
-from nfnet_jax import cli, data, fileio, models, optim, parallel, provenance, steps
+from nfnet_jax import cli, data, distill, fileio, models, optim, parallel, provenance, steps
 from nfnet_jax import config as config_lib
 from nfnet_jax import metrics as metrics_lib
 from nfnet_jax import weights as weights_lib
 from nfnet_jax import workdir as workdir_lib
+from nfnet_jax.models import batchnorm
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,21 +59,55 @@ def total_train_steps(config: ml_collections.ConfigDict, num_train_examples: int
   return max(1, int(config.train.num_epochs * num_train_examples // config.train.batch_size))
 
 
+OPTIMIZERS = ('sgd_agc', 'rmsprop')
+LR_SCHEDULES = ('cosine', 'exponential')
+
+
 def make_optimizer(
   config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: float
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule) of `config.optimizer`: `name` 'sgd_agc' (the NFNet recipe) or
+  'rmsprop' (the TF TPU EfficientNet's), `lr_schedule` 'cosine' or 'exponential'."""
   opt = config.optimizer
-  if opt.name != 'sgd_agc':
-    raise ValueError(f'Unknown optimizer {opt.name!r}; valid: sgd_agc.')
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(
+      f'Unknown --config.optimizer.name={opt.name!r}; valid: {", ".join(OPTIMIZERS)}.'
+    )
+  lr_schedule = opt.get('lr_schedule', 'cosine')
+  if lr_schedule not in LR_SCHEDULES:
+    raise ValueError(
+      f'Unknown --config.optimizer.lr_schedule={lr_schedule!r}; valid: {", ".join(LR_SCHEDULES)}.'
+    )
   warmup_steps = min(int(round(opt.warmup_epochs * steps_per_epoch)), total_steps - 1)
-  schedule = optim.warmup_cosine_schedule(
-    opt.base_lr,
-    config.train.batch_size,
-    total_steps,
-    warmup_steps,
-    scale_by_batch=opt.scale_by_batch,
-    end_lr=opt.end_lr,
-  )
+  if lr_schedule == 'cosine':
+    schedule = optim.warmup_cosine_schedule(
+      opt.base_lr,
+      config.train.batch_size,
+      total_steps,
+      warmup_steps,
+      scale_by_batch=opt.scale_by_batch,
+      end_lr=opt.end_lr,
+    )
+  else:
+    schedule = optim.warmup_exponential_schedule(
+      opt.base_lr,
+      config.train.batch_size,
+      warmup_steps,
+      opt.lr_decay_epochs * steps_per_epoch,
+      opt.lr_decay_rate,
+      scale_by_batch=opt.scale_by_batch,
+    )
+  if opt.name == 'rmsprop':
+    tx = optim.rmsprop_tf(
+      schedule,
+      decay=opt.rms_decay,
+      momentum=opt.momentum,
+      eps=opt.rms_eps,
+      weight_decay=opt.weight_decay,
+      clipping=opt.clipping,
+      agc_eps=opt.eps,
+    )
+    return tx, schedule
   tx = optim.sgd_agc(
     schedule,
     momentum=opt.momentum,
@@ -139,7 +174,9 @@ def evaluate_split(
     ),
     devices,
   ):
-    sums = p_eval_step(state.params, state.ema_params, batch)
+    sums = p_eval_step(
+      state.params, state.ema_params, batch, (state.model_state, state.ema_model_state)
+    )
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = parallel.to_host(totals)
   count = float(totals.pop('count'))
@@ -180,6 +217,8 @@ RUN_DEFINING_FIELDS = (
   'train.batch_size',
   'train.num_epochs',
   'train.num_steps',
+  # Batch statistics over other devices are another training algorithm (not weights).
+  'model.bn_sync',
   'optimizer',
   'data.name',
   'data.train_split',
@@ -190,6 +229,7 @@ RUN_DEFINING_FIELDS = (
   'data.randaug_layers',
   'data.randaug_magnitude',
   'data.shuffle_buffer',
+  'distill',
 )
 
 
@@ -197,7 +237,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Catches mistakes in the config's values before anything expensive (or
   irreversible) runs; `check_run` then checks them against the devices and data."""
   models.mixed_precision_policy(config.dtype)
-  models.model_variant(config.model)
+  fam, _, _ = models.model_variant(config.model)
+  bn_sync = config.model.get('bn_sync', 'none')
+  if bn_sync not in batchnorm.BN_SYNCS:
+    raise ValueError(
+      f'Unknown --config.model.bn_sync={bn_sync!r}; valid: {", ".join(batchnorm.BN_SYNCS)}.'
+    )
+  if bn_sync != 'none' and not fam.stateful:
+    raise ValueError(
+      f'--config.model.bn_sync={bn_sync!r} applies to batch-normalised models only; '
+      f'{fam.title} has no batch norm: leave it at none.'
+    )
   if config.parallel not in parallel.MODES:
     raise ValueError(
       f'Unknown --config.parallel={config.parallel!r}; use one of {", ".join(parallel.MODES)}.'
@@ -227,6 +277,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       '--config.optimizer.sam_ascent_fraction must be in (0, 1], got '
       f'{config.optimizer.sam_ascent_fraction}.'
     )
+  distill.check_config(config)
 
 
 def check_run(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -258,6 +309,8 @@ def check_run(config: ml_collections.ConfigDict, num_devices: int) -> None:
       f'--config.init_from={config.init_from} does not exist; give the path of a weights '
       "file (DeepMind F{k}_haiku.npz, a converted .npz or a run's params_ema.npz)."
     )
+  if distill.enabled(config):
+    distill.check_teacher_file(config.distill.teacher)
 
 
 def check_workdir(workdir: str) -> None:
@@ -344,7 +397,7 @@ class Setup:
 
   info: data.DatasetInfo
   devices: list
-  model: Any  # hk.Transformed
+  model: Any  # hk.TransformedWithState
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
   total_steps: int
@@ -357,7 +410,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   devices = parallel.local_devices(config.num_devices)
   check_run(config, len(devices))
   info = data.dataset_info(config.data)
-  model = models.build_model(config.model, info.num_classes, config.dtype)
+  # Every family through transform_with_state: the NF families' state is empty and their
+  # steps compute what hk.transform's did (it is transform_with_state without the state).
+  model = models.build_model_with_state(config.model, info.num_classes, config.dtype)
   num_train = data.split_size(config.data, data.train_split(config.data))
   total_steps = total_train_steps(config, num_train)
   optimizer, schedule = make_optimizer(config, total_steps, num_train / config.train.batch_size)
@@ -388,10 +443,25 @@ def make_checkpointer(
   )
 
 
+MODEL_STATE_FIELDS = ('model_state', 'ema_model_state')
+
+
+def checkpoint_tree(state: steps.TrainState) -> dict:
+  """The dict of `state`'s fields a checkpoint holds. The model states are left out
+  when empty (the NF families), so their checkpoints are exactly what they were before
+  the train state had model state, and checkpoints written then restore as they are."""
+  tree = state._asdict()
+  for field in MODEL_STATE_FIELDS:
+    if not jax.tree.leaves(tree[field]):
+      del tree[field]
+  return tree
+
+
 def restore(checkpointer: checkpoint_lib.Checkpointer, state: steps.TrainState) -> steps.TrainState:
   """The newest intact checkpoint, in `state`'s layout (the checkpoint holds its
-  fields); a damaged newest one is set aside and the one before it restored."""
-  return steps.TrainState(**checkpointer.restore(state._asdict()))
+  fields, see `checkpoint_tree`); a damaged newest one is set aside and the one before
+  it restored."""
+  return state._replace(**checkpointer.restore(checkpoint_tree(state)))
 
 
 def check_finite(
@@ -568,6 +638,12 @@ def train_and_evaluate(
   devices, num_classes = run.devices, run.info.num_classes
   num_devices = len(devices)
   per_device = parallel.per_device_batch_size(config.train.batch_size, num_devices)
+  # Loaded for every start (resumed or not): the teacher is not checkpointed.
+  teacher = None
+  if distill.enabled(config):
+    fam, key, _ = models.model_variant(config.model)
+    student = f'the student ({fam.canonical_name(key)} on {run.info.name})'
+    teacher = distill.load_teacher(config.distill.teacher, num_classes, config.dtype, student)
   checkpoint_lib.check_and_write_class_index(
     run.info.name, run.info.class_names, workdir, write=False
   )
@@ -581,7 +657,19 @@ def train_and_evaluate(
     params = weights_lib.initial_params(
       config.model, config.init_from, parallel.to_host(state.params), num_classes
     )
-    state = parallel.replicate(state._replace(params=params, ema_params=params), devices)
+    # A batch-normalised model starts from the file's moving statistics too.
+    model_state = weights_lib.load_state_for_model(
+      config.init_from, parallel.to_host(state.model_state)
+    )
+    state = parallel.replicate(
+      state._replace(
+        params=params,
+        ema_params=params,
+        model_state=model_state,
+        ema_model_state=model_state,
+      ),
+      devices,
+    )
 
   with contextlib.ExitStack() as stack:
     # 2. One trainer per workdir (process 0 holds the lock for the job), then claim
@@ -642,11 +730,21 @@ def train_and_evaluate(
       ),
       devices,
     )
-    p_train_step = parallel.map_train_step(
-      steps.make_train_step(run.model, run.optimizer, run.schedule, config, num_classes),
-      devices,
-      mode=config.parallel,
-    )
+    if teacher is None:
+      p_train_step = parallel.map_train_step(
+        steps.make_train_step(run.model, run.optimizer, run.schedule, config, num_classes),
+        devices,
+        mode=config.parallel,
+      )
+    else:
+      p_train_step = distill.map_train_step(
+        steps.make_train_step(
+          run.model, run.optimizer, run.schedule, config, num_classes, teacher.model
+        ),
+        devices,
+        teacher.params,
+        mode=config.parallel,
+      )
     p_eval_step = parallel.map_eval_step(
       steps.make_eval_step(run.model, num_classes), devices, mode=config.parallel
     )
@@ -718,7 +816,7 @@ def train_and_evaluate(
 
       if saving:
         with jax.transfer_guard('allow'):  # copying the state to the host is the point
-          ckpt.save(step, state._asdict())
+          ckpt.save(step, checkpoint_tree(state))
       if stopping:
         ckpt.wait_until_finished()
         logger.flush()
@@ -737,7 +835,12 @@ def train_and_evaluate(
     if not eval_metrics:
       eval_metrics = evaluate_splits(p_eval_step, state, config, config.eval.splits, devices)
       logger.write(int(state.step), eval_metrics)
-    weights_lib.export_params(config.model, parallel.to_host(state.ema_params), workdir)
+    weights_lib.export_params(
+      config.model,
+      parallel.to_host(state.ema_params),
+      workdir,
+      state=parallel.to_host(state.ema_model_state),
+    )
   return eval_metrics
 
 
@@ -763,7 +866,10 @@ def evaluate(
   state = run.state
   if weights:
     params = weights_lib.load_for_model(config.model, weights, run.info.num_classes)
-    state = state._replace(params=params, ema_params=params)
+    model_state = weights_lib.load_state_for_model(weights, parallel.to_host(state.model_state))
+    state = state._replace(
+      params=params, ema_params=params, model_state=model_state, ema_model_state=model_state
+    )
   else:
     with make_checkpointer(config, workdir, run.info.num_classes, read_only=True) as reader:
       if reader.latest_step() is None:

@@ -42,7 +42,13 @@ from nfnet_jax.weights.released import (
   released_variant_from_name,
 )
 from nfnet_jax.weights.timm import convert_timm, load_timm
-from nfnet_jax.weights.transfer import EXPORT_FILE, export_params, initial_params, load_for_model
+from nfnet_jax.weights.transfer import (
+  EXPORT_FILE,
+  export_params,
+  initial_params,
+  load_for_model,
+  load_state_for_model,
+)
 
 __all__ = [
   'ADMITTED_GLOBALS',
@@ -72,6 +78,7 @@ __all__ = [
   'file_md5',
   'released_variant_from_name',
   'load_for_model',
+  'load_state_for_model',
   'initial_params',
   'export_params',
   'load_timm',

@@ -46,8 +46,9 @@ def _shapes_of(fam: models.Family, key: str, num_classes: int, kwargs: dict) -> 
     return fam.model(num_classes, variant=key, **kwargs)(x, False)
 
   try:
-    shapes = jax.eval_shape(
-      hk.transform(forward).init,
+    # With state: the batch-normalised baselines keep their moving statistics there.
+    shapes, _ = jax.eval_shape(
+      hk.transform_with_state(forward).init,
       jax.random.PRNGKey(0),
       jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
     )
@@ -76,10 +77,16 @@ def expected_param_shapes(
   return {m: dict(p) for m, p in shapes.items()}
 
 
+def _family_of_root(root: str) -> Optional[models.Family]:
+  """`models.family_of_root`, the batch-normalised baselines included."""
+  baselines = (fam for fam in models.BASELINES.values() if fam.root == root)
+  return models.family_of_root(root) or next(baselines, None)
+
+
 def _family_of_params(params: Mapping) -> Optional[models.Family]:
   """The family whose root module the tree's modules live under, or None."""
   roots = {m.split('/~/')[0] for m in params}
-  return next((fam for fam in map(models.family_of_root, sorted(roots)) if fam), None)
+  return next((fam for fam in map(_family_of_root, sorted(roots)) if fam), None)
 
 
 def _block_layout(params: Mapping, fam: models.Family) -> Optional[tuple[list[int], list[int]]]:
@@ -112,15 +119,17 @@ def guess_variant(params: Mapping, width: Optional[float] = None) -> Optional[st
   The family comes from the root module (`NFNet`, `NF_ResNet`, `NF_RegNet`); stage
   boundaries are the blocks (the family's block module) with a `conv_shortcut`; a
   stage's width is its first block's `conv2` output channels. `width` is the multiplier
-  the file was made with (default: the family's, `Family.defaults['width']`); a tree of
-  the right depths and another multiplier (the same proportions) matches too.
+  the file was made with (default: the family's, `Family.defaults['width']`, 1 for a
+  family without a width argument such as EfficientNet); a tree of the right depths and
+  another multiplier (the same proportions) matches too. A family whose blocks have no
+  `conv2` (EfficientNet's MBConv) is not guessed: its files name their variant.
   """
   fam = _family_of_params(params)
   layout = fam and _block_layout(params, fam)
   if not layout:
     return None
   depths, widths = layout
-  width = fam.defaults['width'] if width is None else width
+  width = fam.defaults.get('width', 1.0) if width is None else width
   for key, row in fam.variants.items():
     if list(row['depth']) == depths and [int(w * width) for w in row['width']] == widths:
       return fam.canonical_name(key)

@@ -8,6 +8,13 @@ contain no '/', so the split is unambiguous. Two metadata entries: `__format__` 
 registry's canonical name, e.g. 'F0', 'NF-RegNet-B0'; older files hold short names such
 as 'B0' or 'ResNet50', which the registry still resolves).
 
+A batch-normalised model's file (`EfficientNet-B0`, `BN-ResNet50`: a run's
+`params_ema.npz`) also holds its Haiku state, the batch-norm moving mean and variance
+that evaluation normalises with, one entry per array keyed `'__state__/' + module_path +
+'//' + name` (`STATE_PREFIX`; no module path starts with '__', so no parameter is
+mistaken for one). Readers that know nothing of state skip those entries: the
+parameters read the same. Files of the NF families hold none.
+
 Reading checks before it spends memory. `ConvertedFile` reads the zip's central
 directory and each entry's .npy header (the first bytes of its member: a compressed
 member is inflated no further) and refuses, before any array data is inflated, an entry
@@ -34,6 +41,7 @@ SEPARATOR = '//'
 FORMAT_KEY = '__format__'
 VARIANT_KEY = '__variant__'
 CONVERTED_FORMAT = 'nfnet_jax.params.v1'
+STATE_PREFIX = '__state__/'
 NPY_SUFFIX = '.npy'
 
 # numpy's own bound on a header's text (np.lib.format.read_array_header_*'s default);
@@ -73,14 +81,23 @@ def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.n
   return params
 
 
-def save_converted(params: Mapping, dst, variant: str, *, overwrite: bool = False) -> str:
-  """Writes `params` as a pickle-free .npz recording `variant`; returns `dst`.
+def is_state_key(key: str) -> bool:
+  """Whether a flat key is a model-state entry (batch norm's statistics)."""
+  return key.startswith(STATE_PREFIX)
+
+
+def save_converted(
+  params: Mapping, dst, variant: str, *, overwrite: bool = False, state: Optional[Mapping] = None
+) -> str:
+  """Writes `params` (and a stateful model's Haiku `state`, if any) as a pickle-free .npz
+  recording `variant`; returns `dst`.
 
   Atomic (temporary file + rename) for local and remote (`gs://`) paths alike. Refuses
   to replace an existing `dst` (FileExistsError) unless `overwrite`. `variant` is stored
   as given: `convert` and `export_params` pass the registry's canonical name.
   """
   entries = flatten_params(params)
+  entries.update({STATE_PREFIX + k: v for k, v in flatten_params(state or {}).items()})
   entries[FORMAT_KEY] = np.array(CONVERTED_FORMAT)
   entries[VARIANT_KEY] = np.array(variant)
   sequential = fileio.is_remote(dst)
@@ -327,12 +344,28 @@ class ConvertedFile:
     """{module path: {param name: placeholder}}: zero-stride read-only arrays of each
     entry's declared shape and dtype (nothing of the file's data), for checking the
     parameters against a model before `read_params()`."""
-    return unflatten_params({k: _placeholder(h) for k, (_, h) in self._headers.items()})
+    return unflatten_params(
+      {k: _placeholder(h) for k, (_, h) in self._headers.items() if not is_state_key(k)}
+    )
 
   def read_params(self) -> dict[str, dict[str, np.ndarray]]:
     """{module path: {param name: array}}, each as stored (dtype, byte order, Fortran or
     C order), exactly the shapes `shapes()` described."""
-    return unflatten_params({k: self._read(k) for k in self._headers if SEPARATOR in k})
+    return unflatten_params(
+      {k: self._read(k) for k in self._headers if SEPARATOR in k and not is_state_key(k)}
+    )
+
+  def state_shapes(self) -> dict[str, dict[str, np.ndarray]]:
+    """`shapes()` of the model-state entries ({} in a file without state)."""
+    n = len(STATE_PREFIX)
+    return unflatten_params(
+      {k[n:]: _placeholder(h) for k, (_, h) in self._headers.items() if is_state_key(k)}
+    )
+
+  def read_state(self) -> dict[str, dict[str, np.ndarray]]:
+    """{module path: {name: array}} of the model-state entries ({} without state)."""
+    n = len(STATE_PREFIX)
+    return unflatten_params({k[n:]: self._read(k) for k in self._headers if is_state_key(k)})
 
   def _read(self, key: str) -> np.ndarray:
     """One entry's array: its header read again (it must be the one checked), then

@@ -5,7 +5,9 @@ model arguments). `initial_params` starts a fine-tuning run from a weights file
 (`config.init_from`: a released pickle or a converted / exported .npz of any family),
 with a fresh classifier when the class count differs; `export_params` writes a finished
 run's EMA parameters as `<workdir>/params_ema.npz`, which `load_pretrained`,
-`init_from` and `nfnet-classify --weights` read back.
+`init_from` and `nfnet-classify --weights` read back. For a batch-normalised model the
+export also holds the EMA of its moving statistics (npz.py's state entries), which
+`load_state_for_model` reads back for evaluation, classification and fine-tuning.
 """
 
 import logging
@@ -17,7 +19,8 @@ import ml_collections
 import numpy as np
 
 from nfnet_jax import models
-from nfnet_jax.weights import check, npz
+from nfnet_jax.weights import check, npz, released
+from nfnet_jax.weights.errors import ParamsMismatchError
 
 EXPORT_FILE = 'params_ema.npz'
 
@@ -70,14 +73,49 @@ def initial_params(
   return jax.tree.map(lambda new, old: np.asarray(new, np.asarray(old).dtype), params, fresh_params)
 
 
+def load_state_for_model(path, fresh_state: Any) -> Any:
+  """The model state (batch norm's moving statistics) stored in the .npz `path`, checked
+  against `fresh_state` (the model's initial state: host arrays or ShapeDtypeStructs), as
+  numpy arrays of its dtypes; `{}` for a stateless model (the NF families), whatever the
+  file holds.
+
+  Raises ParamsMismatchError when the model has state and the file none (a released or
+  converted NF file, or an export of an older version) or other state entries."""
+  if not jax.tree.leaves(fresh_state):
+    return {}
+  path = os.fspath(path)
+  if not npz.read_head(path).startswith(released.ZIP_MAGIC):
+    stored = {}  # a released pickle: NF parameters only
+  else:
+    with npz.ConvertedFile(path) as archive:
+      stored = archive.state_shapes()
+      if stored:
+        expected = jax.tree.map(lambda x: tuple(x.shape), fresh_state)
+        if jax.tree.map(lambda x: tuple(x.shape), stored) != expected:
+          raise ParamsMismatchError(
+            f'{path}: its batch-norm statistics ({len(jax.tree.leaves(stored))} arrays) do '
+            f'not fit the model ({len(jax.tree.leaves(expected))}); check the variant and the '
+            'model arguments'
+          )
+        stored = archive.read_state()
+  if not stored:
+    raise ParamsMismatchError(
+      f'{path} holds no batch-norm statistics (moving mean and variance), which this '
+      "batch-normalised model evaluates with: use a run's params_ema.npz exported by this "
+      'version, or train the model'
+    )
+  return jax.tree.map(lambda new, old: np.asarray(new, old.dtype), stored, fresh_state)
+
+
 def export_params(
-  model_config: ml_collections.ConfigDict, params: Any, workdir: str
+  model_config: ml_collections.ConfigDict, params: Any, workdir: str, state: Any = None
 ) -> Optional[str]:
-  """Writes host `params` (a run's EMA params, already fetched from the devices) as
+  """Writes host `params` (a run's EMA params, already fetched from the devices) and, for
+  a batch-normalised model, its model `state` (the EMA of the moving statistics) as
   `<workdir>/params_ema.npz`, replacing an older export, atomically, locally or on
   `gs://`. Only process 0 writes; it returns the path, the others None."""
   if jax.process_index() != 0:
     return None
   fam, key, _ = models.model_variant(model_config)
   dst = os.path.join(workdir, EXPORT_FILE)
-  return npz.save_converted(params, dst, fam.canonical_name(key), overwrite=True)
+  return npz.save_converted(params, dst, fam.canonical_name(key), overwrite=True, state=state)

@@ -1,0 +1,90 @@
+r"""EfficientNet-B0..B7 on ImageNet: the official TensorFlow TPU recipe (Tan & Le 2019).
+
+Command (on every host of a Cloud TPU slice; launch/train_tpu.sh and docs/tpu.md do it):
+  python -m nfnet_jax.train --config experiments/efficientnet.py:B0 \
+      --workdir gs://BUCKET/effnet_b0 --distributed \
+      --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+
+Expected result: this config has not been run on ImageNet. The paper (arXiv 1905.11946,
+table 2) reports 77.1% top-1 for B0 ... 84.3% for B7 (with AutoAugment; see below); the
+NFNet paper's table 3 compares against those figures. Read `eval_ema_top1` (the
+reference evaluates the EMA) in <workdir>/metrics.jsonl.
+
+Measured here instead, the same recipe scaled down to the embedded digits (`:digits`,
+see `digits_config`):
+  python -m nfnet_jax.train --config experiments/efficientnet.py:digits --workdir workdirs/effnet
+DIGITS_RESULT
+
+The recipe is tensorflow/tpu's models/official/efficientnet (main.py flags and
+utils.build_learning_rate / build_optimizer / get_ema_vars):
+  * global batch 2048, 350 epochs (218,949 steps), bfloat16 compute;
+  * TF1 RMSProp, decay 0.9, momentum 0.9, epsilon 1e-3 (`optim.rmsprop_tf`: the mean
+    square starts at 1, epsilon inside the square root);
+  * lr 0.016 x batch / 256, linear warmup over 5 epochs, then x 0.97 every 2.4 epochs
+    (staircase, counted from step 0: `optim.warmup_exponential_schedule`);
+  * L2 weight decay 1e-5 on every weight but batch norm's, added to the gradient; no
+    gradient clipping; label smoothing 0.1;
+  * EMA of the weights and of the batch-norm moving statistics with decay
+    min(0.9999, (1 + step) / (10 + step)) (TF's ExponentialMovingAverage with
+    num_updates), the EMA evaluated;
+  * the model (models/efficientnet.py): the variant's resolution (224 .. 600 px) for
+    training and evaluation, the variant's dropout (0.2 .. 0.5), drop-connect 0.2, batch
+    norm decay 0.99 and eps 1e-3, the reference's cross-replica batch norm grouping
+    (`bn_sync='tpu'`: per-device statistics up to 8 replicas, groups of max(8, n // 8)
+    replicas above);
+  * augmentation: the paper trains with AutoAugment, which this package does not
+    implement; RandAugment (2 layers, magnitude 10: the reference's own randaug
+    defaults) is the closest option here and is used instead, on inception crops and
+    flips, without MixUp or CutMix.
+"""
+
+from nfnet_jax import config as config_lib
+
+
+def get_config(arg='B0'):
+  if arg == 'digits':
+    return digits_config()
+  variant = arg or 'B0'
+  if not variant.startswith('EfficientNet-'):
+    variant = 'EfficientNet-' + variant  # 'B0' here means EfficientNet-B0, not NF-RegNet-B0
+  config = config_lib.imagenet_config(variant)  # unknown variant -> lists them all
+  config.dtype = 'bfloat16'
+  config.label_smoothing = 0.1
+  config.ema_max_decay = 0.9999
+  config.model.bn_sync = 'tpu'
+  config.model.kwargs.update(drop_connect_rate=0.2)
+  config.data.update(mixup_alpha=0.0, cutmix=False, randaug_layers=2, randaug_magnitude=10.0)
+  config.train.update(batch_size=2048, num_epochs=350.0, log_every_steps=100, eval_every_steps=5000)
+  config.optimizer.update(
+    name='rmsprop',
+    lr_schedule='exponential',
+    base_lr=0.016,
+    scale_by_batch=True,
+    warmup_epochs=5.0,
+    lr_decay_rate=0.97,
+    lr_decay_epochs=2.4,
+    momentum=0.9,
+    rms_decay=0.9,
+    rms_eps=1e-3,
+    weight_decay=1e-5,
+    clipping=0.0,
+  )
+  config.checkpoint.update(every_steps=2000, max_to_keep=3)
+  return config
+
+
+def digits_config():
+  """The recipe above, scaled down to run here: EfficientNet-B0 on the embedded digits at
+  32 px (its 1280-channel head on a 1x1 map), float32, batch 64 (lr 0.016 x 64 / 256),
+  DIGITS_EPOCHS epochs with warmup and decay periods scaled alike, statistics over the
+  whole batch (one device here: bn_sync changes nothing), no RandAugment (digits are not
+  photographs); everything else as for ImageNet."""
+  config = get_config('B0')
+  config.dtype = 'float32'  # bfloat16 is emulated, hence slow, on CPU
+  config.model.bn_sync = 'all'
+  config.data.update(name='digits', image_size=32, eval_image_size=0, randaug_layers=0)
+  config.train.update(batch_size=64, num_epochs=40.0, log_every_steps=25, eval_every_steps=300)
+  config.optimizer.update(warmup_epochs=2.0, lr_decay_epochs=2.4)
+  config.eval.update(splits='test', batch_size=120)
+  config.checkpoint.update(every_steps=300, max_to_keep=2)
+  return config
