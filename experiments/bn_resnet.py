@@ -12,7 +12,8 @@ trained with this plain 90-epoch recipe reaches about 76-77% top-1; read `eval_t
 Measured here instead, the same recipe scaled down to the embedded digits (`:digits`,
 see `digits_config`):
   python -m nfnet_jax.train --config experiments/bn_resnet.py:digits --workdir workdirs/bn_r50
-DIGITS_RESULT
+Expected (measured 2026-11-30, 2-core CPU shared with other jobs, float32): eval_top1
+0.978 (352 of 360 test digits; EMA the same) after 898 steps, in about 4 minutes.
 
 The recipe is DeepMind's released ImageNet ResNet experiment (deepmind-research/nfnets,
 experiment.py, its default config: model 'ResNet', which_norm 'BatchNorm'):

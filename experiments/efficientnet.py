@@ -76,14 +76,14 @@ def get_config(arg='B0'):
 def digits_config():
   """The recipe above, scaled down to run here: EfficientNet-B0 on the embedded digits at
   32 px (its 1280-channel head on a 1x1 map), float32, batch 64 (lr 0.016 x 64 / 256),
-  DIGITS_EPOCHS epochs with warmup and decay periods scaled alike, statistics over the
+  20 epochs (warmup 2 epochs, x 0.97 every 2.4 epochs), statistics over the
   whole batch (one device here: bn_sync changes nothing), no RandAugment (digits are not
   photographs); everything else as for ImageNet."""
   config = get_config('B0')
   config.dtype = 'float32'  # bfloat16 is emulated, hence slow, on CPU
   config.model.bn_sync = 'all'
   config.data.update(name='digits', image_size=32, eval_image_size=0, randaug_layers=0)
-  config.train.update(batch_size=64, num_epochs=40.0, log_every_steps=25, eval_every_steps=300)
+  config.train.update(batch_size=64, num_epochs=20.0, log_every_steps=25, eval_every_steps=300)
   config.optimizer.update(warmup_epochs=2.0, lr_decay_epochs=2.4)
   config.eval.update(splits='test', batch_size=120)
   config.checkpoint.update(every_steps=300, max_to_keep=2)

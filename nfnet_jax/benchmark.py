@@ -6,6 +6,17 @@ r"""Step latency and memory of the real train/eval steps, as in the paper's tabl
     python -m nfnet_jax.benchmark --variant NF-RegNet-B0      # or ResNet50, B0, ...
     python -m nfnet_jax.benchmark --config experiments/nf_regnet.py:B0   # its recipe
     python -m nfnet_jax.benchmark --variant F0 --memory       # with and without --remat
+    python -m nfnet_jax.benchmark --paper-table [--models F0,F1,EfficientNet-B7] --csv t.csv
+
+`--paper-table` times each model of `--models` (default: every row of the paper's table 3,
+NFNet-F0..F5, F5+SAM, F6+SAM, EfficientNet-B0 and B3..B7, and BN-ResNet50, plus F6
+without SAM) under appendix A.2's protocol: its full train step at its own train size, 32
+images per device, bfloat16, data preloaded; remat (`config.model.remat`) where XLA's
+memory analysis of the compiled step exceeds what the backend says a device holds, or
+where the device runs out of memory without it (`--remat`/`--noremat` force it; the CPU
+backend reports no memory, so there it stays off). It prints a markdown table against
+table 3's TPUv3 and V100 figures (`nfnet_jax.published`) and the F1 vs EfficientNet-B7
+speed-up; a model that fails to build, compile or run gets its reason in its row.
 
 Times the same per-device step that training runs (forward, backward, pmean, the
 optimizer, EMA, metrics), mapped over the local devices (`--parallel`: shard_map or
@@ -41,7 +52,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from nfnet_jax import cli, models, parallel, provenance, published, train
+from nfnet_jax import cli, models, parallel, provenance, published, timm_compare, train
 from nfnet_jax import config as config_lib
 from nfnet_jax import steps as steps_lib
 from nfnet_jax.models import layers
@@ -93,7 +104,9 @@ def _setup(
   (`fn`, or `fn` compiled ahead of time) once on the preloaded batch; `args(state)`, the
   step's arguments; the first state; the run's description; the devices."""
   config = ml_collections.ConfigDict((config or config_lib.imagenet_config(variant)).to_dict())
-  name = models.canonical_name(config.model.kwargs.variant)
+  # The config may name the variant by its table key ('50' for BN-ResNet50).
+  family, key, _ = models.model_variant(config.model)
+  name = family.canonical_name(key)
   config.dtype = dtype
   config.model.kwargs.width = width = width or config.model.kwargs.width
   if remat is not None:
@@ -103,7 +116,8 @@ def _setup(
   devices = parallel.local_devices(num_devices or None)
   n = len(devices)
   config.train.batch_size = batch_per_device * n
-  model = models.build_model(config.model, num_classes, dtype)
+  # As train.setup builds it: any family, batch norm's statistics as Haiku state.
+  model = models.build_model_with_state(config.model, num_classes, dtype)
   optimizer, schedule = train.make_optimizer(config, total_steps=1000, steps_per_epoch=100)
 
   rng = np.random.default_rng(0)
@@ -129,8 +143,11 @@ def _setup(
     fn = parallel.map_eval_step(
       steps_lib.make_eval_step(model, num_classes), devices, mode=parallel_mode
     )
-    args = lambda s: (s.params, s.ema_params, batch)  # noqa: E731
-    advance = lambda step, s: (s, step(s.params, s.ema_params, batch))  # noqa: E731
+    # The mapped eval step is a plain function (it fills in the model states' default):
+    # jit it whole so that it can be compiled ahead of time and its memory analysed.
+    fn = fn if hasattr(fn, 'lower') else jax.jit(fn)
+    args = lambda s: (s.params, s.ema_params, batch, (s.model_state, s.ema_model_state))  # noqa: E731
+    advance = lambda step, s: (s, step(*args(s)))  # noqa: E731
   row = dict(
     variant=name,
     mode=mode,
@@ -604,6 +621,13 @@ def define_flags(values: flags.FlagValues) -> None:
     'With --paper-table: the models, by table-3 row (F5+SAM, ...) or registry name.',
     flag_values=values,
   )
+  flags.DEFINE_bool(
+    'compare_timm',
+    False,
+    "Time timm's port of --variant (dm_nfnet_f0..f6; needs torch and timm) beside ours in "
+    'this process: train step and eval forward, float32 (nfnet_jax.timm_compare).',
+    flag_values=values,
+  )
 
 
 def _mib(row: dict) -> str:
@@ -631,6 +655,8 @@ def _benchmark_cli(f: flags.FlagValues, positional: list[str]) -> int:
   print(provenance.format_header(provenance.run_header()), file=sys.stderr, flush=True)
   if f.paper_table:
     return _paper_table_cli(f)
+  if f.compare_timm:
+    return timm_compare.compare_cli(f)
   if f.memory:
     rows = memory(
       f.variant,

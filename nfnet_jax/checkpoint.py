@@ -59,7 +59,9 @@ On-disk layout::
       trainer.lock                # nfnet_jax.workdir: who is training here
       checkpoints/
         <step>/                   # one finalized Orbax step directory
-          state/                  # the train-state pytree (OCDBT/tensorstore)
+          state/                  # the train-state pytree (OCDBT/tensorstore): step,
+                                  # params, opt_state, ema_params, rng, and for a
+                                  # batch-normalised model model_state, ema_model_state
           signature/model_signature.json   # copy of the model signature
           _CHECKPOINT_METADATA
         <step>.orbax-checkpoint-tmp*/   # only while a save is in flight, or

@@ -43,11 +43,20 @@ class TrainState(NamedTuple):
 
 
 def with_state(model) -> hk.TransformedWithState:
-  """`model` as `hk.transform_with_state` gives it; a stateless `hk.Transformed` is
-  wrapped (its state is `{}`, and its init and apply compute what they did)."""
+  """`model` as `hk.transform_with_state` gives it; a stateless `hk.Transformed` (or any
+  object with its `init`/`apply`) is wrapped as `hk.with_empty_state` does: its state is
+  `{}`, and its init and apply compute what they did."""
   if isinstance(model, hk.TransformedWithState):
     return model
-  return hk.with_empty_state(model)
+
+  def init(*args, **kwargs):
+    return model.init(*args, **kwargs), {}
+
+  def apply(params, state, *args, **kwargs):
+    del state  # always {}
+    return model.apply(params, *args, **kwargs), {}
+
+  return hk.TransformedWithState(init, apply)
 
 
 def init_state(rng: jax.Array, model, optimizer, image_size: int) -> TrainState:

@@ -309,8 +309,6 @@ def check_run(config: ml_collections.ConfigDict, num_devices: int) -> None:
       f'--config.init_from={config.init_from} does not exist; give the path of a weights '
       "file (DeepMind F{k}_haiku.npz, a converted .npz or a run's params_ema.npz)."
     )
-  if distill.enabled(config):
-    distill.check_teacher_file(config.distill.teacher)
 
 
 def check_workdir(workdir: str) -> None:
@@ -638,7 +636,8 @@ def train_and_evaluate(
   devices, num_classes = run.devices, run.info.num_classes
   num_devices = len(devices)
   per_device = parallel.per_device_batch_size(config.train.batch_size, num_devices)
-  # Loaded for every start (resumed or not): the teacher is not checkpointed.
+  # Loaded for every start (resumed or not): the teacher is not checkpointed. A missing
+  # file or other classes stop the run here, before the workdir is touched.
   teacher = None
   if distill.enabled(config):
     fam, key, _ = models.model_variant(config.model)
@@ -854,7 +853,8 @@ def evaluate(
   weights: Optional[str] = None,
 ) -> dict[str, float]:
   """Evaluates the newest checkpoint in `workdir` (raw and EMA parameters), or the
-  parameters in a `weights` file (released or converted .npz; raw = EMA = the file's),
+  parameters in a `weights` file (released or converted .npz; raw = EMA = the file's,
+  with the file's batch-norm statistics for a batch-normalised model),
   on the evaluation entries `split` (comma-separated or a sequence; default
   `config.eval.splits`), the first logged as `eval_*`, the others as `eval_<entry>/*`.
 

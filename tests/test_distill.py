@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from experiments import digits as digits_config
-from nfnet_jax import data, distill, losses, models, optim, parallel, steps, train, weights
+from nfnet_jax import data, distill, losses, optim, parallel, steps, train, weights
 
 NUM_CLASSES = 10
 SIZE = 16
@@ -274,7 +274,7 @@ def test_teacher_params_are_an_argument_not_constants():
   devices = jax.local_devices()[:1]
   texts, sizes = [], []
   for hidden in (16, 512):
-    teacher = tiny_net(16, hidden=hidden)
+    teacher = tiny_net(hidden, hidden=hidden)
     teacher_params = teacher.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)), False)
     step = distill.map_train_step(
       steps.make_train_step(student, optimizer, schedule, config, NUM_CLASSES, teacher),
@@ -282,11 +282,11 @@ def test_teacher_params_are_an_argument_not_constants():
       teacher_params,
     )
     lowered = step.mapped.lower(parallel.replicate(state, devices), batch, step.teacher_params)
-    args = jax.tree.leaves(lowered.args_info[2])
+    args = jax.tree.leaves(lowered.args_info[0][2])
     assert len(args) == len(jax.tree.leaves(teacher_params))
     texts.append(len(lowered.as_text()))
     sizes.append(sum(x.nbytes for x in jax.tree.leaves(teacher_params)))
-  assert sizes[1] - sizes[0] > 1_000_000  # 16 -> 512 hidden units: > 1 MB more weights
+  assert sizes[1] - sizes[0] > 1_000_000  # 16 -> 512 channels: > 1 MB more weights
   assert abs(texts[1] - texts[0]) < 2_000  # the program: the same up to its shapes
 
 
@@ -336,15 +336,18 @@ def test_without_a_teacher_nothing_of_it_is_traced_and_the_step_is_plain():
 # Loading the teacher, and the errors.
 # ---------------------------------------------------------------------------
 def export_tiny_f0(path, num_classes=NUM_CLASSES, width=0.0625, group_size=8):
-  """A narrow F0's freshly initialised parameters as a run's params_ema.npz would hold."""
+  """A narrow F0's parameters (random, of the model's shapes) as a run's params_ema.npz
+  holds them."""
   config = digits_config.get_config()
   config.model.kwargs.update(width=width, group_size=group_size)
-  model = models.build_model(config.model, num_classes)
-  params = jax.jit(model.init, static_argnums=2)(
-    jax.random.PRNGKey(3), jnp.zeros((1, SIZE, SIZE, 3)), False
-  )
+  shapes = weights.expected_param_shapes('F0', num_classes, width=width, group_size=group_size)
+  rng = np.random.default_rng(3)
+  params = {
+    m: {n: rng.normal(0, 0.1, shape).astype(np.float32) for n, shape in group.items()}
+    for m, group in shapes.items()
+  }
   os.makedirs(path, exist_ok=True)
-  return weights.export_params(config.model, jax.device_get(params), str(path)), params
+  return weights.export_params(config.model, params, str(path)), params
 
 
 def test_teacher_loads_its_variant_and_width_from_the_file(tmp_path):
@@ -353,18 +356,20 @@ def test_teacher_loads_its_variant_and_width_from_the_file(tmp_path):
   assert teacher.name == 'F0' and teacher.num_classes == NUM_CLASSES
   assert teacher.model_config.kwargs.width == 0.0625
   assert teacher.model_config.kwargs.group_size == 8
-  jax.tree.map(np.testing.assert_array_equal, teacher.params, jax.device_get(params))
-  x = jnp.ones((2, SIZE, SIZE, 3))
-  np.testing.assert_array_equal(
-    distill.teacher_logits(teacher.model, teacher.params, x).shape, (2, NUM_CLASSES)
+  jax.tree.map(np.testing.assert_array_equal, teacher.params, params)
+  # The model it builds takes those parameters.
+  logits = jax.eval_shape(
+    lambda p, x: distill.teacher_logits(teacher.model, p, x),
+    teacher.params,
+    jax.ShapeDtypeStruct((2, SIZE, SIZE, 3), jnp.float32),
   )
+  assert logits.shape == (2, NUM_CLASSES) and logits.dtype == jnp.float32
 
 
 def test_missing_teacher_and_class_mismatch_are_one_line_errors(tmp_path):
-  config = digits_config.get_config()
-  config.distill.teacher = str(tmp_path / 'nowhere.npz')
+  missing = str(tmp_path / 'nowhere.npz')
   with pytest.raises(FileNotFoundError, match='distill.teacher=.*nowhere.npz does not exist') as e:
-    train.check_run(config, 1)
+    distill.load_teacher(missing, NUM_CLASSES, 'float32')
   assert '\n' not in str(e.value)
   path, _ = export_tiny_f0(tmp_path / 'three', num_classes=3)
   with pytest.raises(ValueError, match='F0 with 3 classes but the student') as e:

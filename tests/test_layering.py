@@ -27,6 +27,7 @@ LAYERS = [
     'nfnet_jax.classify',
     'nfnet_jax.convert',
     'nfnet_jax.benchmark',
+    'nfnet_jax.timm_compare',
     'nfnet_jax.throughput',
     'nfnet_jax.plot',
     'nfnet_jax.spp',

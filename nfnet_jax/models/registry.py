@@ -16,7 +16,7 @@ import jax
 import jmp
 import ml_collections
 
-from nfnet_jax.models import bn_resnet, nf_regnet, nf_resnet, nfnet
+from nfnet_jax.models import bn_resnet, efficientnet, nf_regnet, nf_resnet, nfnet
 from nfnet_jax.models.family import Cost, Family
 
 FAMILIES: dict[str, Family] = {
@@ -27,7 +27,7 @@ FAMILIES: dict[str, Family] = {
     nf_regnet.FAMILY,
   )
 }
-BASELINES: dict[str, Family] = {f.name: f for f in (bn_resnet.FAMILY,)}
+BASELINES: dict[str, Family] = {f.name: f for f in (bn_resnet.FAMILY, efficientnet.FAMILY)}
 
 
 def _all_families() -> list[Family]:
@@ -143,6 +143,8 @@ def _forward(model_config: ml_collections.ConfigDict, num_classes: int, dtype: s
   # load whether or not it is on).
   remat = bool(model_config.get('remat', False))
   model_cls, kwargs = fam.model, dict(variant=key, remat=remat, **kwargs)
+  if fam.stateful:  # bn_sync, like remat, sits beside `kwargs` (config.model_config)
+    kwargs['bn_sync'] = model_config.get('bn_sync', kwargs.get('bn_sync', 'none'))
   policy = mixed_precision_policy(dtype)
 
   def forward(images, is_training: bool, return_metrics: bool = False):

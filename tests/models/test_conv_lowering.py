@@ -1,0 +1,107 @@
+"""The 'dense' lowering (the CPU default) computes what the 'native' one does.
+
+Weight standardisation under 'dense' takes its mean and variance as products with a
+row of 1 / fan_in; the convolutions split groups and turn 1x1 convs into dot products.
+Both must give the native lowering's outputs and gradients to float32 rounding (1e-5 of
+each tensor's largest entry), and the parameter tree must not depend on the lowering.
+"""
+
+import haiku as hk
+from hypothesis import given, settings
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfnet_jax.models import layers
+from tests import helpers
+
+seeds = st.integers(0, 2**31 - 1)
+
+
+def _standardize_and_grads(impl, w, gain, cot):
+  with layers.conv_impl(impl):
+    # A fresh trace per lowering: it is chosen while tracing.
+    fn = jax.jit(
+      jax.value_and_grad(
+        lambda w, g: jnp.sum(layers.standardize_weight(w, g) * cot), argnums=(0, 1)
+      )
+    )
+    out = jax.jit(layers.standardize_weight)(w, gain)
+    _, (gw, gg) = fn(w, gain)
+  return out, gw, gg
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+  kh=st.sampled_from([1, 3]),
+  kw=st.sampled_from([1, 3]),
+  # fan_in >= 3: with 1 or 2 inputs per unit the standardised weight is constant in w,
+  # its gradient zero up to rounding, and a relative comparison meaningless.
+  fan=st.integers(3, 24),
+  out=st.integers(1, 10),
+  scale=st.sampled_from([1e-3, 0.05, 1.0, 20.0]),
+  offset=st.sampled_from([0.0, 0.5]),
+  seed=seeds,
+)
+def test_weight_standardization_lowerings_agree(kh, kw, fan, out, scale, offset, seed):
+  rng = np.random.default_rng(seed)
+  shape = (kh, kw, fan, out)
+  w = jnp.asarray((rng.standard_normal(shape) + offset) * scale, jnp.float32)
+  gain = jnp.asarray(rng.uniform(-2, 2, out), jnp.float32)
+  cot = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  native = _standardize_and_grads('native', w, gain, cot)
+  dense = _standardize_and_grads('dense', w, gain, cot)
+  for d, n in zip(dense, native):
+    helpers.assert_close(d, n, rtol=1e-5)
+  # And both are the float64 NumPy formula.
+  want = helpers.np_standardize(np.asarray(w), np.asarray(gain))
+  helpers.assert_close(dense[0], want, rtol=1e-5)
+
+
+def _wsconv(out_ch, k, stride, groups):
+  return hk.without_apply_rng(
+    hk.transform(lambda x: layers.WSConv2D(out_ch, k, stride=stride, feature_group_count=groups)(x))
+  )
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+  k=st.sampled_from([1, 3]),
+  stride=st.sampled_from([1, 2]),
+  groups=st.sampled_from([1, 2, 3]),
+  in_per_group=st.integers(3, 4),  # fan_in >= 3, as above
+  out_per_group=st.integers(1, 3),
+  height=st.integers(2, 6),
+  width=st.integers(2, 6),
+  seed=seeds,
+)
+def test_wsconv_lowerings_agree_with_grads(
+  k, stride, groups, in_per_group, out_per_group, height, width, seed
+):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((2, height, width, groups * in_per_group)), jnp.float32)
+  f = _wsconv(groups * out_per_group, k, stride, groups)
+  params = f.init(jax.random.PRNGKey(0), x)
+  params = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+  o_native, o_dense = helpers.assert_lowerings_agree(f.apply, params, x, rng)
+  want = helpers.np_wsconv(x, params['ws_conv2_d'], stride, groups)
+  helpers.assert_close(o_native, want, rtol=1e-4)
+  helpers.assert_close(o_dense, want, rtol=1e-4)
+
+
+def test_parameter_tree_does_not_depend_on_the_lowering():
+  x = jnp.zeros((1, 8, 8, 6))
+  trees = {}
+  for impl in ('native', 'dense'):
+    with layers.conv_impl(impl):
+      params = _wsconv(12, 3, 2, 3).init(jax.random.PRNGKey(0), x)
+    trees[impl] = jax.tree.map(lambda p: (p.shape, p.dtype), params)
+  assert trees['native'] == trees['dense']
+  assert trees['dense'] == {
+    'ws_conv2_d': {
+      'w': ((3, 3, 2, 12), jnp.float32),
+      'gain': ((12,), jnp.float32),
+      'bias': ((12,), jnp.float32),
+    }
+  }
