@@ -108,7 +108,9 @@ def _setup(
   family, key, _ = models.model_variant(config.model)
   name = family.canonical_name(key)
   config.dtype = dtype
-  config.model.kwargs.width = width = width or config.model.kwargs.width
+  if width:  # not every family has a width multiplier (EfficientNets scale by variant)
+    config.model.kwargs.width = width
+  width = config.model.kwargs.get('width', '')
   if remat is not None:
     config.model.remat = remat
   parallel_mode = parallel_mode or config.get('parallel', parallel.DEFAULT_MODE)
