@@ -83,7 +83,7 @@ def _shape_candidates(path: str, variant: str) -> list[dict]:
     shapes = archive.shapes()
   fam, key = models.resolve(variant)
   widths = [None]
-  layout = check_lib._block_layout(shapes, fam)  # (stage depths, stage widths)
+  layout = check_lib.block_layout(shapes, fam)  # (stage depths, stage widths)
   if layout and 'width' in fam.defaults:
     table = fam.variants[key]['width']
     widths = sorted({w / t for w, t in zip(layout[1], table)}) or [None]
@@ -170,19 +170,7 @@ def map_train_step(
   parameters are placed on `devices` once, replicated like the state (never donated),
   and passed to every call as an argument. Returns `(state, batch) -> (state, metrics)`;
   its `mapped` attribute is the three-argument mapped step (e.g. to `.lower` it)."""
-  parallel._check_mode(mode)
-  parallel._check_devices(devices)
-  if mode == 'shard_map':
-    mapped = parallel._map_with_shard_map(step_fn, devices, (False, True, False), 2, donate=(0,))
-  else:
-    mapped = jax.pmap(
-      step_fn,
-      axis_name=parallel.AXIS,
-      in_axes=(None, 0, None),
-      out_axes=(None, None),
-      donate_argnums=(0,),
-      devices=parallel._pmap_devices(devices),
-    )
+  mapped = parallel.map_train_step(step_fn, devices, mode, num_extra_args=1)
   placed = parallel.replicate(teacher_params, devices)
 
   def train_step(state, batch):

@@ -140,23 +140,29 @@ def _pmap_devices(devices: Sequence) -> Optional[Sequence]:
   return None if jax.process_count() > 1 else devices
 
 
-def map_train_step(step_fn: Callable, devices: Sequence, mode: str = DEFAULT_MODE) -> Callable:
-  """(state, batch) -> (state, metrics): state replicated, batch split on axis 0.
+def map_train_step(
+  step_fn: Callable, devices: Sequence, mode: str = DEFAULT_MODE, num_extra_args: int = 0
+) -> Callable:
+  """(state, batch, *extra) -> (state, metrics): state replicated, batch split on axis 0.
 
   `mode` is 'shard_map' or 'pmap' (module docstring). Pass a state placed by
   `replicate` (as the step returns it): the buffers are donated, so the update happens
   in place on each device. The batch is [devices, per_device, ...]; under shard_map in
   a multi-process run it must be the global array `prefetch_to_devices` makes (pmap
-  also takes each process's local NumPy piece).
+  also takes each process's local NumPy piece). `num_extra_args` more arguments
+  (e.g. a distillation teacher's parameters) are replicated like the state and never
+  donated: pass them placed by `replicate`, so they are arguments of the compiled
+  step rather than constants baked into it.
   """
   _check_mode(mode)
   _check_devices(devices)
+  extra = num_extra_args
   if mode == 'shard_map':
-    return _map_with_shard_map(step_fn, devices, (False, True), 2, donate=(0,))
+    return _map_with_shard_map(step_fn, devices, (False, True) + (False,) * extra, 2, donate=(0,))
   return jax.pmap(
     step_fn,
     axis_name=AXIS,
-    in_axes=(None, 0),
+    in_axes=(None, 0) + (None,) * extra,
     out_axes=(None, None),
     donate_argnums=(0,),
     devices=_pmap_devices(devices),

@@ -19,9 +19,11 @@ to install them. Nothing here runs in the tests but `peer_settings` and that mes
 """
 
 import dataclasses
+from importlib.util import find_spec
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Optional
@@ -43,18 +45,35 @@ class PeerMissing(cli.UserError):
   """PyTorch or timm is not importable."""
 
 
+def _install_message(missing: str) -> str:
+  return (
+    f'The timm comparison needs PyTorch and timm ({missing} is not importable): `{INSTALL}` '
+    '(the CPU-only PyTorch wheel: add --index-url https://download.pytorch.org/whl/cpu).'
+  )
+
+
+def missing_peer() -> Optional[str]:
+  """The first of torch, timm that is not installed (found without importing it), or
+  None."""
+  for name in ('torch', 'timm'):
+    try:
+      found = sys.modules[name] is not None if name in sys.modules else find_spec(name)
+    except (ImportError, ValueError):
+      found = False
+    if not found:
+      return name
+  return None
+
+
 def import_peer():
-  """(torch, timm), or `PeerMissing` naming the install command."""
+  """(torch, timm), or `PeerMissing` naming the install command. Import them before
+  TensorFlow: importing torchvision's ops after TensorFlow crashes the process."""
   try:
     import timm  # noqa: PLC0415 - optional peer, never a dependency
     import timm.utils  # noqa: PLC0415
     import torch  # noqa: PLC0415
   except ImportError as e:
-    missing = getattr(e, 'name', None) or str(e)
-    raise PeerMissing(
-      f'The timm comparison needs PyTorch and timm ({missing} is not importable): `{INSTALL}` '
-      '(the CPU-only PyTorch wheel: add --index-url https://download.pytorch.org/whl/cpu).'
-    ) from e
+    raise PeerMissing(_install_message(getattr(e, 'name', None) or str(e))) from e
   return torch, timm
 
 
@@ -327,27 +346,35 @@ def format_result(result: dict) -> str:
 
 def compare_cli(f) -> int:
   """`benchmark --compare-timm`: the benchmark flags that were given override the
-  comparison's defaults (F0, batch 8 at 128 px, eval at 192 px, 5 steps after 2)."""
-  import_peer()  # before compiling anything
+  comparison's defaults (F0, batch 8 at 128 px, eval at 192 px, 5 steps after 2).
+
+  The benchmark has imported TensorFlow (the input pipeline's), after which importing
+  torchvision crashes the process; the comparison runs in a child process that imports
+  the peer first (`python -m nfnet_jax.timm_compare --compare`)."""
+  missing = missing_peer()
+  if missing:
+    raise PeerMissing(_install_message(missing))
+  if f.config is not None:
+    raise ValueError("--compare-timm times the variant's ImageNet recipe: drop --config.")
+  if f['dtype'].present and f.dtype != 'float32':
+    raise ValueError('--compare-timm runs both in float32: drop --dtype.')
 
   def given(name, default):
     return f[name].value if f[name].present else default
 
-  if f['dtype'].present and f.dtype != 'float32':
-    raise ValueError('--compare-timm runs both in float32: drop --dtype.')
-  result = compare(
+  args = dict(
     variant=f.variant,
-    batch_size=given('batch_per_device', 8),
+    batch=given('batch_per_device', 8),
     image_size=given('image_size', 128) or 128,
     eval_image_size=192,
     steps=given('steps', 5),
     warmup=given('warmup', 2),
     num_classes=f.num_classes,
     conv_impl=f.conv_impl,
-    config=f.config,
   )
-  print(format_result(result))
-  return 0
+  command = [sys.executable, '-m', 'nfnet_jax.timm_compare', '--compare']
+  command += [f'--{k}={v}' for k, v in args.items()]
+  return subprocess.run(command, check=False).returncode
 
 
 def peer_benchmark(
@@ -411,9 +438,34 @@ def main(argv=None) -> int:
       'amp', 'bfloat16', ['', 'bfloat16', 'float16'], 'autocast dtype.', flag_values=values
     )
     flags.DEFINE_bool('compile', True, 'torch.compile the model.', flag_values=values)
+    flags.DEFINE_bool(
+      'compare',
+      False,
+      'Compare with our step on this CPU instead (what benchmark --compare-timm runs).',
+      flag_values=values,
+    )
+    flags.DEFINE_integer('eval_image_size', 192, 'With --compare.', flag_values=values)
+    flags.DEFINE_integer('num_classes', 1000, 'Classifier width.', flag_values=values)
+    flags.DEFINE_enum(
+      'conv_impl', 'auto', list(layers.CONV_IMPLS), 'With --compare.', flag_values=values
+    )
 
   def work(f, positional):
     del positional
+    import_peer()  # before anything imports TensorFlow
+    if f.compare:
+      result = compare(
+        variant=f.variant,
+        batch_size=f.batch,
+        image_size=f.image_size or 128,
+        eval_image_size=f.eval_image_size,
+        steps=f.steps,
+        warmup=f.warmup,
+        num_classes=f.num_classes,
+        conv_impl=f.conv_impl,
+      )
+      print(format_result(result))
+      return 0
     r = peer_benchmark(
       f.variant, f.batch, f.image_size, f.steps, f.warmup, f.device, f.amp, f.compile
     )

@@ -107,11 +107,19 @@ class MBConvSpec:
     return self.stride == 1 and self.in_ch == self.out_ch
 
 
-def block_specs(variant: str = 'B0', drop_connect_rate: float = 0.2):
-  """Returns (stem channels, one MBConvSpec per block, head channels)."""
+def block_specs(variant: str = 'B0', drop_connect_rate: float = 0.2, width: float = 1.0):
+  """Returns (stem channels, one MBConvSpec per block, head channels).
+
+  `width` multiplies the variant's width coefficient (1.0: the published network), for
+  small experiments; channels are rounded as the compound scaling rounds them.
+  """
   row = family.lookup_variant(EFFICIENTNET_VARIANTS, 'EfficientNet', variant)
-  stem_ch = round_filters(STEM_CH, row['width_mult'])
-  stages = [(r, k, s, e, c) for (_, k, s, e, _), r, c in zip(B0_STAGES, row['depth'], row['width'])]
+  if width <= 0:
+    raise ValueError(f'EfficientNet width must be > 0, got {width}; 1.0 is the published one.')
+  width_mult = row['width_mult'] * width
+  widths = row['width'] if width == 1.0 else [round_filters(st[-1], width_mult) for st in B0_STAGES]
+  stem_ch = round_filters(STEM_CH, width_mult)
+  stages = [(r, k, s, e, c) for (_, k, s, e, _), r, c in zip(B0_STAGES, row['depth'], widths)]
   num_blocks, specs, in_ch = sum(row['depth']), [], stem_ch
   for repeats, kernel, stride, expand, out_ch in stages:
     for i in range(repeats):
@@ -128,7 +136,7 @@ def block_specs(variant: str = 'B0', drop_connect_rate: float = 0.2):
         )
       )
       in_ch = out_ch
-  return stem_ch, specs, round_filters(HEAD_CH, row['width_mult'])
+  return stem_ch, specs, round_filters(HEAD_CH, width_mult)
 
 
 def conv_init(kernel: int, out_ch: int) -> hk.initializers.Initializer:
@@ -198,7 +206,8 @@ class EfficientNet(hk.Module):
   returns a dict with `logits` [B, num_classes] and `pool` [B, C]; with
   `return_metrics=True` also `block_{i}` signal statistics, as the NF families.
   `bn_sync`: how batch statistics are shared across devices (`batchnorm.BatchNorm`);
-  `drop_rate` None: the variant's dropout before the classifier.
+  `drop_rate` None: the variant's dropout before the classifier. `width` multiplies the
+  variant's width coefficient (`block_specs`; 1.0 is the published network).
   """
 
   def __init__(
@@ -208,6 +217,7 @@ class EfficientNet(hk.Module):
     bn_sync: str = 'none',
     drop_rate: Optional[float] = None,
     drop_connect_rate: float = 0.2,
+    width: float = 1.0,
     name: str = 'EfficientNet',
     *,
     remat: bool = False,
@@ -216,7 +226,7 @@ class EfficientNet(hk.Module):
     self.num_classes, self.variant, self.remat = num_classes, variant, remat
     row = family.lookup_variant(EFFICIENTNET_VARIANTS, 'EfficientNet', variant)
     self.drop_rate = row['drop_rate'] if drop_rate is None else drop_rate
-    stem_ch, self.specs, head_ch = block_specs(variant, drop_connect_rate)
+    stem_ch, self.specs, head_ch = block_specs(variant, drop_connect_rate, width)
     self.stem_conv = conv(stem_ch, 3, stride=2, name='stem_conv')
     self.stem_bn = BatchNorm(BN_DECAY, BN_EPS, bn_sync, name='stem_bn')
     self.blocks = [MBConvBlock(spec, bn_sync) for spec in self.specs]
@@ -243,6 +253,7 @@ def count_flops(
   variant: str = 'B0',
   image_size: Optional[int] = None,
   num_classes: int = 1000,
+  width: float = 1.0,
   **unused_kwargs,
 ) -> family.Cost:
   """Parameters and multiply-accumulates of one image's forward pass at `image_size`
@@ -251,7 +262,7 @@ def count_flops(
   A bias-free conv followed by batch norm has the weights plus 2 * out_ch parameters
   (scale, offset): `family.conv_cost`'s count. Elementwise work is not counted.
   """
-  stem_ch, specs, head_ch = block_specs(variant)
+  stem_ch, specs, head_ch = block_specs(variant, width=width)
   size = image_size or EFFICIENTNET_VARIANTS[variant]['test_imsize']
   total, size = family.conv_cost(size, 3, stem_ch, 3, 2)
   for s in specs:
@@ -270,7 +281,7 @@ FAMILY = family.Family(
   variants=EFFICIENTNET_VARIANTS,
   prefixes=('EfficientNet-',),
   # The TF reference's arguments; drop_rate None = the variant's.
-  defaults=dict(bn_sync='none', drop_rate=None, drop_connect_rate=0.2),
+  defaults=dict(bn_sync='none', drop_rate=None, drop_connect_rate=0.2, width=1.0),
   root='EfficientNet',
   block='mb_conv_block',
   # The TF reference's eval (preprocessing.py, `_decode_and_center_crop`): centre square

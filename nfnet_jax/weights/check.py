@@ -89,7 +89,7 @@ def _family_of_params(params: Mapping) -> Optional[models.Family]:
   return next((fam for fam in map(_family_of_root, sorted(roots)) if fam), None)
 
 
-def _block_layout(params: Mapping, fam: models.Family) -> Optional[tuple[list[int], list[int]]]:
+def block_layout(params: Mapping, fam: models.Family) -> Optional[tuple[list[int], list[int]]]:
   """(stage depths, stage widths) read off a parameter tree, or None."""
   pattern = re.compile(r'^(?P<prefix>.+)/~/' + re.escape(fam.block) + r'(?:_(?P<index>\d+))?$')
   blocks = {}
@@ -125,7 +125,7 @@ def guess_variant(params: Mapping, width: Optional[float] = None) -> Optional[st
   `conv2` (EfficientNet's MBConv) is not guessed: its files name their variant.
   """
   fam = _family_of_params(params)
-  layout = fam and _block_layout(params, fam)
+  layout = fam and block_layout(params, fam)
   if not layout:
     return None
   depths, widths = layout
@@ -210,7 +210,7 @@ def check_params(
   hints = []
   guess = guess_variant(params, model_kwargs.get('width'))
   if guess is not None and guess != fam.canonical_name(key):
-    depths, widths = _block_layout(params, models.resolve(guess)[0])
+    depths, widths = block_layout(params, models.resolve(guess)[0])
     hints.append(
       f"the file's shapes match variant {guess!r} (stage depths {depths}, "
       f'stage widths {widths}): pass variant={guess!r}'

@@ -226,3 +226,24 @@ def test_sync_all_equals_the_whole_batch_on_one_device(b0):
     for name, value in stats.items():
       got = synced_state[module][name]
       np.testing.assert_allclose(got, np.broadcast_to(value, got.shape), rtol=2e-3, atol=2e-4)
+
+
+def test_width_multiplies_the_variant_coefficient():
+  """B0 at width 0.5: every channel count is round_filters(c * 0.5), worked by hand."""
+
+  def forward(x):
+    return efficientnet.EfficientNet(10, 'B0', width=0.5)(x, True)
+
+  f = hk.transform_with_state(forward)
+  params, _ = jax.eval_shape(f.init, jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))
+  # 32 16 24 40 80 112 192 320 1280 halved: 16 8 12->16 20->24 40 56 96 160 640.
+  assert params['EfficientNet/~/stem_conv']['w'].shape == (3, 3, 3, 16)
+  assert params['EfficientNet/~/mb_conv_block/~/project_conv']['w'].shape == (1, 1, 16, 8)
+  last = len(efficientnet.block_specs('B0')[1]) - 1
+  project = params[f'EfficientNet/~/mb_conv_block_{last}/~/project_conv']['w']
+  assert project.shape == (1, 1, 96 * 6, 160)
+  assert params['EfficientNet/~/head_conv']['w'].shape == (1, 1, 160, 640)
+  assert params['EfficientNet/~/linear']['w'].shape == (640, 10)
+  assert efficientnet.count_flops('B0', SIZE, 10, width=0.5).params == num_params(params)
+  with pytest.raises(ValueError, match='width'):
+    efficientnet.block_specs('B0', width=0.0)
