@@ -14,7 +14,8 @@ and the identity skip.
 
 Compound scaling (1905.11946 section 3.3): channels `round_filters(c * width_mult)`
 and stage repeats `ceil(r * depth_mult)`; each variant's resolution (train = test)
-and dropout are its own. Module names (Haiku's, for the classes below):
+and dropout are its own. A `width` argument (default 1.0) multiplies the
+variant's width coefficient, for small experiments. Module names (Haiku's, for the classes below):
 
   EfficientNet/~/stem_conv, stem_bn
   EfficientNet/~/mb_conv_block_{k}/~/expand_conv, expand_bn    (expand ratio > 1 only)
@@ -161,12 +162,18 @@ def drop_connect(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
 class MBConvBlock(hk.Module):
   """Mobile inverted bottleneck with squeeze-excite (Sandler et al. 2018; Hu et al. 2018)."""
 
-  def __init__(self, spec: MBConvSpec, bn_sync: str = 'none', name: Optional[str] = None):
+  def __init__(
+    self,
+    spec: MBConvSpec,
+    bn_sync: str = 'none',
+    bn_decay: float = BN_DECAY,
+    name: Optional[str] = None,
+  ):
     super().__init__(name=name)
     self.spec = spec
 
     def bn(name):
-      return BatchNorm(BN_DECAY, BN_EPS, bn_sync, name=name)
+      return BatchNorm(bn_decay, BN_EPS, bn_sync, name=name)
 
     if spec.expand_ch != spec.in_ch:
       self.expand_conv, self.expand_bn = conv(spec.expand_ch, name='expand_conv'), bn('expand_bn')
@@ -208,6 +215,8 @@ class EfficientNet(hk.Module):
   `bn_sync`: how batch statistics are shared across devices (`batchnorm.BatchNorm`);
   `drop_rate` None: the variant's dropout before the classifier. `width` multiplies the
   variant's width coefficient (`block_specs`; 1.0 is the published network).
+  `bn_decay`: the moving statistics' decay (the reference's 0.99; a short run needs a
+  faster one, or its moving statistics lag the weights).
   """
 
   def __init__(
@@ -218,6 +227,7 @@ class EfficientNet(hk.Module):
     drop_rate: Optional[float] = None,
     drop_connect_rate: float = 0.2,
     width: float = 1.0,
+    bn_decay: float = BN_DECAY,
     name: str = 'EfficientNet',
     *,
     remat: bool = False,
@@ -228,10 +238,10 @@ class EfficientNet(hk.Module):
     self.drop_rate = row['drop_rate'] if drop_rate is None else drop_rate
     stem_ch, self.specs, head_ch = block_specs(variant, drop_connect_rate, width)
     self.stem_conv = conv(stem_ch, 3, stride=2, name='stem_conv')
-    self.stem_bn = BatchNorm(BN_DECAY, BN_EPS, bn_sync, name='stem_bn')
-    self.blocks = [MBConvBlock(spec, bn_sync) for spec in self.specs]
+    self.stem_bn = BatchNorm(bn_decay, BN_EPS, bn_sync, name='stem_bn')
+    self.blocks = [MBConvBlock(spec, bn_sync, bn_decay) for spec in self.specs]
     self.head_conv = conv(head_ch, name='head_conv')
-    self.head_bn = BatchNorm(BN_DECAY, BN_EPS, bn_sync, name='head_bn')
+    self.head_bn = BatchNorm(bn_decay, BN_EPS, bn_sync, name='head_bn')
     # U(-1/sqrt(num_classes), 1/sqrt(num_classes)), the TF reference's dense init.
     limit = 1.0 / math.sqrt(num_classes)
     self.fc = hk.Linear(num_classes, w_init=hk.initializers.RandomUniform(-limit, limit))
