@@ -44,6 +44,8 @@ __all__ = [
   'ema_decay',
   'ema_update',
   'global_norm',
+  'gradient_statistics',
+  'update_norm',
   'NO_WEIGHT_DECAY_PARAMS',
 ]
 
@@ -146,6 +148,56 @@ def _unit_reduction_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
   raise ValueError(f'AGC has no unit-wise norm for parameter shape {shape}.')
 
 
+def gradient_statistics(
+  grads: PyTree,
+  params: PyTree,
+  clipping: Optional[float] = None,
+  eps: float = 1e-3,
+  mask: Optional[Mask] = None,
+) -> dict:
+  """The step's gradient metrics from one set of unit-wise sums of squares.
+
+  Returns ``grad_norm`` and ``param_norm`` (global L2 norms over every leaf of
+  ``grads`` and ``params``) and, when ``clipping`` is set, ``agc_clip_fraction``
+  (:func:`agc_clip_fraction`, over the leaves ``mask`` selects).
+
+  Every leaf is reduced per AGC unit (:func:`_unit_reduction_axes`) and the global
+  norms add those sums up. These are the reductions AGC itself takes, so in a step
+  that also clips, XLA computes each of them once for both (common subexpressions),
+  instead of reading each gradient and parameter again for each metric.
+
+  Returns:
+    A dict of float32 scalars.
+  """
+  if mask is None:
+    mask = jax.tree.map(lambda _: True, params)
+  elif callable(mask):
+    mask = mask(params)
+  mask_leaves, treedef = jax.tree.flatten(mask)
+  # flatten_up_to checks that grads and params have the mask's structure.
+  grad_leaves = treedef.flatten_up_to(grads)
+  param_leaves = treedef.flatten_up_to(params)
+
+  grad_sq = param_sq = clipped = jnp.zeros((), jnp.float32)
+  total = 0  # Static: the number of units only depends on shapes.
+  for m, g, p in zip(mask_leaves, grad_leaves, param_leaves):
+    p = jnp.asarray(p, jnp.float32)
+    g = jnp.asarray(g, jnp.float32)
+    axes = _unit_reduction_axes(p.shape)
+    g_unit = jnp.sum(jnp.square(g), axis=axes)
+    p_unit = jnp.sum(jnp.square(p), axis=axes)
+    grad_sq = grad_sq + jnp.sum(g_unit)
+    param_sq = param_sq + jnp.sum(p_unit)
+    if clipping is not None and m:
+      max_norm = clipping * jnp.maximum(jnp.sqrt(p_unit), eps)
+      clipped = clipped + jnp.sum(jnp.sqrt(g_unit) > max_norm).astype(jnp.float32)
+      total += int(p_unit.size)
+  stats = {'grad_norm': jnp.sqrt(grad_sq), 'param_norm': jnp.sqrt(param_sq)}
+  if clipping is not None:
+    stats['agc_clip_fraction'] = clipped / max(total, 1)
+  return stats
+
+
 def agc_clip_fraction(
   grads: PyTree,
   params: PyTree,
@@ -171,30 +223,22 @@ def agc_clip_fraction(
   Returns:
     A float32 scalar in [0, 1] (0 when no parameter is selected).
   """
-  if mask is None:
-    mask = jax.tree.map(lambda _: True, params)
-  elif callable(mask):
-    mask = mask(params)
+  return gradient_statistics(grads, params, clipping, eps, mask)['agc_clip_fraction']
 
-  mask_leaves, treedef = jax.tree.flatten(mask)
-  # flatten_up_to checks that grads and params have the mask's structure.
-  grad_leaves = treedef.flatten_up_to(grads)
-  param_leaves = treedef.flatten_up_to(params)
 
-  clipped = jnp.zeros((), jnp.float32)
-  total = 0  # Static: the number of units only depends on shapes.
-  for m, g, p in zip(mask_leaves, grad_leaves, param_leaves):
-    if not m:
-      continue
-    p = jnp.asarray(p, jnp.float32)
-    g = jnp.asarray(g, jnp.float32)
-    axes = _unit_reduction_axes(p.shape)
-    p_norm = jnp.sqrt(jnp.sum(jnp.square(p), axis=axes))
-    g_norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=axes))
-    max_norm = clipping * jnp.maximum(p_norm, eps)
-    clipped = clipped + jnp.sum(g_norm > max_norm).astype(jnp.float32)
-    total += int(p_norm.size)
-  return clipped / max(total, 1)
+def update_norm(new_params: PyTree, params: PyTree) -> jax.Array:
+  """L2 norm of the change a step made to the parameters, ``||new - old||``.
+
+  Taken from the two parameter trees (which the step keeps anyway) rather than from
+  the optimizer's update tree, which would otherwise have to be written out in full
+  just for this metric: XLA fuses the subtraction into the reduction.
+  """
+  return jnp.sqrt(
+    sum(
+      jnp.sum(jnp.square(jnp.asarray(n, jnp.float32) - jnp.asarray(o, jnp.float32)))
+      for n, o in zip(jax.tree.leaves(new_params), jax.tree.leaves(params))
+    )
+  )
 
 
 # ---------------------------------------------------------------------------

@@ -254,26 +254,25 @@ def make_train_step(
     )
     # Gradients are averaged across devices in float32; AGC then sees the
     # global-batch gradient, as in the paper.
-    grads = jax.lax.pmean(grads, AXIS)
+    grads = parallel.pmean(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     ema_params = optim.ema_update(state.ema_params, new_params, step, config.ema_max_decay)
     ema_model_state = state.ema_model_state
     if jax.tree.leaves(model_state):  # batch norm: keep the replicas' statistics equal
-      model_state = jax.lax.pmean(model_state, AXIS)
+      model_state = parallel.pmean(model_state)
       ema_model_state = optim.ema_update(ema_model_state, model_state, step, config.ema_max_decay)
     metrics = {
-      'loss': jax.lax.pmean(loss, AXIS),
-      'top1': jax.lax.pmean(top1, AXIS),
+      'loss': parallel.pmean(loss),
+      'top1': parallel.pmean(top1),
       'learning_rate': schedule(step),
-      'grad_norm': optim.global_norm(grads),
-      'param_norm': optim.global_norm(new_params),
-      'update_norm': optim.global_norm(updates),
+      # grad_norm, param_norm (of the parameters the gradient was taken at) and the
+      # clip fraction share AGC's unit-wise sums instead of reading every leaf again.
+      **optim.gradient_statistics(
+        grads, params, clipping or None, config.optimizer.eps, mask=optim.agc_mask
+      ),
+      'update_norm': optim.update_norm(new_params, params),
     }
-    if clipping:
-      metrics['agc_clip_fraction'] = optim.agc_clip_fraction(
-        grads, params, clipping, config.optimizer.eps, mask=optim.agc_mask
-      )
     new_state = TrainState(
       step=step + 1,
       params=new_params,

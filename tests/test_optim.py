@@ -483,6 +483,45 @@ def test_agc_clip_fraction(seed, clipping, eps, log_pscale, log_gscale, zero_par
     assert float(frac) == pytest.approx(clipped / total, abs=1e-6)
 
 
+_statistics = jax.jit(
+  lambda g, p, c, e: optim.gradient_statistics(g, p, c, e, mask=_CLIP_FRACTION_MASK)
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(**agc_inputs)
+def test_gradient_statistics_match_numpy(seed, clipping, eps, log_pscale, log_gscale, zero_params):
+  """Global norms over every leaf (masked or not) in float64, and the same clip
+  fraction as the metric on its own."""
+  rng = np.random.default_rng(seed)
+  params, grads = random_tree(rng, AGC_SHAPES, log_pscale, log_gscale, zero_params)
+  stats = _statistics(grads, params, clipping, eps)
+  assert set(stats) == {'grad_norm', 'param_norm', 'agc_clip_fraction'}
+  for key, tree in (('grad_norm', grads), ('param_norm', params)):
+    want = math.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in tree.values()))
+    assert float(stats[key]) == pytest.approx(want, rel=1e-5), key
+  assert float(stats['agc_clip_fraction']) == float(_clip_fraction(grads, params, clipping, eps))
+
+
+def test_gradient_statistics_without_clipping_have_no_clip_fraction():
+  tree = {'w': np.full((2, 3), 2.0, np.float32), 'b': np.array([3.0], np.float32)}
+  stats = optim.gradient_statistics(tree, tree)
+  assert set(stats) == {'grad_norm', 'param_norm'}
+  assert float(stats['param_norm']) == pytest.approx(math.sqrt(6 * 4 + 9))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), log_scale=st.floats(-6, 2))
+def test_update_norm_is_the_norm_of_the_change(seed, log_scale):
+  rng = np.random.default_rng(seed)
+  old = {k: rng.normal(size=s).astype(np.float32) for k, s in AGC_SHAPES.items()}
+  new = {
+    k: (v + 10**log_scale * rng.normal(size=v.shape)).astype(np.float32) for k, v in old.items()
+  }
+  want = math.sqrt(sum(np.sum((np.float64(new[k]) - np.float64(old[k])) ** 2) for k in AGC_SHAPES))
+  assert float(jax.jit(optim.update_norm)(new, old)) == pytest.approx(want, rel=1e-5)
+
+
 def test_agc_clip_fraction_masks_classifier_weight():
   params = _tree(NFNET_LAYOUT)
   params = jax.tree.map(lambda x: np.ones((4, 3), np.float32), params)

@@ -166,3 +166,20 @@ def test_unknown_mode_is_refused_with_the_valid_ones():
     parallel.map_train_step(lambda s, b: (s, {}), jax.local_devices(), mode='vmap')
   with pytest.raises(ValueError, match='valid: shard_map, pmap'):
     parallel.map_eval_step(lambda p, e, b: {}, jax.local_devices(), mode='jit')
+
+
+@pytest.mark.parametrize('mode', parallel.MODES)
+@pytest.mark.parametrize('num_devices', [1, 2])
+def test_pmean_averages_across_devices_and_skips_the_all_reduce_on_one(mode, num_devices):
+  devices = jax.local_devices()[:num_devices]
+
+  def step(state, batch):
+    return state, parallel.pmean(jnp.mean(batch))
+
+  mapped = parallel.map_train_step(step, devices, mode=mode)
+  state = parallel.replicate(jnp.zeros(3), devices)
+  batch = np.arange(num_devices * 4, dtype=np.float32).reshape(num_devices, 4)
+  _, mean = mapped(state, batch)
+  assert float(mean) == pytest.approx(batch.mean())
+  hlo = mapped.lower(state, batch).compile().as_text()
+  assert ('all-reduce' in hlo) == (num_devices > 1)

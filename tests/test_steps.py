@@ -101,6 +101,20 @@ def test_accumulated_step_equals_one_pass_over_the_batch(accum_steps, num_device
   assert 0 < want_metrics['agc_clip_fraction'] < 1
 
 
+def test_step_metrics_describe_the_step():
+  """param_norm is the norm of the parameters the step started from; update_norm the
+  norm of the change it made; both against float64 NumPy of the trees themselves."""
+  initial, state, metrics = one_pass(False)
+  leaves = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]  # noqa: E731
+  param_norm = np.sqrt(sum(np.sum(x**2) for x in leaves(initial.params)))
+  change = np.sqrt(
+    sum(np.sum((a - b) ** 2) for a, b in zip(leaves(state.params), leaves(initial.params)))
+  )
+  np.testing.assert_allclose(metrics['param_norm'], param_norm, rtol=1e-5)
+  np.testing.assert_allclose(metrics['update_norm'], change, rtol=1e-4)
+  assert metrics['grad_norm'] > 0
+
+
 def test_batch_that_does_not_split_into_micro_batches_is_refused():
   config = tiny_config(accum_steps=4)
   model = models.build_model(config.model, NUM_CLASSES, config.dtype)
