@@ -59,6 +59,23 @@ def test_weight_standardization_lowerings_agree(kh, kw, fan, out, scale, offset,
   helpers.assert_close(dense[0], want, rtol=1e-5)
 
 
+def test_weight_standardization_gradient_where_the_variance_floor_holds():
+  """Units whose sum of squares is below eps (here a constant column and a tiny one)
+  take the floor: their scale is a constant there, and the dense lowering's gradient
+  must drop the variance term as the native formula's does."""
+  rng = np.random.default_rng(0)
+  # fan_in 32: the product with a row of 1/32 gives the constant column's mean exactly.
+  w = rng.standard_normal((2, 2, 8, 3)).astype(np.float32)
+  w[..., 0] = 0.25  # variance 0
+  w[..., 1] *= 1e-4  # sum of squares ~4e-7 < eps = 1e-4
+  gain = np.asarray([1.5, -0.7, 2.0], np.float32)
+  cot = rng.standard_normal(w.shape).astype(np.float32)
+  native = _standardize_and_grads('native', jnp.asarray(w), gain, cot)
+  dense = _standardize_and_grads('dense', jnp.asarray(w), gain, cot)
+  for d, n in zip(dense, native):
+    helpers.assert_close(d, n, rtol=1e-5)
+
+
 def _wsconv(out_ch, k, stride, groups):
   return hk.without_apply_rng(
     hk.transform(lambda x: layers.WSConv2D(out_ch, k, stride=stride, feature_group_count=groups)(x))
