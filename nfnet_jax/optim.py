@@ -158,7 +158,7 @@ def gradient_statistics(
   """The step's gradient metrics from one set of unit-wise sums of squares.
 
   Returns ``grad_norm`` and ``param_norm`` (global L2 norms over every leaf of
-  ``grads`` and ``params``) and, when ``clipping`` is set, ``agc_clip_fraction``
+  ``grads`` and ``params``) and, unless ``clipping`` is None, ``agc_clip_fraction``
   (:func:`agc_clip_fraction`, over the leaves ``mask`` selects).
 
   Every leaf is reduced per AGC unit (:func:`_unit_reduction_axes`) and the global
