@@ -186,12 +186,16 @@ def gradient_statistics(
     axes = _unit_reduction_axes(p.shape)
     g_unit = jnp.sum(jnp.square(g), axis=axes)
     p_unit = jnp.sum(jnp.square(p), axis=axes)
-    grad_sq = grad_sq + jnp.sum(g_unit)
-    param_sq = param_sq + jnp.sum(p_unit)
     if clipping is not None and m:
       max_norm = clipping * jnp.maximum(jnp.sqrt(p_unit), eps)
       clipped = clipped + jnp.sum(jnp.sqrt(g_unit) > max_norm).astype(jnp.float32)
       total += int(p_unit.size)
+    # Without the barrier XLA's simplifier folds sum(sum(x**2, axes)) into one
+    # reduction of the whole leaf; the squares, now read by two reductions, are
+    # then written out in full and read twice (about 0.1 s per F0 step on CPU).
+    g_unit, p_unit = jax.lax.optimization_barrier((g_unit, p_unit))
+    grad_sq = grad_sq + jnp.sum(g_unit)
+    param_sq = param_sq + jnp.sum(p_unit)
   stats = {'grad_norm': jnp.sqrt(grad_sq), 'param_norm': jnp.sqrt(param_sq)}
   if clipping is not None:
     stats['agc_clip_fraction'] = clipped / max(total, 1)
@@ -226,18 +230,16 @@ def agc_clip_fraction(
   return gradient_statistics(grads, params, clipping, eps, mask)['agc_clip_fraction']
 
 
-def update_norm(new_params: PyTree, params: PyTree) -> jax.Array:
-  """L2 norm of the change a step made to the parameters, ``||new - old||``.
+def update_norm(updates: PyTree) -> jax.Array:
+  """L2 norm of the optimizer's update tree (``optax.apply_updates`` adds it to the
+  parameters), in float32.
 
-  Taken from the two parameter trees (which the step keeps anyway) rather than from
-  the optimizer's update tree, which would otherwise have to be written out in full
-  just for this metric: XLA fuses the subtraction into the reduction.
+  Taken from the updates rather than as ``||new - old||``: the step updates its
+  parameters in place, so the difference would need a full copy of the old ones first,
+  about twice the cost (XLA's CPU backend: 0.11 s against 0.06 s per F0 step).
   """
   return jnp.sqrt(
-    sum(
-      jnp.sum(jnp.square(jnp.asarray(n, jnp.float32) - jnp.asarray(o, jnp.float32)))
-      for n, o in zip(jax.tree.leaves(new_params), jax.tree.leaves(params))
-    )
+    sum(jnp.sum(jnp.square(jnp.asarray(u, jnp.float32))) for u in jax.tree.leaves(updates))
   )
 
 

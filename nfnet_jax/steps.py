@@ -271,7 +271,7 @@ def make_train_step(
       **optim.gradient_statistics(
         grads, params, clipping or None, config.optimizer.eps, mask=optim.agc_mask
       ),
-      'update_norm': optim.update_norm(new_params, params),
+      'update_norm': optim.update_norm(updates),
     }
     new_state = TrainState(
       step=step + 1,

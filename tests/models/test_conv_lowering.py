@@ -107,6 +107,66 @@ def test_wsconv_lowerings_agree_with_grads(
   helpers.assert_close(o_dense, want, rtol=1e-4)
 
 
+def _conv_grads(impl, x, w, stride, padding, cot):
+  with layers.conv_impl(impl):
+    loss = lambda x, w: jnp.sum(layers.conv2d(x, w, stride, padding) * cot)  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(loss)(x, w))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w), jaxpr
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+  k=st.sampled_from([2, 3, 5]),
+  stride=st.sampled_from([1, 2]),
+  padding=st.sampled_from(['SAME', 'VALID', ((2, 0), (1, 3))]),
+  batch=st.integers(1, 2),
+  positions=st.integers(23, 27),
+  in_ch=st.integers(layers.TAP_GRAD_MIN_CHANNELS, layers.TAP_GRAD_MIN_CHANNELS + 4),
+  out_ch=st.integers(1, 4),
+  seed=seeds,
+)
+def test_tap_kernel_gradient_agrees_with_native(
+  k, stride, padding, batch, positions, in_ch, out_ch, seed
+):
+  """Where the output has >= TAP_GRAD_MIN_POSITIONS positions, the dense lowering takes
+  the kernel gradient tap by tap; input and kernel gradients must be XLA's own."""
+  rng = np.random.default_rng(seed)
+  size = positions * stride + k  # >= 23 * 23 output positions for every padding
+  x = jnp.asarray(rng.standard_normal((batch, size, size - 1, in_ch)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, in_ch, out_ch)), jnp.float32)
+  with layers.conv_impl('native'):
+    cot = jnp.asarray(rng.standard_normal(layers.conv2d(x, w, stride, padding).shape))
+  (dx_native, dw_native), _ = _conv_grads('native', x, w, stride, padding, cot)
+  (dx_dense, dw_dense), jaxpr = _conv_grads('dense', x, w, stride, padding, cot)
+  assert 'custom_vjp_call' in jaxpr  # the tap path ran
+  helpers.assert_close(dx_dense, dx_native, rtol=1e-5)
+  helpers.assert_close(dw_dense, dw_native, rtol=1e-5)
+
+
+def test_small_outputs_keep_xlas_kernel_gradient():
+  """Below the thresholds XLA's own kernel gradient is as fast: no custom rule."""
+  x = jnp.ones((2, 8, 8, 32))  # 64 output positions
+  w = jnp.ones((3, 3, 32, 4))
+  _, jaxpr = _conv_grads('dense', x, w, 1, 'SAME', jnp.ones((2, 8, 8, 4)))
+  assert 'custom_vjp_call' not in jaxpr
+  x = jnp.ones((1, 32, 32, layers.TAP_GRAD_MIN_CHANNELS - 1))  # too few input channels
+  w = jnp.ones((3, 3, x.shape[-1], 4))
+  _, jaxpr = _conv_grads('dense', x, w, 1, 'SAME', jnp.ones((1, 32, 32, 4)))
+  assert 'custom_vjp_call' not in jaxpr
+
+
+def test_tap_kernel_gradient_keeps_the_kernel_dtype():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 24, 24, 16)), jnp.bfloat16)
+  w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 16, 2)), jnp.bfloat16)
+  cot = jnp.ones((1, 24, 24, 2), jnp.bfloat16)
+  (dx, dw), jaxpr = _conv_grads('dense', x, w, 1, 'SAME', cot)
+  assert 'custom_vjp_call' in jaxpr
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  (_, dw_native), _ = _conv_grads('native', x, w, 1, 'SAME', cot)
+  # bf16 keeps ~3 significant digits; the taps accumulate in float32.
+  helpers.assert_close(dw.astype(jnp.float32), dw_native.astype(jnp.float32), rtol=2e-2)
+
+
 def test_parameter_tree_does_not_depend_on_the_lowering():
   x = jnp.zeros((1, 8, 8, 6))
   trees = {}
