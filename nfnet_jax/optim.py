@@ -238,9 +238,7 @@ def update_norm(updates: PyTree) -> jax.Array:
   parameters in place, so the difference would need a full copy of the old ones first,
   about twice the cost (XLA's CPU backend: 0.11 s against 0.06 s per F0 step).
   """
-  return jnp.sqrt(
-    sum(jnp.sum(jnp.square(jnp.asarray(u, jnp.float32))) for u in jax.tree.leaves(updates))
-  )
+  return global_norm(jax.tree.map(lambda u: jnp.asarray(u, jnp.float32), updates))
 
 
 # ---------------------------------------------------------------------------

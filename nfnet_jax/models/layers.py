@@ -73,7 +73,8 @@ def scaled_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 # speed of the equivalent matrix product. The 'dense' lowering computes exactly
 # the same function from the same parameters: a grouped conv becomes `groups`
 # dense convs on channel slices, a 1x1 stride-1 conv a dot product over
-# channels. On GPU/TPU the native lowering is fast, so 'auto' picks by backend.
+# channels; large spatial convs take their kernel gradient tap by tap
+# (`_conv_with_tap_grad`). On GPU/TPU the native lowering is fast, so 'auto' picks by backend.
 # docs/benchmarks.md has the measurements behind this choice.
 # ---------------------------------------------------------------------------
 CONV_IMPLS = ('auto', 'native', 'dense')
