@@ -3,6 +3,12 @@
 The public API; each name lives in the module that implements that part of the paper.
 """
 
+# First, before JAX is imported: a command-line tool re-executes itself here with huge
+# pages for its large host buffers (see `hostmem`); a library import returns at once.
+from nfnet_jax import hostmem as _hostmem
+
+_hostmem.reexec_with_huge_pages()
+
 from nfnet_jax.losses import softmax_cross_entropy
 from nfnet_jax.models import (
   NF_REGNET_VARIANTS,

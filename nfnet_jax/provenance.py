@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 
-from nfnet_jax import fileio
+from nfnet_jax import fileio, hostmem
 
 RUNS_FILE = 'runs.jsonl'
 GIT_TIMEOUT_S = 5.0
@@ -147,6 +147,7 @@ def run_header(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     'source': {'path': os.path.dirname(os.path.abspath(__file__)), **git_state()},
     'devices': device_summary(),
     'host': socket.gethostname(),
+    'host_memory': hostmem.describe(),
   }
 
 
@@ -169,6 +170,7 @@ def format_header(header: dict[str, Any]) -> str:
       f'command: {shlex.join(argv) if argv else "-"}',
       f'devices: {devices}',
       f'versions: {others}',
+      f'host memory: {header.get("host_memory") or "-"}',
     )
   )
 

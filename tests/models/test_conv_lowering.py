@@ -1,8 +1,8 @@
 """The 'dense' lowering (the CPU default) computes what the 'native' one does.
 
-Weight standardisation under 'dense' takes its mean and variance as products with a
-row of 1 / fan_in; the convolutions split groups, turn 1x1 convs into dot products and
-take the kernel gradients of large spatial convs tap by tap.
+Weight standardisation under 'dense' has a hand-written gradient; the convolutions split
+groups, turn 1x1 convs into dot products and take the kernel gradients of large spatial
+convs tap by tap.
 Both must give the native lowering's outputs and gradients to float32 rounding (1e-5 of
 each tensor's largest entry), and the parameter tree must not depend on the lowering.
 """
@@ -67,7 +67,7 @@ def test_weight_standardization_gradient_where_the_variance_floor_holds():
   take the floor: their scale is a constant there, and the dense lowering's gradient
   must drop the variance term as the native formula's does."""
   rng = np.random.default_rng(0)
-  # fan_in 32: the product with a row of 1/32 gives the constant column's mean exactly.
+  # fan_in 32: the constant column's mean is exact, its centred values exactly 0.
   w = rng.standard_normal((2, 2, 8, 3)).astype(np.float32)
   w[..., 0] = 0.25  # variance 0
   w[..., 1] *= 1e-4  # sum of squares ~4e-7 < eps = 1e-4
