@@ -6,13 +6,15 @@ r"""Our NFNet step against timm's PyTorch port of the same network, in the same 
 The peer is timm's `dm_nfnet_f0` (..`f6`: the port of DeepMind's released NFNets) trained
 the way our config trains: forward, cross-entropy with the config's label smoothing,
 backward, `timm.utils.adaptive_clip_grad` (AGC, arXiv 2102.06171 section 4.1: on every
-parameter but the classifier weight) and SGD with Nesterov momentum and coupled weight
-decay (not on gains, biases and skip gains), with the config's dropout and
-stochastic-depth rates. Ours is `benchmark`'s step: the same, plus the parameter EMA and
-the logged metrics. Both run on random data at the same batch, size and float32; the two
-are timed in alternation (ours, timm, ours, ...) so that the load of a shared machine
-hits both alike, and the medians and their ratio are printed, with the range of the
-per-pair ratios. The evaluation forward (one pass, no gradient) is compared the same way.
+parameter but the classifier weight) and SGD with Nesterov momentum and coupled weight decay
+(not on gains, biases and skip gains), with the config's dropout and stochastic-depth rates,
+and the parameter EMA (`timm.utils.ModelEmaV3`, foreach, at the config's `ema_max_decay`;
+ours warms its decay up as min(max, (1 + t) / (10 + t)), which costs the same). Ours is
+`benchmark`'s step: the same, plus the logged metrics. Both run on random data at the same
+batch, size and float32; the two are timed in alternation (ours, timm, ours, ...) so that
+the load of a shared machine hits both alike, and the medians and their ratio are printed,
+with the range of the per-pair ratios. The evaluation forward (one pass, no gradient) is
+compared the same way.
 
 timm and PyTorch are not dependencies of nfnet_jax: without them the command says how
 to install them. Nothing here runs in the tests but `peer_settings` and that message.
@@ -95,6 +97,7 @@ class PeerSettings:
   momentum: float
   nesterov: bool
   weight_decay: float
+  ema_decay: Optional[float]  # None: no EMA
 
 
 def timm_model_name(variant: str) -> str:
@@ -140,6 +143,7 @@ def peer_settings(
     momentum=float(opt.momentum),
     nesterov=bool(opt.nesterov),
     weight_decay=float(opt.weight_decay),
+    ema_decay=None if config.get('ema_max_decay') is None else float(config.ema_max_decay),
   )
 
 
@@ -195,6 +199,11 @@ def timm_steps(
     groups, lr=settings.learning_rate, momentum=settings.momentum, nesterov=settings.nesterov
   )
   clipped = [p for n, p in named if peer_clips(n)]
+  ema = (
+    None
+    if settings.ema_decay is None
+    else timm.utils.ModelEmaV3(model, decay=settings.ema_decay, foreach=True)
+  )
   loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
   b, s, e = settings.batch_size, settings.image_size, settings.eval_image_size
   x = torch.randn(b, 3, s, s, device=device).to(memory_format=memory_format)
@@ -214,6 +223,8 @@ def timm_steps(
     if settings.clipping:
       timm.utils.adaptive_clip_grad(clipped, settings.clipping, settings.agc_eps)
     optimizer.step()
+    if ema is not None:
+      ema.update(model)
     return loss.item()
 
   def eval_forward():
