@@ -3,7 +3,7 @@ r"""Transparent huge pages for the host's large buffers (glibc's `hugetlb` tunab
 XLA's CPU runtime allocates a step's temporaries as one block per call (about 0.9 GB for
 the F0 train step at batch 8, 128 px) and frees it when the call returns. glibc serves a
 block that large with a fresh `mmap`, so the kernel faults it in and zeroes it 4 KiB at a
-time on every step: ~250,000 minor page faults and about a third of the step's wall time
+time on every step: ~258,000 minor page faults; huge pages cut the step's wall time by 17%
 on a 2-core Xeon (docs/benchmarks.md, "Fourth round"). glibc >= 2.35 has a tunable,
 `glibc.malloc.hugetlb=1`, that marks such blocks for transparent huge pages
 (`madvise(MADV_HUGEPAGE)`), so they fault 2 MiB at a time. Tunables are read when a
