@@ -192,6 +192,21 @@ NARROW = {
 }
 
 
+# The cheapest `nfnet_jax.benchmark` run: an F0 at 1/16 width evaluating one 32 px image,
+# one timed step (F0's group width of 128 still builds: one group per conv).
+TINY_BENCHMARK_FLAGS = (
+  '--variant=F0',
+  '--width=0.0625',
+  '--mode=eval',
+  '--image-size=32',
+  '--batch-per-device=1',
+  '--num-devices=1',
+  '--dtype=float32',
+  '--steps=1',
+  '--warmup=1',
+)
+
+
 def recurrence_betas(depths: Sequence[int], alpha: float = 0.2) -> list[float]:
   """beta = 1 / expected std (2101.08692, section 4): the expected std starts at
   1, is reset to 1 after each stage's first block, and otherwise grows as

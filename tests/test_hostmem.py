@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from nfnet_jax import hostmem
+from tests import helpers
 
 GLIBC = ('glibc', '2.36')
 TOOL = ['/usr/bin/python3', '-m', 'nfnet_jax.train', '--config', 'experiments/digits.py']
@@ -78,19 +79,7 @@ def _env(**extra):
 def test_a_tool_runs_with_the_tunable_added_to_the_users():
   """End to end: a tool started without our tunable reports (in its run header) that it
   ran with the user's tunables plus ours."""
-  tiny = [
-    '-m',
-    'nfnet_jax.benchmark',
-    '--variant=F0',
-    '--width=0.0625',
-    '--mode=eval',
-    '--image-size=32',
-    '--batch-per-device=1',
-    '--num-devices=1',
-    '--dtype=float32',
-    '--steps=1',
-    '--warmup=1',
-  ]
+  tiny = ['-m', 'nfnet_jax.benchmark', *helpers.TINY_BENCHMARK_FLAGS]
   users = 'glibc.malloc.arena_max=4'
   got = subprocess.run(
     [sys.executable, *tiny], env=_env(GLIBC_TUNABLES=users), capture_output=True, text=True

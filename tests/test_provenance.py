@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from nfnet_jax import benchmark, provenance, train
+from tests import helpers
 from tests.test_train import tiny_config
 
 
@@ -171,17 +172,7 @@ def test_every_start_is_recorded_and_a_changed_eval_setting_is_logged(
 
 
 def test_benchmark_prints_the_header_before_its_figures(capsys):
-  argv = [
-    '--variant=F0',
-    '--width=0.0625',
-    '--mode=eval',
-    '--image-size=32',
-    '--batch-per-device=1',
-    '--num-devices=1',
-    '--dtype=float32',
-    '--steps=1',
-    '--warmup=1',
-  ]
+  argv = list(helpers.TINY_BENCHMARK_FLAGS)
   assert benchmark.main(argv) == 0
   out, err = capsys.readouterr()
   assert f'jax {jax.__version__}' in err and 'devices: 8 x ' in err

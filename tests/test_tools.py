@@ -6,6 +6,7 @@ import os
 import pytest
 
 from nfnet_jax import benchmark, throughput
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config.model.kwargs.width=0.0625', '--config.model.kwargs.group_size=8']
@@ -40,18 +41,7 @@ def test_benchmark_times_the_step_a_config_describes(tmp_path, capsys):
 
 
 def test_benchmark_without_config_uses_the_variants_imagenet_recipe(capsys):
-  argv = [
-    '--variant=F0',
-    '--width=0.0625',
-    '--mode=eval',
-    '--image-size=32',
-    '--batch-per-device=1',
-    '--num-devices=1',
-    '--dtype=float32',
-    '--steps=1',
-    '--warmup=1',
-  ]
-  # F0's group width of 128 at width 0.0625 still builds (one group per conv).
+  argv = list(helpers.TINY_BENCHMARK_FLAGS)
   assert benchmark.main(argv) == 0
   assert capsys.readouterr().out.startswith('F0 eval: batch 1/device x 1 ')
   assert benchmark.main(['--variant=F9']) == 1
