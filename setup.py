@@ -44,7 +44,7 @@ setuptools.setup(
   description='NFNets (normalizer-free ResNets with adaptive gradient clipping) in JAX/Haiku.',
   packages=setuptools.find_packages(include=['nfnet_jax', 'nfnet_jax.*']),
   python_requires='>=3.11',
-  package_data={'nfnet_jax.data': ['imagenet_classes.tsv']},
+  package_data={'nfnet_jax': ['native/*.cc'], 'nfnet_jax.data': ['imagenet_classes.tsv']},
   install_requires=INSTALL_REQUIRES,
   extras_require={
     'test': TEST_REQUIRES,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from nfnet_jax import data, distill, losses, optim, parallel, sam
+from nfnet_jax import data, distill, fused_sgd, losses, optim, parallel, sam
 
 AXIS = parallel.AXIS
 
@@ -151,8 +151,18 @@ def make_train_step(
   moving average of the global batch mean; the variances average the per-device ones.
   With `bn_sync='all'` the devices' states are already equal and the mean changes nothing.
   The EMA of the state follows `ema_params` with the same decay.
+
+  With `config.optimizer.name = 'sgd_agc'` on a CPU backend, the optimizer, the update to
+  the parameters and their EMA run as one native pass (`fused_sgd`; same arithmetic and
+  state as `optimizer`, which must then be `train.make_optimizer`'s); elsewhere as the
+  optax chain.
   """
   clipping = config.optimizer.clipping
+  fused_update = None
+  if config.optimizer.name == 'sgd_agc':
+    fused_update = fused_sgd.make_update(
+      fused_sgd.Hyperparams.from_config(config.optimizer), schedule, config.ema_max_decay
+    )
   sam_rho = float(config.optimizer.get('sam_rho', 0.0))
   sam_fraction = float(config.optimizer.get('sam_ascent_fraction', 0.2))
   if sam_rho:
@@ -255,9 +265,14 @@ def make_train_step(
     # Gradients are averaged across devices in float32; AGC then sees the
     # global-batch gradient, as in the paper.
     grads = parallel.pmean(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    ema_params = optim.ema_update(state.ema_params, new_params, step, config.ema_max_decay)
+    fused = fused_update and fused_update(grads, state.opt_state, params, state.ema_params, step)
+    if fused:
+      new_params, opt_state, ema_params, norm_of_update = fused
+    else:
+      updates, opt_state = optimizer.update(grads, state.opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      ema_params = optim.ema_update(state.ema_params, new_params, step, config.ema_max_decay)
+      norm_of_update = optim.update_norm(updates)
     ema_model_state = state.ema_model_state
     if jax.tree.leaves(model_state):  # batch norm: keep the replicas' statistics equal
       model_state = parallel.pmean(model_state)
@@ -271,7 +286,7 @@ def make_train_step(
       **optim.gradient_statistics(
         grads, params, clipping or None, config.optimizer.eps, mask=optim.agc_mask
       ),
-      'update_norm': optim.update_norm(updates),
+      'update_norm': norm_of_update,
     }
     new_state = TrainState(
       step=step + 1,

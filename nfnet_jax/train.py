@@ -33,7 +33,18 @@ import numpy as np
 import optax
 
 from nfnet_jax import checkpoint as checkpoint_lib
-from nfnet_jax import cli, data, distill, fileio, models, optim, parallel, provenance, steps
+from nfnet_jax import (
+  cli,
+  data,
+  distill,
+  fileio,
+  fused_sgd,
+  models,
+  optim,
+  parallel,
+  provenance,
+  steps,
+)
 from nfnet_jax import config as config_lib
 from nfnet_jax import metrics as metrics_lib
 from nfnet_jax import weights as weights_lib
@@ -108,14 +119,7 @@ def make_optimizer(
       agc_eps=opt.eps,
     )
     return tx, schedule
-  tx = optim.sgd_agc(
-    schedule,
-    momentum=opt.momentum,
-    nesterov=opt.nesterov,
-    weight_decay=opt.weight_decay,
-    clipping=opt.clipping,
-    eps=opt.eps,
-  )
+  tx = optim.sgd_agc(schedule, *fused_sgd.Hyperparams.from_config(opt))
   return tx, schedule
 
 

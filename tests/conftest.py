@@ -18,3 +18,8 @@ os.environ.setdefault(
   'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'nfnet_jax_test_xla_cache')
 )
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '2')
+# The fused CPU optimizer step's library (nfnet_jax/fused_sgd.py) is built once per run
+# into a temporary cache shared by the workers and subprocesses, not the user's.
+os.environ.setdefault(
+  'NFNET_JAX_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'nfnet_jax_test_native_cache')
+)

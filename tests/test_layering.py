@@ -11,7 +11,14 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Lowest first. A package name stands for every module in it.
 LAYERS = [
   {'nfnet_jax.fileio', 'nfnet_jax.cli', 'nfnet_jax.published', 'nfnet_jax.hostmem'},
-  {'nfnet_jax.models', 'nfnet_jax.data', 'nfnet_jax.optim', 'nfnet_jax.sam', 'nfnet_jax.losses'},
+  {
+    'nfnet_jax.models',
+    'nfnet_jax.data',
+    'nfnet_jax.optim',
+    'nfnet_jax.fused_sgd',
+    'nfnet_jax.sam',
+    'nfnet_jax.losses',
+  },
   {'nfnet_jax.weights', 'nfnet_jax.config'},
   {
     'nfnet_jax.parallel',
