@@ -187,7 +187,16 @@ def _dense_conv(x: jax.Array, w: jax.Array, stride: int, padding) -> jax.Array:
 
 
 def conv2d(x: jax.Array, w: jax.Array, stride: int, padding: str, groups: int = 1) -> jax.Array:
-  """NHWC x HWIO convolution; grouped when groups > 1."""
+  """NHWC x HWIO convolution; grouped when groups > 1. `padding`: 'SAME', 'VALID' or
+  ((top, bottom), (left, right))."""
+  if not isinstance(padding, str) and any(
+    p > k - 1 for side, k in zip(padding, w.shape[:2]) for p in side
+  ):
+    # Padding a side by more than kernel - 1 makes the input gradient a convolution with
+    # negative padding, which XLA:CPU (jaxlib 0.10.2) fills in part with unrelated memory
+    # (tests/models/test_conv_lowering.py). Padded explicitly, the gradient is a slice.
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    padding = 'VALID'
   if resolved_conv_impl() == 'native':
     return _conv(x, w, stride, padding, groups)
   if w.shape[:2] == (1, 1) and stride == 1 and groups == 1:
