@@ -124,7 +124,7 @@ def load() -> bool:
   if compiler is None:
     logging.warning(
       'No C++ compiler (%s) for the fused CPU optimizer step: using the optax chain, '
-      'about 0.1 s per F0 step slower on CPU. Install g++ or set CXX.',
+      'about 6%% slower per F0 step on CPU. Install g++ or set CXX.',
       os.environ.get('CXX', 'c++'),
     )
     return False

@@ -124,12 +124,8 @@ def _conv_grads(impl, x, w, stride, padding, cot):
   with layers.conv_impl(impl):
     loss = lambda x, w: jnp.sum(layers.conv2d(x, w, stride, padding) * cot)  # noqa: E731
     if impl == 'native' and not isinstance(padding, str):
-      # XLA's own input gradient of an explicitly padded convolution is a convolution with
-      # negative padding wherever a side's padding exceeds kernel - 1 (here 3 > 1), and
-      # XLA:CPU (jaxlib 0.10.2) fills parts of that result with unrelated memory (values
-      # like 1e25, different from run to run). The same convolution on an explicitly
-      # padded input has a correct gradient (the pad's transpose is a slice): the
-      # reference. The models pad 'SAME' (never more than kernel - 1) and 'VALID'.
+      # The reference pads in the test itself, independently of `layers.conv2d`'s own
+      # explicit padding (see there: XLA:CPU's gradient of a padding beyond kernel - 1).
       pads = ((0, 0), *padding, (0, 0))
       loss = lambda x, w: jnp.sum(  # noqa: E731
         layers.conv2d(jnp.pad(x, pads), w, stride, 'VALID') * cot
